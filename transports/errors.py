@@ -1,0 +1,172 @@
+"""The one error root of livemig and its whole tree.
+
+Every layer (``transports``, ``drivers``, ``fsm``, the ``livemig`` facade) raises only these,
+chaining the low-level cause with ``raise … from err``. They live in the bottom layer so that every
+layer above can raise them without an upward import; ``livemig`` re-exports them.
+
+::
+
+    LivemigError                     root: catch this to catch everything livemig raises
+    ├── UsageError                   the caller's input is wrong (plan, CLI, endpoint); nothing touched
+    │   └── PrecheckError            the two QEMUs cannot be migrated between as asked
+    ├── QMPError                     something about a QEMU monitor; carries the monitor's name
+    │   ├── ConnectFailed            could not reach or greet the monitor
+    │   ├── CommandFailed            QEMU answered a command with an error (error_class, desc)
+    │   ├── ConnectionLost           "broken": the monitor went away (QEMU died, socket cut)
+    │   ├── MonitorClosed            "closed": used after *we* closed it
+    │   └── ProtocolError            the reply was not QMP (malformed JSON, wrong shape)
+    ├── ProcessError                 a QEMU process would not start, or exited unexpectedly
+    ├── ToolError                    a helper program (qemu-img, …) failed; carries argv, stderr
+    └── MigrationError               the migration machine could not go on; carries the state
+        ├── StepFailed               a forward action failed (the cause is chained)
+        ├── DeadlineExceeded         a wait ran past the plan's deadline
+        ├── MigrationAborted         QEMU reported the migration failed or cancelled
+        ├── Interrupted              the operator cancelled (signal or cancel scope)
+        └── RevertFailed             an undo step failed: the report says what is where
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "CommandFailed",
+    "ConnectFailed",
+    "ConnectionLost",
+    "DeadlineExceeded",
+    "Interrupted",
+    "LivemigError",
+    "MigrationAborted",
+    "MigrationError",
+    "MonitorClosed",
+    "PrecheckError",
+    "ProcessError",
+    "ProtocolError",
+    "QMPError",
+    "RevertFailed",
+    "StepFailed",
+    "ToolError",
+    "UsageError",
+]
+
+
+class LivemigError(Exception):
+    """Root of every error livemig raises on purpose."""
+
+
+class UsageError(LivemigError):
+    """The caller's input is wrong. Raised before anything is touched."""
+
+
+class PrecheckError(UsageError):
+    """Source and target were reached but cannot be migrated between as asked."""
+
+
+class QMPError(LivemigError):
+    """A problem with one QEMU monitor.
+
+    :param monitor: the monitor's name (``"source"``, ``"target"``, …).
+    """
+
+    def __init__(self, message: str, *, monitor: str) -> None:
+        super().__init__(f"{monitor}: {message}")
+        self.monitor = monitor
+
+
+class ConnectFailed(QMPError):
+    """The monitor could not be reached or did not complete the QMP greeting."""
+
+
+class ConnectionLost(QMPError):
+    """The monitor went away under us (QEMU exited, the socket was cut)."""
+
+
+class MonitorClosed(QMPError):
+    """The monitor was used after livemig itself closed it."""
+
+
+class ProtocolError(QMPError):
+    """The peer spoke something that is not QMP."""
+
+
+class CommandFailed(QMPError):
+    """QEMU answered a command with an error.
+
+    :param command: the QMP command that was sent.
+    :param arguments: its arguments.
+    :param error_class: QEMU's error class (``GenericError``, ``DeviceNotFound``, …).
+    :param desc: QEMU's human-readable description.
+    """
+
+    def __init__(
+        self,
+        *,
+        monitor: str,
+        command: str,
+        arguments: Mapping[str, Any] | None,
+        error_class: str,
+        desc: str,
+    ) -> None:
+        super().__init__(f"{command} failed: {error_class}: {desc}", monitor=monitor)
+        self.command = command
+        self.arguments = dict(arguments or {})
+        self.error_class = error_class
+        self.desc = desc
+
+
+class ProcessError(LivemigError):
+    """A QEMU process would not start, or exited when it should not have.
+
+    :param returncode: its exit status, if it exited.
+    :param stderr_tail: the last lines it wrote to stderr.
+    """
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr_tail: str = "") -> None:
+        detail = f"{message} (exit status {returncode})" if returncode is not None else message
+        if stderr_tail:
+            detail = f"{detail}: {stderr_tail.strip()}"
+        super().__init__(detail)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class ToolError(LivemigError):
+    """A helper program (``qemu-img`` and the like) failed."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        super().__init__(f"{argv[0]} exited with status {returncode}: {stderr.strip()}")
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class MigrationError(LivemigError):
+    """The migration machine could not go on.
+
+    :param state: the machine state the error happened in (its string value).
+    """
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(f"in state {state}: {message}")
+        self.state = state
+
+
+class StepFailed(MigrationError):
+    """A forward action failed; the cause is chained as ``__cause__``."""
+
+
+class DeadlineExceeded(MigrationError):
+    """A wait ran past the deadline the plan gave it."""
+
+
+class MigrationAborted(MigrationError):
+    """QEMU reported the migration ``failed`` or ``cancelled``."""
+
+
+class Interrupted(MigrationError):
+    """The operator cancelled the migration."""
+
+
+class RevertFailed(MigrationError):
+    """An undo step failed; what is where is in the result's report."""

@@ -7,7 +7,7 @@ layer above can raise them without an upward import; ``livemig`` re-exports them
 ::
 
     LivemigError                     root: catch this to catch everything livemig raises
-    ├── UsageError                   the caller's input is wrong (plan, CLI, endpoint); nothing touched
+    ├── UsageError                   the caller's input is wrong; nothing was touched
     │   └── PrecheckError            the two QEMUs cannot be migrated between as asked
     ├── QMPError                     something about a QEMU monitor; carries the monitor's name
     │   ├── ConnectFailed            could not reach or greet the monitor
@@ -19,6 +19,7 @@ layer above can raise them without an upward import; ``livemig`` re-exports them
     ├── ToolError                    a helper program (qemu-img, …) failed; carries argv, stderr
     └── MigrationError               the migration machine could not go on; carries the state
         ├── StepFailed               a forward action failed (the cause is chained)
+        ├── GuardFailed              a trigger's guard did not hold on what was observed
         ├── DeadlineExceeded         a wait ran past the plan's deadline
         ├── MigrationAborted         QEMU reported the migration failed or cancelled
         ├── Interrupted              the operator cancelled (signal or cancel scope)
@@ -35,6 +36,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectionLost",
     "DeadlineExceeded",
+    "GuardFailed",
     "Interrupted",
     "LivemigError",
     "MigrationAborted",
@@ -122,7 +124,9 @@ class ProcessError(LivemigError):
     :param stderr_tail: the last lines it wrote to stderr.
     """
 
-    def __init__(self, message: str, *, returncode: int | None = None, stderr_tail: str = "") -> None:
+    def __init__(
+        self, message: str, *, returncode: int | None = None, stderr_tail: str = ""
+    ) -> None:
         detail = f"{message} (exit status {returncode})" if returncode is not None else message
         if stderr_tail:
             detail = f"{detail}: {stderr_tail.strip()}"
@@ -154,6 +158,10 @@ class MigrationError(LivemigError):
 
 class StepFailed(MigrationError):
     """A forward action failed; the cause is chained as ``__cause__``."""
+
+
+class GuardFailed(MigrationError):
+    """A trigger's guard did not hold on what the runner observed (or the move is not an edge)."""
 
 
 class DeadlineExceeded(MigrationError):

@@ -1,0 +1,128 @@
+"""What a migration tells its watcher while it runs, and what it returns.
+
+All frozen values. Times are milliseconds since the migration started, from the trio clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "Event",
+    "MigrationResult",
+    "Outcome",
+    "Progress",
+    "Reverting",
+    "StateEntered",
+    "Warned",
+]
+
+
+@attrs.frozen
+class StateEntered:
+    """The machine entered ``state``."""
+
+    state: str
+    at_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "state", "state": self.state, "at_ms": round(self.at_ms, 1)}
+
+
+@attrs.frozen
+class Progress:
+    """A progress sample, from ``query-migrate`` and the block jobs.
+
+    Fields QEMU did not report are ``None``.
+    """
+
+    state: str
+    at_ms: float
+    migration_status: str | None = None
+    ram_transferred: int | None = None
+    ram_remaining: int | None = None
+    ram_total: int | None = None
+    dirty_pages_rate: int | None = None
+    passes: int | None = None
+    mbps: float | None = None
+    expected_downtime_ms: int | None = None
+    disk_done: int | None = None
+    disk_total: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": "progress"}
+        out.update({k: v for k, v in attrs.asdict(self).items() if v is not None})
+        out["at_ms"] = round(self.at_ms, 1)
+        return out
+
+
+@attrs.frozen
+class Reverting:
+    """A fault stopped the forward path; the undo stack is being unwound."""
+
+    state: str
+    at_ms: float
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "reverting", "state": self.state, "reason": self.reason}
+
+
+@attrs.frozen
+class Warned:
+    """Something went wrong where it can no longer change the outcome (after switchover)."""
+
+    state: str
+    at_ms: float
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "warning", "state": self.state, "message": self.message}
+
+
+Event = StateEntered | Progress | Reverting | Warned
+
+
+class Outcome(enum.StrEnum):
+    FINALIZED = "finalized"
+    REVERTED = "reverted"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class MigrationResult:
+    """How a migration ended.
+
+    :param outcome: the terminal state.
+    :param states: every state entered, in order.
+    :param error: why it did not finalize (``None`` when it did).
+    :param error_type: the error's class name, for programs.
+    :param failed_in: the state the fault happened in.
+    :param undo_failures: undo steps that failed (only when ``outcome`` is failed).
+    """
+
+    outcome: Outcome
+    states: tuple[str, ...]
+    total_ms: float
+    downtime_ms: int | None = None
+    ram_bytes: int | None = None
+    disk_bytes: int | None = None
+    error: str | None = None
+    error_type: str | None = None
+    failed_in: str | None = None
+    warnings: tuple[str, ...] = ()
+    undo_failures: tuple[str, ...] = ()
+    phases_ms: tuple[tuple[str, float], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self, recurse=False)
+        out["outcome"] = self.outcome.value
+        out["states"] = list(self.states)
+        out["warnings"] = list(self.warnings)
+        out["undo_failures"] = list(self.undo_failures)
+        out["phases_ms"] = {k: round(v, 1) for k, v in self.phases_ms}
+        out["total_ms"] = round(self.total_ms, 1)
+        return {"event": "result", **out}

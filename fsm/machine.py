@@ -1,0 +1,286 @@
+"""The migration machine as data: states, triggers, guards and revert edges.
+
+This module is pure: no I/O, no clock. The runner (:mod:`fsm.runner`) owns a :class:`Facts`
+record, performs the action of a trigger through the drivers, records what it observed in the
+facts, then fires the trigger here. A trigger only moves the machine when its guard holds on the
+facts, so an action that did not produce the fact its target state promises cannot advance it.
+
+The same table drives the machine and draws the diagrams (:mod:`fsm.diagram`): the picture cannot
+drift from the code.
+
+Forward path, non-shared storage::
+
+    idle -connect-> connected -set_capabilities-> capabilities-set -snapshot-> snapshotted
+      -mirror-> mirroring -transfer_state-> state-transfer -await_switchover-> pre-switchover
+      -finalize-> finalized
+
+Shared storage skips ``snapshotted`` and ``mirroring``: ``capabilities-set -transfer_state->``.
+Every non-terminal state has a ``revert`` edge to ``reverted`` (all undo steps succeeded) and a
+``fail`` edge to ``failed`` (an undo step failed, or a fault came after the point of no return).
+``pre-switchover`` may only revert while the target has not been resumed: that is the point of
+no return.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+import attrs
+from transitions import Machine, MachineError
+
+from transports.errors import GuardFailed
+
+__all__ = [
+    "FORWARD",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Edge",
+    "Facts",
+    "MigrationMachine",
+    "State",
+    "StorageMode",
+    "Trigger",
+    "allows",
+    "next_trigger",
+]
+
+
+class State(enum.StrEnum):
+    """The documented states. Each name is a fact that holds once it is entered."""
+
+    IDLE = "idle"
+    #: Both monitors answer; prechecks passed (source running, target waiting for -incoming).
+    CONNECTED = "connected"
+    #: Migration capabilities and parameters are set on both sides.
+    CAPABILITIES_SET = "capabilities-set"
+    #: The source's root disk writes go to a qcow2 overlay; the base is frozen.
+    SNAPSHOTTED = "snapshotted"
+    #: The frozen base is on the target and the overlay mirror is READY: writes reach the target.
+    MIRRORING = "mirroring"
+    #: RAM is streaming to the target; the guest still runs on the source.
+    STATE_TRANSFER = "state-transfer"
+    #: RAM converged; the source guest is paused before switchover.
+    PRE_SWITCHOVER = "pre-switchover"
+    #: The guest runs on the target only; nothing is left behind. Terminal.
+    FINALIZED = "finalized"
+    #: The guest runs on the source only, with every write it made; nothing left behind. Terminal.
+    REVERTED = "reverted"
+    #: A revert could not complete, or a fault came after the point of no return. Terminal.
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({State.FINALIZED, State.REVERTED, State.FAILED})
+
+
+class Trigger(enum.StrEnum):
+    """Commands that move the machine (imperative: they name what the runner does)."""
+
+    CONNECT = "connect"
+    SET_CAPABILITIES = "set_capabilities"
+    SNAPSHOT = "snapshot"
+    MIRROR = "mirror"
+    TRANSFER_STATE = "transfer_state"
+    AWAIT_SWITCHOVER = "await_switchover"
+    FINALIZE = "finalize"
+    REVERT = "revert"
+    FAIL = "fail"
+
+
+class StorageMode(enum.StrEnum):
+    """How the guest's disk reaches the target."""
+
+    #: Both QEMUs open the same image (Ceph-like); only RAM and device state move.
+    SHARED = "shared"
+    #: The disk is copied: frozen base, then the overlay mirrored over NBD.
+    NON_SHARED = "non-shared"
+
+
+@attrs.define
+class Facts:
+    """What the runner has observed so far. Guards read only this.
+
+    The runner is the only writer; the machine never changes it.
+    """
+
+    storage: StorageMode
+    prechecks_passed: bool = False
+    capabilities_set: bool = False
+    overlay_active: bool = False
+    mirror_ready: bool = False
+    #: Last migration status QEMU reported on the source (``None`` before ``migrate``).
+    migration_status: str | None = None
+    #: The target has been resumed (``cont``): the point of no return is behind us.
+    target_resumed: bool = False
+    #: Every undo step that was needed ran without error.
+    undo_clean: bool = True
+
+
+# Guards: pure predicates over the facts. Their names are what the diagram prints.
+
+
+def prechecks_passed(facts: Facts) -> bool:
+    return facts.prechecks_passed
+
+
+def capabilities_set(facts: Facts) -> bool:
+    return facts.capabilities_set
+
+
+def non_shared_overlay_active(facts: Facts) -> bool:
+    return facts.storage is StorageMode.NON_SHARED and facts.overlay_active
+
+
+def mirror_ready(facts: Facts) -> bool:
+    return facts.mirror_ready
+
+
+def shared_storage_transfer_started(facts: Facts) -> bool:
+    return facts.storage is StorageMode.SHARED and _transfer_started(facts)
+
+
+def mirror_ready_transfer_started(facts: Facts) -> bool:
+    return facts.mirror_ready and _transfer_started(facts)
+
+
+def status_pre_switchover(facts: Facts) -> bool:
+    return facts.migration_status == "pre-switchover"
+
+
+def target_resumed(facts: Facts) -> bool:
+    return facts.target_resumed
+
+
+def before_point_of_no_return_undo_clean(facts: Facts) -> bool:
+    return not facts.target_resumed and facts.undo_clean
+
+
+def _transfer_started(facts: Facts) -> bool:
+    return facts.migration_status not in (None, "none", "failed", "cancelled", "cancelling")
+
+
+Guard = Callable[[Facts], bool]
+
+
+@attrs.frozen
+class Edge:
+    """One edge of the table: ``trigger`` moves ``source`` to ``dest`` when ``guard`` holds."""
+
+    trigger: Trigger
+    source: State
+    dest: State
+    guard: Guard
+
+
+FORWARD: tuple[Edge, ...] = (
+    Edge(Trigger.CONNECT, State.IDLE, State.CONNECTED, prechecks_passed),
+    Edge(Trigger.SET_CAPABILITIES, State.CONNECTED, State.CAPABILITIES_SET, capabilities_set),
+    Edge(Trigger.SNAPSHOT, State.CAPABILITIES_SET, State.SNAPSHOTTED, non_shared_overlay_active),
+    Edge(Trigger.MIRROR, State.SNAPSHOTTED, State.MIRRORING, mirror_ready),
+    Edge(
+        Trigger.TRANSFER_STATE,
+        State.CAPABILITIES_SET,
+        State.STATE_TRANSFER,
+        shared_storage_transfer_started,
+    ),
+    Edge(
+        Trigger.TRANSFER_STATE,
+        State.MIRRORING,
+        State.STATE_TRANSFER,
+        mirror_ready_transfer_started,
+    ),
+    Edge(
+        Trigger.AWAIT_SWITCHOVER, State.STATE_TRANSFER, State.PRE_SWITCHOVER, status_pre_switchover
+    ),
+    Edge(Trigger.FINALIZE, State.PRE_SWITCHOVER, State.FINALIZED, target_resumed),
+)
+
+_NON_TERMINAL = tuple(s for s in State if s not in TERMINAL)
+
+
+def _revert_edges() -> tuple[Edge, ...]:
+    revert = tuple(
+        Edge(Trigger.REVERT, s, State.REVERTED, before_point_of_no_return_undo_clean)
+        for s in _NON_TERMINAL
+    )
+    # ``fail`` is unguarded: it records that the machine could not reach a safe terminal state.
+    fail = tuple(Edge(Trigger.FAIL, s, State.FAILED, _always) for s in _NON_TERMINAL)
+    return revert + fail
+
+
+def _always(facts: Facts) -> bool:
+    del facts
+    return True
+
+
+TRANSITIONS: tuple[Edge, ...] = FORWARD + _revert_edges()
+
+
+def next_trigger(state: State, storage: StorageMode) -> Trigger | None:
+    """The forward trigger the runner fires next from ``state``; ``None`` in a terminal state.
+
+    Storage mode picks the branch at ``capabilities-set``; the guard checks it again.
+    """
+    if state in TERMINAL:
+        return None
+    if state is State.CAPABILITIES_SET:
+        return Trigger.SNAPSHOT if storage is StorageMode.NON_SHARED else Trigger.TRANSFER_STATE
+    (edge,) = (e for e in FORWARD if e.source is state)
+    return edge.trigger
+
+
+def machine_kwargs() -> dict[str, object]:
+    """Keyword arguments for a ``transitions`` machine (plain or graph) built from the table."""
+    return {
+        "states": [s.value for s in State],
+        "transitions": [
+            {
+                "trigger": e.trigger.value,
+                "source": e.source.value,
+                "dest": e.dest.value,
+                "conditions": [e.guard],
+            }
+            for e in TRANSITIONS
+        ],
+        "initial": State.IDLE.value,
+        "auto_transitions": False,
+        "ignore_invalid_triggers": False,
+        "send_event": False,
+    }
+
+
+class MigrationMachine:
+    """The legal-order model: a plain synchronous ``transitions.Machine`` over the table.
+
+    ``fire`` is the one typed entry point: it returns the new state, or raises
+    :class:`~transports.errors.GuardFailed` when the trigger is not allowed from the current
+    state or its guard does not hold on the facts.
+    """
+
+    def __init__(self) -> None:
+        self._machine = Machine(model=self, **machine_kwargs())
+
+    @property
+    def current(self) -> State:
+        return State(self._machine.get_model_state(self).value)
+
+    def allows(self, trigger: Trigger, facts: Facts) -> bool:
+        """Would ``trigger`` move the machine now? Pure: reads the table, changes nothing."""
+        return allows(self.current, trigger, facts)
+
+    def fire(self, trigger: Trigger, facts: Facts) -> State:
+        before = self.current
+        try:
+            moved = self._machine.events[trigger.value].trigger(self, facts)
+        except MachineError as err:
+            raise GuardFailed(
+                f"{trigger.value} is not an edge of the table", state=before.value
+            ) from err
+        if not moved:
+            raise GuardFailed(f"guard of {trigger.value} does not hold", state=before.value)
+        return self.current
+
+
+def allows(state: State, trigger: Trigger, facts: Facts) -> bool:
+    """Whether the table has an edge for ``trigger`` from ``state`` whose guard holds."""
+    return any(e.trigger is trigger and e.source is state and e.guard(facts) for e in TRANSITIONS)

@@ -1,0 +1,185 @@
+"""What to migrate and how: the frozen plan, its policy and its deadlines.
+
+Plans are values: build one with :meth:`Plan.create` (which fills in a run id and the default
+socket paths under the work directory) and change it with :func:`attrs.evolve`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+from attrs import validators as v
+
+from fsm.machine import StorageMode
+from transports.endpoints import Endpoint, UnixEndpoint, parse_endpoint
+from transports.errors import UsageError
+
+__all__ = ["Deadlines", "Plan", "Policy"]
+
+_NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]{0,30}$")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    del instance
+    if not value > 0:
+        raise UsageError(f"{attribute.name} must be positive, not {value!r}")
+
+
+def _between(low: int, high: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        del instance
+        if not low <= value <= high:
+            raise UsageError(f"{attribute.name} must be from {low} to {high}, not {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class Policy:
+    """How hard to push.
+
+    :param max_bandwidth: migration bandwidth cap in bytes/s; ``None`` lifts QEMU's 128 MiB/s
+        default (a local link should not be throttled; a shared WAN link should be capped).
+    :param downtime_limit_ms: the pause QEMU may take at switchover.
+    :param auto_converge: let QEMU throttle a guest that dirties memory faster than it is sent.
+    :param progress_interval: seconds between ``query-migrate`` polls for progress events. Only
+        progress is polled; state changes arrive as QMP events.
+    :param stop_source: quit the source QEMU once the guest runs on the target.
+    """
+
+    max_bandwidth: int | None = attrs.field(default=None, validator=v.optional(_between(1, 2**62)))
+    downtime_limit_ms: int = attrs.field(default=300, validator=_between(1, 60_000))
+    auto_converge: bool = True
+    progress_interval: float = attrs.field(default=0.1, validator=_positive)
+    stop_source: bool = True
+
+
+@attrs.frozen
+class Deadlines:
+    """Seconds each wait may take before the migration reverts. Every wait has one."""
+
+    connect: float = attrs.field(default=10.0, validator=_positive)
+    command: float = attrs.field(default=30.0, validator=_positive)
+    base_copy: float = attrs.field(default=900.0, validator=_positive)
+    mirror_ready: float = attrs.field(default=300.0, validator=_positive)
+    switchover: float = attrs.field(default=300.0, validator=_positive)
+    completion: float = attrs.field(default=60.0, validator=_positive)
+    undo_step: float = attrs.field(default=60.0, validator=_positive)
+
+
+def _node_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    del instance, attribute
+    if not _NODE_NAME.match(value):
+        raise UsageError(f"bad block node name {value!r}")
+
+
+@attrs.frozen
+class Plan:
+    """One migration, fully described.
+
+    :param source_qmp: the source QEMU's monitor socket.
+    :param target_qmp: the target QEMU's monitor socket; the target was started with the same
+        devices, ``-S`` and ``-incoming defer``.
+    :param storage: shared (both open one image) or non-shared (the disk is copied).
+    :param work_dir: where the overlay and the sockets go; must be reachable by both QEMUs.
+    :param disk_node: the block node of the root disk, the same name on both sides.
+    :param run_id: makes every node, job and file name of this run unique.
+    :param migrate_uri: where the target listens for the RAM stream.
+    :param nbd: where the target serves its disk for the mirror (non-shared only).
+    """
+
+    source_qmp: UnixEndpoint
+    target_qmp: UnixEndpoint
+    storage: StorageMode
+    work_dir: Path
+    run_id: str
+    migrate_uri: Endpoint
+    nbd: Endpoint
+    disk_node: str = attrs.field(default="root", validator=_node_name)
+    policy: Policy = Policy()
+    deadlines: Deadlines = Deadlines()
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        source_qmp: str | Path,
+        target_qmp: str | Path,
+        storage: StorageMode | str,
+        work_dir: str | Path,
+        disk_node: str = "root",
+        migrate_uri: str | None = None,
+        nbd: str | None = None,
+        policy: Policy | None = None,
+        deadlines: Deadlines | None = None,
+        run_id: str | None = None,
+    ) -> Plan:
+        """Build a plan from caller input, filling in defaults.
+
+        :raise UsageError: on any bad value; nothing is touched.
+        """
+        try:
+            mode = StorageMode(storage)
+        except ValueError as err:
+            choices = ", ".join(m.value for m in StorageMode)
+            raise UsageError(f"storage must be one of {choices}, not {storage!r}") from err
+        work = Path(work_dir).absolute()
+        rid = run_id or secrets.token_hex(4)
+        if not re.fullmatch(r"[a-z0-9]{1,16}", rid):
+            raise UsageError(f"run id must be 1-16 lowercase letters or digits, not {rid!r}")
+        return cls(
+            source_qmp=_unix(source_qmp, "source QMP"),
+            target_qmp=_unix(target_qmp, "target QMP"),
+            storage=mode,
+            work_dir=work,
+            run_id=rid,
+            migrate_uri=parse_endpoint(migrate_uri)
+            if migrate_uri
+            else UnixEndpoint(work / f"lm-{rid}-ram.sock"),
+            nbd=parse_endpoint(nbd) if nbd else UnixEndpoint(work / f"lm-{rid}-nbd.sock"),
+            disk_node=disk_node,
+            policy=policy or Policy(),
+            deadlines=deadlines or Deadlines(),
+        )
+
+    # Names of everything this run creates: unique per run so a leftover from an earlier,
+    # crashed run can never collide with this one.
+
+    @property
+    def overlay_path(self) -> Path:
+        return self.work_dir / f"lm-{self.run_id}-overlay.qcow2"
+
+    @property
+    def overlay_node(self) -> str:
+        return f"lm-{self.run_id}-overlay"
+
+    @property
+    def nbd_node(self) -> str:
+        return f"lm-{self.run_id}-nbd"
+
+    @property
+    def mirror_job(self) -> str:
+        return f"lm-{self.run_id}-mirror"
+
+    @property
+    def commit_job(self) -> str:
+        return f"lm-{self.run_id}-commit"
+
+    @property
+    def export_id(self) -> str:
+        return f"lm-{self.run_id}-export"
+
+    @property
+    def export_name(self) -> str:
+        return self.disk_node
+
+
+def _unix(value: str | Path, what: str) -> UnixEndpoint:
+    endpoint = parse_endpoint(str(value))
+    if not isinstance(endpoint, UnixEndpoint):
+        raise UsageError(f"{what} must be a unix socket path, not {value!r}")
+    return endpoint

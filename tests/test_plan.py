@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from fsm.machine import StorageMode
+from fsm.plan import Deadlines, Plan, Policy
+from transports.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
+from transports.errors import UsageError
+
+
+def make(**overrides: object) -> Plan:
+    kwargs: dict[str, object] = {
+        "source_qmp": "/run/a.qmp",
+        "target_qmp": "/run/b.qmp",
+        "storage": "non-shared",
+        "work_dir": "/var/tmp/w",
+        "run_id": "abc123",
+    }
+    kwargs.update(overrides)
+    return Plan.create(**kwargs)  # type: ignore[arg-type]
+
+
+def test_defaults_put_sockets_in_work_dir() -> None:
+    plan = make()
+    assert plan.storage is StorageMode.NON_SHARED
+    assert plan.migrate_uri == UnixEndpoint(Path("/var/tmp/w/lm-abc123-ram.sock"))
+    assert plan.nbd == UnixEndpoint(Path("/var/tmp/w/lm-abc123-nbd.sock"))
+    assert plan.overlay_path == Path("/var/tmp/w/lm-abc123-overlay.qcow2")
+
+
+def test_names_are_unique_per_run() -> None:
+    a, b = make(run_id=None), make(run_id=None)
+    assert a.run_id != b.run_id
+    for name in ("overlay_node", "nbd_node", "mirror_job", "commit_job", "export_id"):
+        assert getattr(a, name) != getattr(b, name)
+        assert a.run_id in getattr(a, name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"storage": "ceph"}, "storage must be one of"),
+        ({"run_id": "UPPER"}, "run id"),
+        ({"disk_node": "bad name"}, "bad block node name"),
+        ({"source_qmp": "tcp:host:4444"}, "must be a unix socket"),
+        ({"migrate_uri": "tcp:host:notaport"}, "bad tcp endpoint"),
+    ],
+)
+def test_bad_input_is_a_usage_error(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        make(**overrides)
+
+
+def test_policy_and_deadlines_validate() -> None:
+    with pytest.raises(UsageError):
+        Deadlines(switchover=0)
+    with pytest.raises(UsageError, match="downtime_limit_ms"):
+        Policy(downtime_limit_ms=0)
+    assert attrs.evolve(Policy(), max_bandwidth=10).max_bandwidth == 10
+
+
+def test_plan_is_frozen() -> None:
+    plan = make()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        plan.run_id = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("unix:/a/b.sock", UnixEndpoint(Path("/a/b.sock"))),
+        ("/a/b.sock", UnixEndpoint(Path("/a/b.sock"))),
+        ("tcp:127.0.0.1:4444", TcpEndpoint("127.0.0.1", 4444)),
+        ("tcp:[::1]:4444", TcpEndpoint("::1", 4444)),
+    ],
+)
+def test_parse_endpoint(text: str, expected: object) -> None:
+    assert parse_endpoint(text) == expected
+
+
+def test_endpoint_spellings() -> None:
+    unix = UnixEndpoint(Path("/s"))
+    assert unix.uri == "unix:/s"
+    assert unix.legacy_address() == {"type": "unix", "data": {"path": "/s"}}
+    assert unix.flat_address() == {"type": "unix", "path": "/s"}
+    tcp = TcpEndpoint("::1", 5)
+    assert tcp.uri == "tcp:[::1]:5"
+    assert tcp.flat_address() == {"type": "inet", "host": "::1", "port": "5"}
+
+
+@pytest.mark.parametrize(
+    "text", ["tcp:", "tcp:host", "tcp:h:0", "tcp:h:70000", "unix:", "tcp:[zz]:1"]
+)
+def test_bad_endpoints(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_endpoint(text)

@@ -1,0 +1,92 @@
+"""Where bytes travel: QMP monitors, the migration stream, the NBD export.
+
+Value objects only: each endpoint knows how to spell itself for the QMP command that needs it
+(``migrate`` takes a URI; ``nbd-server-start`` the legacy socket form; ``blockdev-add`` of an NBD
+client the flat form). Parsing user input raises :class:`~transports.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from transports.errors import UsageError
+
+__all__ = ["Endpoint", "TcpEndpoint", "UnixEndpoint", "parse_endpoint"]
+
+
+@attrs.frozen
+class UnixEndpoint:
+    """A unix-domain socket on this host."""
+
+    path: Path = attrs.field(converter=Path)
+
+    @property
+    def uri(self) -> str:
+        """As ``migrate`` / ``migrate-incoming`` take it."""
+        return f"unix:{self.path}"
+
+    def legacy_address(self) -> dict[str, Any]:
+        """``SocketAddressLegacy``, as ``nbd-server-start`` takes it."""
+        return {"type": "unix", "data": {"path": str(self.path)}}
+
+    def flat_address(self) -> dict[str, Any]:
+        """``SocketAddress``, as ``blockdev-add`` (driver nbd) takes it."""
+        return {"type": "unix", "path": str(self.path)}
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+@attrs.frozen
+class TcpEndpoint:
+    """A TCP host and port. Plain TCP carries guest memory in the clear: use it on trusted links."""
+
+    host: str
+    port: int = attrs.field(
+        validator=attrs.validators.and_(attrs.validators.ge(1), attrs.validators.le(65535))
+    )
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+    def legacy_address(self) -> dict[str, Any]:
+        return {"type": "inet", "data": {"host": self.host, "port": str(self.port)}}
+
+    def flat_address(self) -> dict[str, Any]:
+        return {"type": "inet", "host": self.host, "port": str(self.port)}
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+Endpoint = UnixEndpoint | TcpEndpoint
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Read ``unix:PATH``, ``tcp:HOST:PORT`` (``tcp:[v6]:PORT``) or a bare path.
+
+    :raise UsageError: when the text names neither.
+    """
+    if text.startswith("tcp:"):
+        rest = text[len("tcp:") :]
+        host, sep, port = rest.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UsageError(f"bad tcp endpoint {text!r}: expected tcp:HOST:PORT")
+        if bracketed or ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError as err:
+                raise UsageError(f"bad IPv6 address in {text!r}") from err
+        return TcpEndpoint(host, int(port))
+    path = text.removeprefix("unix:")
+    if not path:
+        raise UsageError(f"bad endpoint {text!r}: expected unix:PATH, tcp:HOST:PORT or a path")
+    return UnixEndpoint(Path(path))

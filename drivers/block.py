@@ -1,0 +1,149 @@
+"""QMP commands on the block graph: nodes, snapshots, and the jobs that copy between nodes.
+
+Thin typed wrappers: one QMP command each, no policy, no timeouts, no retries. Optional arguments
+left as ``None`` are not sent, so QEMU's defaults apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from drivers.qmp import Monitor, json_array, member, optional_member, qmp_arguments, query
+
+__all__ = [
+    "BlockNode",
+    "block_commit",
+    "blockdev_add",
+    "blockdev_del",
+    "blockdev_mirror",
+    "blockdev_snapshot",
+    "query_named_block_nodes",
+]
+
+
+@attrs.frozen
+class BlockNode:
+    """One node of the block graph (an entry of ``query-named-block-nodes``).
+
+    :param node_name: its name; QEMU names nodes it creates implicitly ``#block123``.
+    :param driver: ``file``, ``raw``, ``qcow2``, ``nbd``, ``mirror_top``, …
+    :param filename: what it reads (a path, ``nbd+unix://…``, a json: description).
+    :param backing_file: the file name of the image attached as its backing; ``None`` while
+        nothing is attached, even when the image's header names a backing file. QMP does not
+        give the backing *node*: compare with that node's ``filename``.
+    :param read_only: whether it is opened read-only.
+    :param active: ``False`` while an incoming QEMU has not taken the image over yet.
+    :param virtual_size: the guest-visible size in bytes.
+    """
+
+    node_name: str | None
+    driver: str
+    filename: str
+    backing_file: str | None
+    read_only: bool
+    active: bool
+    virtual_size: int
+
+    @classmethod
+    def from_qmp(cls, node: Any) -> BlockNode:
+        return cls(
+            node_name=optional_member(node, "node-name", str),
+            driver=member(node, "drv", str),
+            filename=member(node, "file", str),
+            backing_file=optional_member(node, "backing_file", str),
+            read_only=member(node, "ro", bool),
+            active=member(node, "active", bool),
+            virtual_size=member(member(node, "image", dict), "virtual-size", int),
+        )
+
+
+def _nodes(reply: Any) -> tuple[BlockNode, ...]:
+    return tuple(BlockNode.from_qmp(node) for node in json_array(reply))
+
+
+async def query_named_block_nodes(monitor: Monitor) -> tuple[BlockNode, ...]:
+    """Every named node, each once (``query-named-block-nodes`` with ``flat: true``)."""
+    return await query(monitor, "query-named-block-nodes", _nodes, {"flat": True})
+
+
+async def blockdev_add(monitor: Monitor, options: Mapping[str, object]) -> None:
+    """``blockdev-add`` with QMP's ``BlockdevOptions`` as they are (``driver``, ``node-name``, …).
+
+    The nbd driver takes the flat socket form: ``{"server": {"type": "unix", "path": …}}``.
+    """
+    await monitor.execute("blockdev-add", options)
+
+
+async def blockdev_del(monitor: Monitor, node_name: str) -> None:
+    """``blockdev-del``: remove a node that nothing uses any more."""
+    await monitor.execute("blockdev-del", {"node-name": node_name})
+
+
+async def blockdev_snapshot(monitor: Monitor, node: str, overlay: str) -> None:
+    """``blockdev-snapshot``: put ``overlay`` (added with no backing) on top of ``node``; the
+    guest's writes go to ``overlay`` from now on and ``node`` is frozen."""
+    await monitor.execute("blockdev-snapshot", {"node": node, "overlay": overlay})
+
+
+async def blockdev_mirror(
+    monitor: Monitor,
+    *,
+    job_id: str,
+    device: str,
+    target: str,
+    sync: str = "top",
+    speed: int | None = None,
+    copy_mode: str | None = None,
+    auto_finalize: bool | None = None,
+    auto_dismiss: bool | None = None,
+) -> None:
+    """``blockdev-mirror``: copy ``device`` (a node name) to the node ``target`` and keep
+    mirroring new writes; ``BLOCK_JOB_READY`` once both are in sync.
+
+    :param sync: ``top`` (only the top image's data), ``full`` or ``none``.
+    :param copy_mode: ``background`` (QEMU's default) or ``write-blocking``.
+    """
+    await monitor.execute(
+        "blockdev-mirror",
+        qmp_arguments(
+            job_id=job_id,
+            device=device,
+            target=target,
+            sync=sync,
+            speed=speed,
+            copy_mode=copy_mode,
+            auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss,
+        ),
+    )
+
+
+async def block_commit(
+    monitor: Monitor,
+    *,
+    job_id: str,
+    device: str,
+    top_node: str | None = None,
+    base_node: str | None = None,
+    speed: int | None = None,
+    auto_finalize: bool | None = None,
+    auto_dismiss: bool | None = None,
+) -> None:
+    """``block-commit``: merge ``top_node`` (default: the active layer of ``device``) down into
+    ``base_node`` (default: the bottom of the chain). Committing the active layer waits in
+    ``ready`` for ``job-complete``, which then makes the base the active layer."""
+    await monitor.execute(
+        "block-commit",
+        qmp_arguments(
+            job_id=job_id,
+            device=device,
+            top_node=top_node,
+            base_node=base_node,
+            speed=speed,
+            auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss,
+        ),
+    )

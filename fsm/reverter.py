@@ -1,0 +1,137 @@
+"""The one interpreter of undo steps.
+
+Each step first looks at what is there and does only what is still needed, so running a step
+twice, or a step whose forward action never happened, is harmless. A target-side step whose
+monitor is gone counts as done: the target process, and everything it held, is gone with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import trio
+
+from drivers import block, jobs, migration, nbd, runstate
+from drivers.qmp import Monitor
+from fsm.machine import State
+from fsm.session import JOB_EVENTS, wait_job
+from fsm.undo import Side, UndoKind, UndoStep
+from transports.errors import CommandFailed, ConnectionLost
+
+__all__ = ["run_undo"]
+
+#: Migration statuses in which the source is still sending.
+_SENDING = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "colo"}
+)
+#: How often to look while waiting for QEMU to settle after a cancel.
+_SETTLE_POLL = 0.02
+
+
+async def run_undo(step: UndoStep, monitors: Mapping[Side, Monitor], *, state: State) -> None:
+    """Carry out one undo step. The caller bounds it with a deadline.
+
+    :raise LivemigError: when the step could not be done (the caller records it).
+    """
+    monitor = monitors[step.side]
+    try:
+        await _run(step, monitor, state)
+    except ConnectionLost:
+        if step.side is Side.TARGET:
+            return
+        raise
+
+
+async def _run(step: UndoStep, m: Monitor, state: State) -> None:
+    args = step.args
+    match step.kind:
+        case UndoKind.RESTORE_CAPABILITIES:
+            await migration.set_capabilities(m, dict(args["capabilities"]))
+        case UndoKind.RESTORE_PARAMETERS:
+            if args["parameters"]:
+                await migration.set_parameters(m, dict(args["parameters"]))
+        case UndoKind.DELETE_FILE:
+            await trio.Path(args["path"]).unlink(missing_ok=True)
+        case UndoKind.DELETE_NODE:
+            if await _has_node(m, args["node"]):
+                await block.blockdev_del(m, args["node"])
+        case UndoKind.MERGE_OVERLAY:
+            await _merge_overlay(
+                m, node=args["node"], base=args["base"], job=args["job"], state=state
+            )
+        case UndoKind.STOP_NBD_SERVER:
+            await _tolerate_absent(nbd.nbd_server_stop(m))
+        case UndoKind.DELETE_EXPORT:
+            exports = {e.id for e in await nbd.query_block_exports(m)}
+            if args["export"] in exports:
+                await nbd.block_export_del(m, args["export"])
+        case UndoKind.CANCEL_JOB:
+            await _cancel_job(m, args["job"], state=state)
+        case UndoKind.CANCEL_MIGRATION:
+            await _cancel_migration(m)
+            await _resume(m)
+        case UndoKind.RESUME_GUEST:
+            await _resume(m)
+        case UndoKind.QUIT:
+            await runstate.quit(m)
+
+
+async def _has_node(m: Monitor, node: str) -> bool:
+    return any(n.node_name == node for n in await block.query_named_block_nodes(m))
+
+
+async def _merge_overlay(m: Monitor, *, node: str, base: str, job: str, state: State) -> None:
+    """Active-commit the overlay into the base, so every write the guest made is kept."""
+    nodes = {n.node_name: n for n in await block.query_named_block_nodes(m)}
+    overlay = nodes.get(node)
+    below = nodes.get(base)
+    if overlay is None or below is None or overlay.backing_file != below.filename:
+        return  # the snapshot never took effect: the base is still the active layer
+    async with m.listen(*JOB_EVENTS) as stream:
+        present = {j.id: j for j in await jobs.query_jobs(m)}
+        if job not in present:
+            await block.block_commit(m, job_id=job, device=node)
+        await wait_job(stream, m, job, until={"ready"}, state=state)
+        await jobs.job_complete(m, job)
+        await wait_job(stream, m, job, until={"null"}, state=state)
+
+
+async def _cancel_job(m: Monitor, job: str, *, state: State) -> None:
+    async with m.listen(*JOB_EVENTS) as stream:
+        present = {j.id: j for j in await jobs.query_jobs(m)}
+        if job not in present:
+            return
+        if present[job].status == "concluded":
+            await jobs.job_dismiss(m, job)
+        else:
+            await jobs.block_job_cancel(m, job, force=True)
+        await wait_job(stream, m, job, until={"null"}, state=state)
+
+
+async def _cancel_migration(m: Monitor) -> None:
+    status = (await migration.query_migrate(m)).status
+    if status in _SENDING:
+        await migration.migrate_cancel(m)
+    # QEMU emits no event when a cancel settles unless the events capability is on, so look.
+    while (await migration.query_migrate(m)).status in _SENDING:  # noqa: ASYNC110
+        await trio.sleep(_SETTLE_POLL)
+
+
+async def _resume(m: Monitor) -> None:
+    """``cont`` only when the guest is not running; wait out ``finish-migrate`` first."""
+    while True:
+        status = await runstate.query_status(m)
+        if status.running:
+            return
+        if status.status != "finish-migrate":
+            break
+        await trio.sleep(_SETTLE_POLL)
+    await runstate.cont(m)
+
+
+async def _tolerate_absent(call: object) -> None:
+    try:
+        await call  # type: ignore[misc]
+    except CommandFailed as err:
+        if "not running" not in err.desc and "not found" not in err.desc:
+            raise

@@ -1,0 +1,322 @@
+"""The runner: the one owner of the machine, the monitors, every deadline and all concurrency.
+
+For each step it asks the table for the next trigger, awaits that trigger's action under the
+plan's deadline, then fires the trigger, whose guard checks what the action observed. Any fault
+before the point of no return unwinds the undo stack (shielded from cancellation) and ends in
+``reverted``; an undo step that fails, or a fault after the point of no return, ends in
+``failed`` with a report of what is where.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_asyncio
+from drivers.qmp import Monitor
+
+from drivers import qmp
+from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
+from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
+from fsm.plan import Deadlines, Plan
+from fsm.reverter import run_undo
+from fsm.session import Session
+from fsm.steps import ACTIONS
+from fsm.undo import Side
+from transports.errors import (
+    DeadlineExceeded,
+    Interrupted,
+    LivemigError,
+    StepFailed,
+)
+
+__all__ = ["Connector", "migrate"]
+
+log = logging.getLogger("livemig.runner")
+
+#: Opens a monitor: ``(socket path, name) -> Monitor``. Fault injection wraps this.
+Connector = Callable[[Path, str], Awaitable[Monitor]]
+
+
+async def _connect(path: Path, name: str) -> Monitor:
+    return await qmp.connect(path, name=name)
+
+
+async def migrate(
+    plan: Plan,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+    connector: Connector = _connect,
+    interrupt: trio.Event | None = None,
+) -> MigrationResult:
+    """Migrate the guest as ``plan`` says, and report how it ended.
+
+    Never raises for a migration fault: the result says ``reverted`` or ``failed`` and why. If
+    ``interrupt`` is set while the migration runs, it reverts and ends ``reverted`` with an
+    :class:`~transports.errors.Interrupted` error. If the caller cancels the surrounding scope,
+    the revert still runs (shielded) before the cancellation goes on.
+
+    :param on_event: called synchronously with every :class:`~fsm.events.Event`.
+    :param connector: how to open a monitor (tests and fault campaigns pass their own).
+    """
+    async with _asyncio_loop():
+        runner = _Runner(plan, on_event or _ignore, connector)
+        return await runner.run(interrupt)
+
+
+def _ignore(event: Event) -> None:
+    del event
+
+
+@asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[None]:
+    """qemu.qmp needs an asyncio loop; open one on top of trio unless the caller has."""
+    if trio_asyncio.current_loop.get(None) is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
+
+
+class _Runner:
+    def __init__(self, plan: Plan, emit: Callable[[Event], None], connector: Connector) -> None:
+        self.plan = plan
+        self.machine = MigrationMachine()
+        self.facts = Facts(storage=plan.storage)
+        self.connector = connector
+        self._emit = emit
+        self.states: list[str] = []
+        self.entered_at: dict[str, float] = {}
+        self.failures: tuple[str, ...] = ()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._emit(event)
+        except Exception:
+            log.exception("an event callback raised; the migration goes on")
+
+    async def run(self, interrupt: trio.Event | None) -> MigrationResult:
+        started = trio.current_time()
+        async with AsyncExitStack() as exits:
+            session = Session(
+                plan=self.plan,
+                source=_Unconnected("source"),
+                target=_Unconnected("target"),
+                facts=self.facts,
+                emit=self.emit,
+                started_at=started,
+                exits=exits,
+            )
+            self._enter(session, State.IDLE)
+            error = await self._forward(session, interrupt)
+            if error is not None:
+                await self._back(session, error)
+            return self._result(session, error)
+
+    async def _forward(
+        self, session: Session, interrupt: trio.Event | None
+    ) -> BaseException | None:
+        """Run forward to ``finalized``; return the fault that stopped it, if any."""
+        try:
+            async with trio.open_nursery() as nursery:
+                if interrupt is not None:
+                    nursery.start_soon(_cancel_on, interrupt, nursery.cancel_scope)
+                await self._connect(session)
+                while (
+                    trigger := next_trigger(self.machine.current, self.plan.storage)
+                ) is not None:
+                    await self._step(session, trigger)
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            fault = _primary(exc)
+            if isinstance(fault, Exception):
+                return fault  # every fault, even a bug of ours, reverts
+            # Cancelled from outside, or KeyboardInterrupt: revert anyway (shielded), then let
+            # it go on.
+            await self._back(session, Interrupted("cancelled", state=session.state.value))
+            raise
+        if (
+            interrupt is not None
+            and interrupt.is_set()
+            and self.machine.current is not State.FINALIZED
+        ):
+            return Interrupted("interrupted by the operator", state=session.state.value)
+        return None
+
+    async def _connect(self, session: Session) -> None:
+        with _deadline(self.plan.deadlines.connect, "connecting to the monitors", State.IDLE):
+            source = await self.connector(self.plan.source_qmp.path, "source")
+            session.exits.push_async_callback(_close, source)
+            target = await self.connector(self.plan.target_qmp.path, "target")
+            session.exits.push_async_callback(_close, target)
+        session.source = _Bounded(source, self.plan.deadlines.command, session)
+        session.target = _Bounded(target, self.plan.deadlines.command, session)
+
+    async def _step(self, session: Session, trigger: Trigger) -> None:
+        action = ACTIONS[trigger]
+        seconds = _action_deadline(trigger, self.plan.deadlines)
+        with _deadline(seconds, trigger.value, session.state):
+            await action(session)
+        self._enter(session, self.machine.fire(trigger, self.facts))
+
+    def _enter(self, session: Session, state: State) -> None:
+        now = session.now_ms()
+        session.state = state
+        self.states.append(state.value)
+        self.entered_at[state.value] = now
+        self.emit(StateEntered(state.value, now))
+
+    async def _back(self, session: Session, error: BaseException) -> None:
+        """Unwind the undo stack and end in ``reverted`` or ``failed``."""
+        with trio.CancelScope(shield=True):
+            self.emit(Reverting(session.state.value, session.now_ms(), _describe(error)))
+            failures: list[str] = []
+            if not self.facts.target_resumed:
+                monitors: Mapping[Side, Monitor] = {
+                    Side.SOURCE: session.source,
+                    Side.TARGET: session.target,
+                }
+                for step in session.undo.drain():
+                    try:
+                        with trio.fail_after(self.plan.deadlines.undo_step):
+                            await run_undo(step, monitors, state=session.state)
+                    except Exception as err:
+                        log.warning("undo step %s failed: %s", step.describe(), err)
+                        failures.append(f"{step.describe()}: {_describe(_primary(err))}")
+            self.failures = tuple(failures)
+            self.facts.undo_clean = not failures
+            trigger = (
+                Trigger.REVERT if self.machine.allows(Trigger.REVERT, self.facts) else Trigger.FAIL
+            )
+            self._enter(session, self.machine.fire(trigger, self.facts))
+
+    def _result(self, session: Session, error: BaseException | None) -> MigrationResult:
+        total = session.now_ms()
+        outcome = Outcome(self.machine.current.value)
+        failed_in = getattr(error, "state", None) if error is not None else None
+        return MigrationResult(
+            outcome=outcome,
+            states=tuple(self.states),
+            total_ms=total,
+            downtime_ms=session.downtime_ms,
+            ram_bytes=session.ram_bytes,
+            disk_bytes=session.disk_bytes,
+            error=_describe(error) if error is not None else None,
+            error_type=type(error).__name__ if error is not None else None,
+            failed_in=failed_in,
+            warnings=tuple(session.warnings),
+            undo_failures=self.failures,
+            phases_ms=tuple(_phases(self.states, self.entered_at, total)),
+        )
+
+
+def _phases(
+    states: list[str], entered: Mapping[str, float], total: float
+) -> list[tuple[str, float]]:
+    out = []
+    for here, after in zip(states, [*states[1:], None], strict=True):
+        end = entered[after] if after is not None else total
+        out.append((here, end - entered[here]))
+    return out
+
+
+def _action_deadline(trigger: Trigger, d: Deadlines) -> float:
+    return {
+        Trigger.CONNECT: d.command * 4,
+        Trigger.SET_CAPABILITIES: d.command * 4,
+        Trigger.SNAPSHOT: d.command * 3,
+        Trigger.MIRROR: d.base_copy + d.mirror_ready,
+        Trigger.TRANSFER_STATE: d.command * 2,
+        Trigger.AWAIT_SWITCHOVER: d.switchover,
+        Trigger.FINALIZE: d.completion,
+    }[trigger]
+
+
+class _deadline:  # noqa: N801 - used like trio.fail_after
+    """``trio.fail_after`` that raises :class:`DeadlineExceeded` naming what was waited for."""
+
+    def __init__(self, seconds: float, what: str, state: State) -> None:
+        self._scope = trio.fail_after(seconds)
+        self._seconds, self._what, self._state = seconds, what, state
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool:
+        try:
+            return bool(self._scope.__exit__(*exc))
+        except trio.TooSlowError as err:
+            message = f"{self._what} took longer than {self._seconds:g} s"
+            raise DeadlineExceeded(message, state=self._state.value) from err
+
+
+class _Bounded:
+    """A monitor whose every command is bounded by the plan's command deadline."""
+
+    def __init__(self, inner: Monitor, seconds: float, session: Session) -> None:
+        self._inner, self._seconds, self._session = inner, seconds, session
+        self.name = inner.name
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        with _deadline(self._seconds, f"{self.name} {command}", self._session.state):
+            return await self._inner.execute(command, arguments)
+
+    def listen(self, *names: str) -> Any:
+        return self._inner.listen(*names)
+
+    async def send_fd(self, fd: int, name: str) -> None:
+        with _deadline(self._seconds, f"{self.name} getfd", self._session.state):
+            await self._inner.send_fd(fd, name)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _Unconnected:
+    """Stands in for a monitor before connect, so an early revert has nothing to act on."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        raise StepFailed(f"{self.name} monitor never connected", state=State.IDLE.value)
+
+    def listen(self, *names: str) -> Any:
+        raise StepFailed(f"{self.name} monitor never connected", state=State.IDLE.value)
+
+    async def send_fd(self, fd: int, name: str) -> None:
+        raise StepFailed(f"{self.name} monitor never connected", state=State.IDLE.value)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _close(monitor: Monitor) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await monitor.aclose()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _primary(err: BaseException) -> BaseException:
+    """The one error that matters in a (possibly nested) exception group."""
+    while isinstance(err, BaseExceptionGroup):
+        leaves = [e for e in err.exceptions if not isinstance(e, trio.Cancelled)]
+        if not leaves:
+            return err.exceptions[0]
+        # A livemig error says more than whatever it caused elsewhere (a Cancelled, a bug).
+        err = next((e for e in leaves if isinstance(e, LivemigError)), leaves[0])
+    return err
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, LivemigError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"

@@ -1,0 +1,156 @@
+"""The runner's working set for one migration, and the waits its actions share.
+
+A :class:`Session` is the one mutable owner of everything a run touches: the two monitors, the
+facts the guards read, the undo stack, the event sink. Actions (:mod:`fsm.steps`) and the undo
+interpreter (:mod:`fsm.reverter`) receive it; only the runner creates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+from contextlib import AsyncExitStack
+from typing import Any
+
+import attrs
+import trio
+
+from drivers import jobs
+from drivers.qmp import EventStream, Monitor, QMPEvent
+from fsm.events import Event
+from fsm.machine import Facts, State
+from fsm.plan import Plan
+from fsm.undo import Side, UndoStack, UndoStep
+from transports.errors import MigrationAborted, StepFailed
+
+__all__ = ["Session", "wait_job", "wait_migration"]
+
+#: Job events, for every wait on a block job.
+JOB_EVENTS = (
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_READY",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "BLOCK_JOB_ERROR",
+)
+#: Migration statuses after which nothing more will happen on that side.
+MIGRATION_DEAD_ENDS = frozenset({"failed", "cancelled"})
+
+
+@attrs.define
+class Session:
+    plan: Plan
+    source: Monitor
+    target: Monitor
+    facts: Facts
+    emit: Callable[[Event], None]
+    started_at: float
+    exits: AsyncExitStack
+    undo: UndoStack = attrs.field(factory=UndoStack)
+    state: State = State.IDLE
+    #: The source's MIGRATION events, open from just before ``migrate`` to the end of the run.
+    source_migration: EventStream | None = None
+    #: The target's MIGRATION events, likewise.
+    target_migration: EventStream | None = None
+    #: The root disk's image on the source: (filename, format), learnt at connect.
+    base_image: tuple[str, str] | None = None
+    base_size: int | None = None
+    #: The root disk's file on the target.
+    target_image: str | None = None
+    warnings: list[str] = attrs.field(factory=list)
+    #: Filled from the final ``query-migrate``.
+    downtime_ms: int | None = None
+    ram_bytes: int | None = None
+    disk_bytes: int | None = None
+    phases: dict[str, float] = attrs.field(factory=dict)
+
+    def monitor(self, side: Side) -> Monitor:
+        return self.source if side is Side.SOURCE else self.target
+
+    def now_ms(self) -> float:
+        return (trio.current_time() - self.started_at) * 1000.0
+
+    def push_undo(self, step: UndoStep) -> None:
+        self.undo.push(step)
+
+    def fail(self, message: str) -> StepFailed:
+        return StepFailed(message, state=self.state.value)
+
+
+async def wait_job(
+    stream: EventStream,
+    monitor: Monitor,
+    job_id: str,
+    *,
+    until: Container[str],
+    state: State,
+) -> QMPEvent | None:
+    """Wait until job ``job_id`` reaches a status in ``until`` (``"null"`` means: gone).
+
+    ``stream`` must have been opened before the command that started or changed the job, so no
+    event is missed. The job's present status is read once first, in case it is there already.
+
+    :raise StepFailed: when the job ends with an error, or ends before reaching ``until``.
+    """
+    present = {j.id: j for j in await jobs.query_jobs(monitor)}
+    job = present.get(job_id)
+    if job is None and "null" in until:
+        return None
+    if job is not None and job.status in until:
+        return None
+    if job is not None and job.error:
+        raise StepFailed(f"job {job_id} failed: {job.error}", state=state.value)
+    async for event in stream:
+        status = _job_status(event, job_id)
+        if status is None:
+            continue
+        if event.name == "BLOCK_JOB_ERROR" or (
+            event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and event.data.get("error")
+        ):
+            detail = event.data.get("error") or event.data.get("operation") or "I/O error"
+            raise StepFailed(f"job {job_id}: {event.name}: {detail}", state=state.value)
+        if status in until:
+            return event
+        if status in ("aborting", "concluded", "null") and status not in until:
+            raise StepFailed(f"job {job_id} ended ({status}) too early", state=state.value)
+    raise StepFailed(f"event stream ended while waiting for job {job_id}", state=state.value)
+
+
+def _job_status(event: QMPEvent, job_id: str) -> str | None:
+    data = event.data
+    if event.name == "JOB_STATUS_CHANGE":
+        return str(data["status"]) if data.get("id") == job_id else None
+    if data.get("device") != job_id:
+        return None
+    return {
+        "BLOCK_JOB_READY": "ready",
+        "BLOCK_JOB_COMPLETED": "concluded",
+        "BLOCK_JOB_CANCELLED": "concluded",
+        "BLOCK_JOB_ERROR": "error",
+    }.get(event.name)
+
+
+async def wait_migration(
+    stream: EventStream, until: Container[str], *, state: State, side: str
+) -> str:
+    """Wait for a ``MIGRATION`` event whose status is in ``until``; return that status.
+
+    :raise MigrationAborted: when the migration fails or is cancelled first.
+    """
+    async for event in stream:
+        if event.name != "MIGRATION":
+            continue
+        status = str(event.data.get("status"))
+        if status in until:
+            return status
+        if status in MIGRATION_DEAD_ENDS:
+            raise MigrationAborted(f"{side} migration {status}", state=state.value)
+    raise MigrationAborted(f"{side} migration event stream ended", state=state.value)
+
+
+def plain(value: Any) -> Any:
+    """JSON-friendly copy of a QMP value (for undo step arguments)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value

@@ -1,0 +1,405 @@
+"""The forward actions, one per trigger. Each records what it observed in ``session.facts``.
+
+Every action pushes the undo of what it creates right after creating it, so a fault at any
+point leaves exactly the steps needed to get back. Actions never read the clock for policy and
+never set deadlines: the runner wraps each one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from drivers import block, image, jobs, migration, nbd, runstate
+from fsm.events import Progress
+from fsm.machine import StorageMode, Trigger
+from fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
+from fsm.undo import Side, UndoKind, UndoStep
+from transports.endpoints import UnixEndpoint
+from transports.errors import (
+    CommandFailed,
+    ConnectionLost,
+    PrecheckError,
+)
+
+__all__ = ["ACTIONS"]
+
+#: Source capabilities livemig always wants, when the source offers them.
+SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
+#: Target capabilities: events for MIGRATION, and no disk activation before ``cont``.
+TARGET_CAPABILITIES = ("events", "late-block-activate")
+#: ``max-bandwidth`` meaning "no cap": QEMU takes bytes/s as int64; this is 1 TiB/s.
+UNLIMITED_BANDWIDTH = 1 << 40
+
+
+async def connect(session: Session) -> None:
+    """Prechecks on both monitors. Touches nothing."""
+    src, dst = session.source, session.target
+    src_status = await runstate.query_status(src)
+    if not src_status.running:
+        raise PrecheckError(f"source guest is not running (status {src_status.status})")
+    dst_status = await runstate.query_status(dst)
+    if dst_status.status != "inmigrate":
+        raise PrecheckError(
+            f"target is not waiting for an incoming migration (status {dst_status.status}); "
+            "start it with -incoming defer"
+        )
+    src_ram = await runstate.query_memory_size_summary(src)
+    dst_ram = await runstate.query_memory_size_summary(dst)
+    if src_ram != dst_ram:
+        raise PrecheckError(f"RAM differs: source {src_ram} bytes, target {dst_ram} bytes")
+    src_ver, dst_ver = await runstate.query_version(src), await runstate.query_version(dst)
+    if src_ver.major != dst_ver.major:
+        raise PrecheckError(f"QEMU major versions differ: source {src_ver}, target {dst_ver}")
+    if (await migration.query_migrate(src)).status not in (
+        None,
+        "none",
+        "completed",
+        "cancelled",
+        "failed",
+    ):
+        raise PrecheckError("the source already has a migration in progress")
+    if await jobs.query_jobs(src):
+        raise PrecheckError("the source has block jobs running; wait for them to end")
+    await _check_disks(session)
+    session.facts.prechecks_passed = True
+
+
+async def _check_disks(session: Session) -> None:
+    plan = session.plan
+    src_nodes = {n.node_name: n for n in await block.query_named_block_nodes(session.source)}
+    dst_nodes = {n.node_name: n for n in await block.query_named_block_nodes(session.target)}
+    node = plan.disk_node
+    if node not in src_nodes:
+        raise PrecheckError(f"the source has no block node {node!r} (--disk)")
+    if node not in dst_nodes:
+        raise PrecheckError(f"the target has no block node {node!r} (--disk)")
+    src, dst = src_nodes[node], dst_nodes[node]
+    if src.virtual_size != dst.virtual_size:
+        raise PrecheckError(
+            f"disk {node!r} sizes differ: source {src.virtual_size}, target {dst.virtual_size}"
+        )
+    same_file = _same_path(src.filename, dst.filename)
+    if plan.storage is StorageMode.SHARED and not same_file:
+        raise PrecheckError(
+            f"storage is shared but the disks are different images ({src.filename} and "
+            f"{dst.filename}); use --storage non-shared"
+        )
+    if plan.storage is StorageMode.NON_SHARED and same_file:
+        raise PrecheckError(
+            f"storage is non-shared but both QEMUs open {src.filename}; use --storage shared"
+        )
+    if plan.storage is StorageMode.NON_SHARED and src.backing_file is not None:
+        raise PrecheckError(
+            f"disk {node!r} on the source already has a backing chain; only a single image "
+            "can be migrated without shared storage"
+        )
+    for leftover in (plan.overlay_node, plan.nbd_node):
+        if leftover in src_nodes:
+            raise PrecheckError(f"the source already has a node named {leftover!r}")
+    if plan.storage is StorageMode.NON_SHARED and src.driver not in ("raw", "qcow2"):
+        raise PrecheckError(f"disk {node!r} is {src.driver}; livemig copies raw and qcow2 images")
+    session.base_image = (src.filename, src.driver)
+    session.base_size = src.virtual_size
+    session.target_image = dst.filename
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two QEMU filenames name one file (both QEMUs run on this host's view of it)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+async def set_capabilities(session: Session) -> None:
+    """Probe, then set only what each side offers. The source's old values are pushed for undo."""
+    policy = session.plan.policy
+    src_caps = await migration.query_capabilities(session.source)
+    dst_caps = await migration.query_capabilities(session.target)
+    wanted_src = list(SOURCE_CAPABILITIES) + (["auto-converge"] if policy.auto_converge else [])
+    missing = [c for c in ("events", "pause-before-switchover") if c not in src_caps]
+    if missing:
+        raise PrecheckError(f"the source QEMU lacks migration capabilities {missing}")
+    src_new = {c: True for c in wanted_src if c in src_caps}
+    dst_new = {c: True for c in TARGET_CAPABILITIES if c in dst_caps}
+
+    # Last resorts of a revert, so pushed first: the target is quit (it never ran the guest),
+    # then the source guest is made to run. The source lives on, so its settings are restored.
+    session.push_undo(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
+    session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
+    await migration.set_capabilities(session.target, dst_new)
+    session.push_undo(
+        UndoStep(
+            UndoKind.RESTORE_CAPABILITIES,
+            Side.SOURCE,
+            {"capabilities": {c: bool(src_caps[c]) for c in src_new}},
+        )
+    )
+    await migration.set_capabilities(session.source, src_new)
+
+    old = await migration.query_parameters(session.source)
+    params: dict[str, Any] = {
+        "downtime-limit": policy.downtime_limit_ms,
+        "max-bandwidth": policy.max_bandwidth or UNLIMITED_BANDWIDTH,
+    }
+    session.push_undo(
+        UndoStep(
+            UndoKind.RESTORE_PARAMETERS,
+            Side.SOURCE,
+            {"parameters": {k: plain(old[k]) for k in params if k in old}},
+        )
+    )
+    await migration.set_parameters(session.source, params)
+    session.facts.capabilities_set = True
+
+
+async def snapshot(session: Session) -> None:
+    """Put a qcow2 overlay on the root disk: from here the base is frozen."""
+    plan = session.plan
+    assert session.base_image is not None
+    assert session.base_size is not None
+    overlay = plan.overlay_path
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(overlay)}))
+    await image.create(overlay, "qcow2", session.base_size)
+    session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.overlay_node}))
+    await block.blockdev_add(
+        session.source,
+        {
+            "driver": "qcow2",
+            "node-name": plan.overlay_node,
+            "file": {"driver": "file", "filename": str(overlay)},
+            "backing": None,
+        },
+    )
+    session.push_undo(
+        UndoStep(
+            UndoKind.MERGE_OVERLAY,
+            Side.SOURCE,
+            {"node": plan.overlay_node, "base": plan.disk_node, "job": plan.commit_job},
+        )
+    )
+    await block.blockdev_snapshot(session.source, node=plan.disk_node, overlay=plan.overlay_node)
+    session.facts.overlay_active = True
+
+
+async def mirror(session: Session) -> None:
+    """Copy the frozen base to the target, then mirror the overlay there until READY."""
+    plan, src, dst = session.plan, session.source, session.target
+    assert session.base_image is not None
+    if isinstance(plan.nbd, UnixEndpoint):
+        session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(plan.nbd.path)}))
+    session.push_undo(UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET))
+    if not isinstance(plan.nbd, UnixEndpoint):
+        raise session.fail("the disk copy needs a unix NBD endpoint on this host")
+    await nbd.nbd_server_start(dst, plan.nbd.path)
+    session.push_undo(UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": plan.export_id}))
+    await nbd.block_export_add(
+        dst,
+        export_id=plan.export_id,
+        node_name=plan.disk_node,
+        name=plan.export_name,
+        writable=True,
+    )
+
+    await _copy_base(session, plan.nbd.path)
+
+    session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.nbd_node}))
+    await block.blockdev_add(
+        src,
+        {
+            "driver": "nbd",
+            "node-name": plan.nbd_node,
+            "server": plan.nbd.flat_address(),
+            "export": plan.export_name,
+        },
+    )
+    async with src.listen(*JOB_EVENTS) as stream:
+        session.push_undo(UndoStep(UndoKind.CANCEL_JOB, Side.SOURCE, {"job": plan.mirror_job}))
+        await block.blockdev_mirror(
+            src, job_id=plan.mirror_job, device=plan.overlay_node, target=plan.nbd_node, sync="top"
+        )
+        await wait_job(stream, src, plan.mirror_job, until={"ready"}, state=session.state)
+    session.facts.mirror_ready = True
+
+
+async def _copy_base(session: Session, nbd_socket: Path) -> None:
+    """Copy the frozen base into the target's export; zeros are not sent.
+
+    When the target's image is still fully unallocated it reads as zeros, so zero areas are
+    skipped altogether and it stays sparse; otherwise they are written as zeroes (no payload),
+    so no old data survives where the source is zero.
+    """
+    assert session.base_image is not None
+    filename, fmt = session.base_image
+    target_is_zero = False
+    if session.target_image and await trio.Path(session.target_image).is_file():
+        target_is_zero = (await image.info(Path(session.target_image))).actual_size == 0
+    base_format: image.ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
+    await image.copy_to_nbd(
+        Path(filename),
+        base_format,
+        nbd_socket,
+        session.plan.export_name,
+        target_is_zero=target_is_zero,
+    )
+    session.disk_bytes = (await image.info(Path(filename))).actual_size
+
+
+async def transfer_state(session: Session) -> None:
+    """Start the RAM stream: the target listens, the source sends."""
+    plan = session.plan
+    session.target_migration = await session.exits.enter_async_context(
+        session.target.listen("MIGRATION")
+    )
+    session.source_migration = await session.exits.enter_async_context(
+        session.source.listen("MIGRATION")
+    )
+    if isinstance(plan.migrate_uri, UnixEndpoint):
+        path = str(plan.migrate_uri.path)
+        session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": path}))
+    await migration.migrate_incoming(session.target, plan.migrate_uri.uri)
+    session.push_undo(UndoStep(UndoKind.CANCEL_MIGRATION, Side.SOURCE))
+    await migration.migrate(session.source, plan.migrate_uri.uri)
+    session.facts.migration_status = "setup"
+
+
+async def await_switchover(session: Session) -> None:
+    """Wait for ``pre-switchover`` (the source guest is paused), reporting progress meanwhile."""
+    assert session.source_migration is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_report_progress, session)
+        status = await wait_migration(
+            session.source_migration, {"pre-switchover"}, state=session.state, side="source"
+        )
+        nursery.cancel_scope.cancel()
+    session.facts.migration_status = status
+
+
+async def _report_progress(session: Session) -> None:
+    while True:
+        stats = await migration.query_migrate(session.source)
+        ram = stats.ram
+        session.emit(
+            Progress(
+                state=session.state.value,
+                at_ms=session.now_ms(),
+                migration_status=stats.status,
+                ram_transferred=ram.transferred if ram else None,
+                ram_remaining=ram.remaining if ram else None,
+                ram_total=ram.total if ram else None,
+                dirty_pages_rate=ram.dirty_pages_rate if ram else None,
+                passes=ram.dirty_sync_count if ram else None,
+                mbps=ram.mbps if ram else None,
+                expected_downtime_ms=stats.expected_downtime_ms,
+            )
+        )
+        await trio.sleep(session.plan.policy.progress_interval)
+
+
+async def finalize(session: Session) -> None:
+    """Switch over: a consistent disk copy, the last of RAM, then the target runs.
+
+    ``cont`` on the target is the point of no return: before it, a fault reverts; after it,
+    problems become warnings.
+    """
+    plan, src, dst = session.plan, session.source, session.target
+    assert session.source_migration is not None
+    assert session.target_migration is not None
+    if plan.storage is StorageMode.NON_SHARED:
+        await _complete_mirror(session)
+    await migration.migrate_continue(src, "pre-switchover")
+    await wait_migration(
+        session.source_migration, {"completed"}, state=session.state, side="source"
+    )
+    await wait_migration(
+        session.target_migration, {"completed"}, state=session.state, side="target"
+    )
+    stats = await migration.query_migrate(src)
+    session.downtime_ms = stats.downtime_ms
+    session.ram_bytes = stats.ram.transferred if stats.ram else None
+    if plan.storage is StorageMode.NON_SHARED:
+        await nbd.nbd_server_stop(dst)
+        session.undo.discard(UndoKind.DELETE_EXPORT, Side.TARGET)
+        session.undo.discard(UndoKind.STOP_NBD_SERVER, Side.TARGET)
+    await _resume_target(session)
+    await _clean_up_source(session)
+
+
+async def _complete_mirror(session: Session) -> None:
+    """Cancel the READY mirror while the guest is paused: the target holds a consistent copy.
+
+    Only here: cancelled any earlier, writes made after the cancel never reach the target.
+    """
+    plan, src = session.plan, session.source
+    present = {j.id: j for j in await jobs.query_jobs(src)}
+    job = present.get(plan.mirror_job)
+    if job is None or job.status not in ("ready", "standby"):
+        status = "gone" if job is None else job.status
+        raise session.fail(f"the mirror is no longer in sync with the target ({status})")
+    mirrored = {j.device: j.offset for j in await jobs.query_block_jobs(src)}
+    session.disk_bytes = (session.disk_bytes or 0) + mirrored.get(plan.mirror_job, 0)
+    async with src.listen(*JOB_EVENTS) as stream:
+        await jobs.block_job_cancel(src, plan.mirror_job, force=False)
+        await wait_job(stream, src, plan.mirror_job, until={"null"}, state=session.state)
+    session.undo.discard(UndoKind.CANCEL_JOB, Side.SOURCE)
+
+
+async def _resume_target(session: Session) -> None:
+    try:
+        await runstate.cont(session.target)
+    except (CommandFailed, ConnectionLost):
+        # cont failed or the target died: it does not run the guest, so reverting is safe.
+        raise
+    except BaseException:
+        # Anything else (a deadline, a cancel) leaves us unsure whether the target runs: mark
+        # the point of no return as passed, so no revert can resume the source beside it.
+        session.facts.target_resumed = True
+        raise
+    session.facts.target_resumed = True
+    session.undo.discard(UndoKind.QUIT, Side.TARGET)
+
+
+async def _clean_up_source(session: Session) -> None:
+    """After the point of no return: only warnings from here."""
+    plan = session.plan
+    steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+    if plan.policy.stop_source:
+        steps.append(("quit the source", lambda: runstate.quit(session.source)))
+    for path in _files_of_run(session):
+        steps.append((f"remove {path}", _remover(path)))
+    for what, step in steps:
+        try:
+            await step()
+        except Exception as err:
+            session.warnings.append(f"could not {what}: {err}")
+    session.undo = type(session.undo)()
+
+
+def _remover(path: Path) -> Callable[[], Awaitable[None]]:
+    async def remove() -> None:
+        await trio.Path(path).unlink(missing_ok=True)
+
+    return remove
+
+
+def _files_of_run(session: Session) -> list[Path]:
+    plan = session.plan
+    files = [plan.overlay_path]
+    files += [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
+    return files
+
+
+Action = Callable[[Session], Awaitable[None]]
+
+ACTIONS: Mapping[Trigger, Action] = {
+    Trigger.CONNECT: connect,
+    Trigger.SET_CAPABILITIES: set_capabilities,
+    Trigger.SNAPSHOT: snapshot,
+    Trigger.MIRROR: mirror,
+    Trigger.TRANSFER_STATE: transfer_state,
+    Trigger.AWAIT_SWITCHOVER: await_switchover,
+    Trigger.FINALIZE: finalize,
+}

@@ -1,0 +1,83 @@
+"""livemig: live-migrate a running QEMU guest as an explicit finite-state machine.
+
+The public surface for embedders. Everything else (``fsm``, ``drivers``, ``transports``) is
+internal and may change::
+
+    import livemig
+
+    plan = livemig.Plan.create(
+        source_qmp="/run/vm/src.qmp", target_qmp="/run/vm/dst.qmp",
+        storage="non-shared", work_dir="/var/lib/livemig/vm1",
+    )
+    result = await livemig.migrate(plan, on_event=print)
+    if result.outcome is not livemig.Outcome.FINALIZED:
+        ...
+"""
+
+from fsm.events import (
+    Event,
+    MigrationResult,
+    Outcome,
+    Progress,
+    Reverting,
+    StateEntered,
+    Warned,
+)
+from fsm.machine import State, StorageMode
+from fsm.plan import Deadlines, Plan, Policy
+from fsm.runner import Connector, migrate
+from transports.errors import (
+    CommandFailed,
+    ConnectFailed,
+    ConnectionLost,
+    DeadlineExceeded,
+    GuardFailed,
+    Interrupted,
+    LivemigError,
+    MigrationAborted,
+    MigrationError,
+    MonitorClosed,
+    PrecheckError,
+    ProcessError,
+    ProtocolError,
+    QMPError,
+    RevertFailed,
+    StepFailed,
+    ToolError,
+    UsageError,
+)
+
+__all__ = [
+    "CommandFailed",
+    "ConnectFailed",
+    "ConnectionLost",
+    "Connector",
+    "DeadlineExceeded",
+    "Deadlines",
+    "Event",
+    "GuardFailed",
+    "Interrupted",
+    "LivemigError",
+    "MigrationAborted",
+    "MigrationError",
+    "MigrationResult",
+    "MonitorClosed",
+    "Outcome",
+    "Plan",
+    "Policy",
+    "PrecheckError",
+    "ProcessError",
+    "Progress",
+    "ProtocolError",
+    "QMPError",
+    "RevertFailed",
+    "Reverting",
+    "State",
+    "StateEntered",
+    "StepFailed",
+    "StorageMode",
+    "ToolError",
+    "UsageError",
+    "Warned",
+    "migrate",
+]

@@ -1,0 +1,99 @@
+"""How a migration shows itself: JSON lines for programs, a live progress display for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from fsm.events import Event, MigrationResult, Reverting, StateEntered, Warned
+from fsm.events import Progress as ProgressEvent
+
+__all__ = ["HumanDisplay", "JsonLines", "summary_lines"]
+
+
+class JsonLines:
+    """One JSON object per line on stdout (the CLI contract)."""
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self._out = out or sys.stdout
+
+    def __enter__(self) -> JsonLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __call__(self, event: Event) -> None:
+        self.line(event.to_json())
+
+    def line(self, obj: dict[str, Any]) -> None:
+        self._out.write(json.dumps(obj, sort_keys=False) + "\n")
+        self._out.flush()
+
+
+class HumanDisplay:
+    """State changes as lines, and a RAM progress bar while RAM streams (on a terminal only)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
+        self._ram: Any = None
+
+    def __enter__(self) -> HumanDisplay:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case StateEntered(state=state, at_ms=at):
+                self.console.print(f"[cyan]{at / 1000:7.2f}s[/]  {state}")
+            case ProgressEvent() if event.ram_total:
+                self._show_ram(event)
+            case Reverting(state=state, reason=reason):
+                self.console.print(f"[yellow]reverting from {state}[/]: {reason}")
+            case Warned(message=message):
+                self.console.print(f"[yellow]warning[/]: {message}")
+            case _:
+                pass
+
+    def _show_ram(self, event: ProgressEvent) -> None:
+        detail = f"pass {event.passes or 0}"
+        if event.expected_downtime_ms is not None:
+            detail += f", expected downtime {event.expected_downtime_ms} ms"
+        done = (event.ram_total or 0) - (event.ram_remaining or 0)
+        if self._ram is None:
+            self._ram = self._progress.add_task("RAM", total=event.ram_total, detail=detail)
+        self._progress.update(self._ram, completed=done, total=event.ram_total, detail=detail)
+
+
+def summary_lines(result: MigrationResult) -> list[str]:
+    """A short human summary of a result."""
+    lines = [f"outcome: {result.outcome.value}", "states: " + " -> ".join(result.states)]
+    lines.append(f"total: {result.total_ms / 1000:.2f} s")
+    if result.downtime_ms is not None:
+        lines.append(f"downtime (QEMU): {result.downtime_ms} ms")
+    if result.ram_bytes is not None:
+        lines.append(f"RAM sent: {result.ram_bytes / 2**20:.1f} MiB")
+    if result.disk_bytes is not None:
+        lines.append(f"disk copied: {result.disk_bytes / 2**20:.1f} MiB")
+    if result.error:
+        lines.append(f"error: {result.error}")
+    lines += [f"warning: {w}" for w in result.warnings]
+    lines += [f"undo failed: {u}" for u in result.undo_failures]
+    return lines

@@ -1,0 +1,252 @@
+"""The ``livemig`` command. Exit codes (a stable contract):
+
+====  =====================================================================
+ 0    finalized: the guest runs on the target
+ 2    usage or input error: a clear message, nothing touched
+ 3    reverted: the guest runs on the source with every write it made
+ 4    failed: needs attention; the report says what is where
+130   interrupted by SIGINT/SIGTERM (after a clean revert)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+
+from fsm.events import Event, MigrationResult, Outcome
+from fsm.machine import State, StorageMode
+from fsm.plan import Deadlines, Plan, Policy
+from fsm.runner import migrate
+from livemig._display import HumanDisplay, JsonLines, summary_lines
+from transports.errors import ConnectFailed, Interrupted, LivemigError, PrecheckError, UsageError
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REVERTED", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_REVERTED = 3
+EXIT_FAILED = 4
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="livemig", description="Live-migrate a running QEMU guest.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    mig = sub.add_parser("migrate", help="migrate a guest between two running QEMUs")
+    mig.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
+    mig.add_argument(
+        "--target-qmp",
+        required=True,
+        type=Path,
+        help="target QMP socket (started with the same devices, -S and -incoming defer)",
+    )
+    _storage_arg(mig, required=True)
+    mig.add_argument("--disk", default="root", help="root disk block node (default: root)")
+    mig.add_argument(
+        "--work-dir", type=Path, help="for the overlay and sockets (default: a temp dir)"
+    )
+    mig.add_argument(
+        "--migrate-uri", help="where the target listens for RAM (default: unix socket)"
+    )
+    _common_args(mig)
+
+    demo = sub.add_parser("demo", help="boot the test guest and migrate it to a second QEMU")
+    _storage_arg(demo, required=False)
+    demo.add_argument("--dirty-mib-s", default="0", help="guest RAM dirtying rate, MiB/s or 'max'")
+    demo.add_argument("--memory-mib", type=int, default=512, help="guest RAM (default 512)")
+    demo.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="default tcg")
+    demo.add_argument("--work-dir", type=Path, help="keep the run's files here (default: temp)")
+    _common_args(demo)
+
+    diag = sub.add_parser("diagram", help="draw the migration machine")
+    diag.add_argument("--format", choices=("svg", "mermaid", "dot"), default="svg")
+    diag.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    return parser
+
+
+def _storage_arg(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--storage",
+        choices=[m.value for m in StorageMode],
+        required=required,
+        default=None if required else StorageMode.NON_SHARED.value,
+        help="shared: both QEMUs open one image; non-shared: copy the disk",
+    )
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    parser.add_argument(
+        "--max-bandwidth",
+        type=_nonnegative_int,
+        default=0,
+        metavar="MIB_S",
+        help="cap the migration at this many MiB/s (default 0: no cap)",
+    )
+    parser.add_argument(
+        "--downtime-limit", type=_positive_int, default=300, metavar="MS", help="default 300 ms"
+    )
+    parser.add_argument(
+        "--no-auto-converge", action="store_true", help="do not throttle a busy guest"
+    )
+    parser.add_argument(
+        "--switchover-timeout",
+        type=_positive_int,
+        default=300,
+        metavar="S",
+        help="revert if RAM has not converged after this many seconds (default 300)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def policy_from(args: argparse.Namespace) -> tuple[Policy, Deadlines]:
+    policy = Policy(
+        max_bandwidth=args.max_bandwidth * 2**20 if args.max_bandwidth else None,
+        downtime_limit_ms=args.downtime_limit,
+        auto_converge=not args.no_auto_converge,
+    )
+    return policy, Deadlines(switchover=float(args.switchover_timeout))
+
+
+def exit_code(result: MigrationResult) -> int:
+    """The documented exit code of a result."""
+    if result.outcome is Outcome.FINALIZED:
+        return EXIT_OK
+    if result.outcome is Outcome.FAILED:
+        return EXIT_FAILED
+    if result.error_type == Interrupted.__name__:
+        return EXIT_INTERRUPTED
+    if result.failed_in == State.IDLE.value and result.error_type in _UNTOUCHED:
+        return EXIT_USAGE
+    return EXIT_REVERTED
+
+
+#: Faults in ``idle`` that mean the input was wrong; nothing had been touched yet.
+_UNTOUCHED = frozenset({PrecheckError.__name__, ConnectFailed.__name__, UsageError.__name__})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "diagram":
+            return _diagram(args)
+        if args.command == "demo":
+            from livemig.demo import run_demo  # noqa: PLC0415 - pulls in the test guest
+
+            return run_demo(args)
+        return _migrate_command(args)
+    except UsageError as err:
+        print(f"livemig: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except LivemigError as err:
+        print(f"livemig: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _diagram(args: argparse.Namespace) -> int:
+    from fsm.diagram import render  # noqa: PLC0415 - graphviz is only needed here
+
+    text = render(args.format)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _migrate_command(args: argparse.Namespace) -> int:
+    for what, path in (("source", args.source_qmp), ("target", args.target_qmp)):
+        if not path.is_socket():
+            raise UsageError(f"{what} QMP socket {path} does not exist or is not a socket")
+    policy, deadlines = policy_from(args)
+    own_dir = args.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="livemig-")) if own_dir else args.work_dir
+    plan = Plan.create(
+        source_qmp=args.source_qmp,
+        target_qmp=args.target_qmp,
+        storage=args.storage,
+        work_dir=work_dir,
+        disk_node=args.disk,
+        migrate_uri=args.migrate_uri,
+        policy=policy,
+        deadlines=deadlines,
+    )
+    result = run_with_display(plan, as_json=args.json)
+    if own_dir:
+        _remove_if_empty(work_dir)
+    return exit_code(result)
+
+
+def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
+    """Run one migration under SIGINT/SIGTERM handling, showing it as the caller asked."""
+    display: JsonLines | HumanDisplay = JsonLines() if as_json else HumanDisplay()
+    with display:
+        result = trio.run(run_interruptible, plan, display)
+    show_result(display, result)
+    return result
+
+
+def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> None:
+    if isinstance(display, JsonLines):
+        display.line(result.to_json())
+    else:
+        for line in summary_lines(result):
+            display.console.print(line)
+
+
+async def run_interruptible(plan: Plan, on_event: Callable[[Event], None]) -> MigrationResult:
+    """Migrate; SIGINT or SIGTERM meanwhile makes it revert cleanly (the result says so)."""
+    interrupt = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, interrupt)
+        result = await migrate(plan, on_event=on_event, interrupt=interrupt)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def _watch_signals(interrupt: trio.Event) -> None:
+    # A second signal while reverting is ignored on purpose: stopping half-way through a
+    # revert is what loses guests.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            interrupt.set()
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from transitions import Machine, MachineError
@@ -147,11 +148,13 @@ def status_pre_switchover(facts: Facts) -> bool:
     return facts.migration_status == "pre-switchover"
 
 
-def target_resumed(facts: Facts) -> bool:
-    return facts.target_resumed
+def switched_over(facts: Facts) -> bool:
+    """The migration completed and the target runs the guest."""
+    return facts.migration_status == "completed" and facts.target_resumed
 
 
-def before_point_of_no_return_undo_clean(facts: Facts) -> bool:
+def revertible(facts: Facts) -> bool:
+    """Before the point of no return, and every undo step ran clean."""
     return not facts.target_resumed and facts.undo_clean
 
 
@@ -192,23 +195,21 @@ FORWARD: tuple[Edge, ...] = (
     Edge(
         Trigger.AWAIT_SWITCHOVER, State.STATE_TRANSFER, State.PRE_SWITCHOVER, status_pre_switchover
     ),
-    Edge(Trigger.FINALIZE, State.PRE_SWITCHOVER, State.FINALIZED, target_resumed),
+    Edge(Trigger.FINALIZE, State.PRE_SWITCHOVER, State.FINALIZED, switched_over),
 )
 
 _NON_TERMINAL = tuple(s for s in State if s not in TERMINAL)
 
 
 def _revert_edges() -> tuple[Edge, ...]:
-    revert = tuple(
-        Edge(Trigger.REVERT, s, State.REVERTED, before_point_of_no_return_undo_clean)
-        for s in _NON_TERMINAL
-    )
+    revert = tuple(Edge(Trigger.REVERT, s, State.REVERTED, revertible) for s in _NON_TERMINAL)
     # ``fail`` is unguarded: it records that the machine could not reach a safe terminal state.
-    fail = tuple(Edge(Trigger.FAIL, s, State.FAILED, _always) for s in _NON_TERMINAL)
+    fail = tuple(Edge(Trigger.FAIL, s, State.FAILED, always) for s in _NON_TERMINAL)
     return revert + fail
 
 
-def _always(facts: Facts) -> bool:
+def always(facts: Facts) -> bool:
+    """No guard: the edge is drawn and fired without a condition."""
     del facts
     return True
 
@@ -229,7 +230,7 @@ def next_trigger(state: State, storage: StorageMode) -> Trigger | None:
     return edge.trigger
 
 
-def machine_kwargs() -> dict[str, object]:
+def machine_kwargs() -> dict[str, Any]:
     """Keyword arguments for a ``transitions`` machine (plain or graph) built from the table."""
     return {
         "states": [s.value for s in State],
@@ -238,7 +239,7 @@ def machine_kwargs() -> dict[str, object]:
                 "trigger": e.trigger.value,
                 "source": e.source.value,
                 "dest": e.dest.value,
-                "conditions": [e.guard],
+                "conditions": [] if e.guard is always else [e.guard],
             }
             for e in TRANSITIONS
         ],
@@ -262,7 +263,7 @@ class MigrationMachine:
 
     @property
     def current(self) -> State:
-        return State(self._machine.get_model_state(self).value)
+        return State(str(self._machine.get_model_state(self).value))
 
     def allows(self, trigger: Trigger, facts: Facts) -> bool:
         """Would ``trigger`` move the machine now? Pure: reads the table, changes nothing."""

@@ -91,9 +91,9 @@ async def _merge_overlay(m: Monitor, *, node: str, base: str, job: str, state: S
         present = {j.id: j for j in await jobs.query_jobs(m)}
         if job not in present:
             await block.block_commit(m, job_id=job, device=node)
-        await wait_job(stream, m, job, until={"ready"}, state=state)
+        await wait_job(stream, m, job, until="ready", state=state)
         await jobs.job_complete(m, job)
-        await wait_job(stream, m, job, until={"null"}, state=state)
+        await wait_job(stream, m, job, until="gone", state=state)
 
 
 async def _cancel_job(m: Monitor, job: str, *, state: State) -> None:
@@ -105,7 +105,7 @@ async def _cancel_job(m: Monitor, job: str, *, state: State) -> None:
             await jobs.job_dismiss(m, job)
         else:
             await jobs.block_job_cancel(m, job, force=True)
-        await wait_job(stream, m, job, until={"null"}, state=state)
+        await wait_job(stream, m, job, until="gone", state=state, errors_fatal=False)
 
 
 async def _cancel_migration(m: Monitor) -> None:

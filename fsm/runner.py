@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 import trio_asyncio
-from drivers.qmp import Monitor
 
 from drivers import qmp
+from drivers.qmp import Monitor
 from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
 from fsm.plan import Deadlines, Plan

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -81,37 +81,43 @@ async def wait_job(
     monitor: Monitor,
     job_id: str,
     *,
-    until: Container[str],
+    until: Literal["ready", "gone"],
     state: State,
-) -> QMPEvent | None:
-    """Wait until job ``job_id`` reaches a status in ``until`` (``"null"`` means: gone).
+    errors_fatal: bool = True,
+) -> None:
+    """Wait until job ``job_id`` is READY, or gone (concluded and dismissed).
 
     ``stream`` must have been opened before the command that started or changed the job, so no
     event is missed. The job's present status is read once first, in case it is there already.
 
-    :raise StepFailed: when the job ends with an error, or ends before reaching ``until``.
+    :param errors_fatal: whether an error the job reports on its way fails the wait; a cancel
+        only wants the job gone, whatever it says as it goes.
+    :raise StepFailed: when the job reports an error (if fatal), or ends while we wait for READY.
     """
     present = {j.id: j for j in await jobs.query_jobs(monitor)}
     job = present.get(job_id)
-    if job is None and "null" in until:
-        return None
-    if job is not None and job.status in until:
-        return None
-    if job is not None and job.error:
-        raise StepFailed(f"job {job_id} failed: {job.error}", state=state.value)
+    if job is None:
+        if until == "gone":
+            return
+        raise StepFailed(f"job {job_id} does not exist", state=state.value)
+    if until == "ready" and job.status == "ready":
+        return
     async for event in stream:
         status = _job_status(event, job_id)
         if status is None:
             continue
-        if event.name == "BLOCK_JOB_ERROR" or (
-            event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and event.data.get("error")
-        ):
-            detail = event.data.get("error") or event.data.get("operation") or "I/O error"
+        error = event.data.get("error") if event.name != "JOB_STATUS_CHANGE" else None
+        if errors_fatal and (event.name == "BLOCK_JOB_ERROR" or error):
+            detail = error or event.data.get("operation") or "I/O error"
             raise StepFailed(f"job {job_id}: {event.name}: {detail}", state=state.value)
-        if status in until:
-            return event
-        if status in ("aborting", "concluded", "null") and status not in until:
-            raise StepFailed(f"job {job_id} ended ({status}) too early", state=state.value)
+        if until == "ready" and status == "ready":
+            return
+        if until == "ready" and status in ("aborting", "concluded", "null"):
+            raise StepFailed(
+                f"job {job_id} ended ({status}) before it was ready", state=state.value
+            )
+        if until == "gone" and status == "null":
+            return
     raise StepFailed(f"event stream ended while waiting for job {job_id}", state=state.value)
 
 

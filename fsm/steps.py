@@ -67,6 +67,11 @@ async def connect(session: Session) -> None:
         raise PrecheckError("the source has block jobs running; wait for them to end")
     await _check_disks(session)
     session.facts.prechecks_passed = True
+    # From here a revert's last resorts: the target is quit (it never ran the guest), then the
+    # source guest is made to run. Pushed first, so they run last. Before this point nothing
+    # was touched, and a failed precheck leaves both QEMUs exactly as they were.
+    session.push_undo(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
+    session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
 
 
 async def _check_disks(session: Session) -> None:
@@ -125,10 +130,7 @@ async def set_capabilities(session: Session) -> None:
     src_new = {c: True for c in wanted_src if c in src_caps}
     dst_new = {c: True for c in TARGET_CAPABILITIES if c in dst_caps}
 
-    # Last resorts of a revert, so pushed first: the target is quit (it never ran the guest),
-    # then the source guest is made to run. The source lives on, so its settings are restored.
-    session.push_undo(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
-    session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
+    # The target is quit on revert, so its settings need no undo; the source's do.
     await migration.set_capabilities(session.target, dst_new)
     session.push_undo(
         UndoStep(
@@ -221,7 +223,7 @@ async def mirror(session: Session) -> None:
         await block.blockdev_mirror(
             src, job_id=plan.mirror_job, device=plan.overlay_node, target=plan.nbd_node, sync="top"
         )
-        await wait_job(stream, src, plan.mirror_job, until={"ready"}, state=session.state)
+        await wait_job(stream, src, plan.mirror_job, until="ready", state=session.state)
     session.facts.mirror_ready = True
 
 
@@ -317,6 +319,7 @@ async def finalize(session: Session) -> None:
     await wait_migration(
         session.target_migration, {"completed"}, state=session.state, side="target"
     )
+    session.facts.migration_status = "completed"
     stats = await migration.query_migrate(src)
     session.downtime_ms = stats.downtime_ms
     session.ram_bytes = stats.ram.transferred if stats.ram else None
@@ -343,7 +346,7 @@ async def _complete_mirror(session: Session) -> None:
     session.disk_bytes = (session.disk_bytes or 0) + mirrored.get(plan.mirror_job, 0)
     async with src.listen(*JOB_EVENTS) as stream:
         await jobs.block_job_cancel(src, plan.mirror_job, force=False)
-        await wait_job(stream, src, plan.mirror_job, until={"null"}, state=session.state)
+        await wait_job(stream, src, plan.mirror_job, until="gone", state=session.state)
     session.undo.discard(UndoKind.CANCEL_JOB, Side.SOURCE)
 
 

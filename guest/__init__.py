@@ -1,0 +1,51 @@
+"""The livemig test guest: a real Linux VM whose workload proves a migration lost nothing.
+
+The guest is the Debian kernel booted through its PVH entry plus a busybox initramfs whose
+``/init`` runs ``workload.c``: every tick it writes a sequence-numbered record to ``/dev/vda``
+with ``O_DIRECT`` and, once the write returned, prints ``heartbeat <seq>`` on the serial console;
+between ticks it dirties guest RAM at a chosen rate. Typing ``poweroff`` on the console makes it
+sync, print ``poweroff <last seq>`` and power off.
+
+Host side::
+
+    image = await ensure_built()
+    spec = guest_vm_spec(image, disk=disk, qmp_socket=sock, name="src", dirty_mib_s=50)
+    async with launched(spec, work_dir=work) as qemu, trio.open_nursery() as nursery:
+        console = SerialConsole.of(qemu)
+        nursery.start_soon(console.run)
+        boot_id = await console.wait_boot()
+        await console.wait_heartbeat(10)
+        …
+        await console.send_line("poweroff")
+        last = await console.wait_poweroff()
+    report = await verify_records(disk, boot_id=boot_id, last_acked=last, slack=0)
+    assert report.ok
+"""
+
+from guest._build import GuestImage, default_cache_dir, ensure_built
+from guest._console import Heartbeat, SerialConsole
+from guest._records import (
+    RECORD_SIZE,
+    Record,
+    RecordReport,
+    decode_record,
+    encode_record,
+    verify_records,
+)
+from guest._spec import guest_vm_spec, kernel_cmdline
+
+__all__ = [
+    "RECORD_SIZE",
+    "GuestImage",
+    "Heartbeat",
+    "Record",
+    "RecordReport",
+    "SerialConsole",
+    "decode_record",
+    "default_cache_dir",
+    "encode_record",
+    "ensure_built",
+    "guest_vm_spec",
+    "kernel_cmdline",
+    "verify_records",
+]

@@ -1,0 +1,229 @@
+"""A migration lab: the test guest running on a source QEMU, a target QEMU waiting for it, and
+the checks that prove a migration (or a revert) lost nothing.
+
+Used by ``livemig demo``, the real-QEMU tests and the benchmark. The checks are the safety
+invariants: exactly one QEMU runs the guest and it is running; its heartbeat continues (no
+reboot); every disk record the guest acknowledged is on the surviving disk after a clean
+shutdown; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import trio
+
+from drivers import block, image, jobs, nbd, runstate
+from drivers.process import QemuProcess, VmSpec, find_qemu_processes, launched
+from drivers.qmp import open_monitor
+from guest._build import GuestImage
+from guest._console import Heartbeat, SerialConsole
+from guest._records import RecordReport, verify_records
+from guest._spec import guest_vm_spec
+
+__all__ = ["Lab", "Storage", "Verdict", "migration_lab"]
+
+Storage = Literal["shared", "non-shared"]
+
+
+@attrs.define(eq=False)
+class Lab:
+    """Both QEMUs of one migration, with their consoles being read."""
+
+    work_dir: Path
+    storage: Storage
+    source: QemuProcess
+    target: QemuProcess
+    source_console: SerialConsole
+    target_console: SerialConsole
+    source_disk: Path
+    target_disk: Path
+    boot_id: int
+    #: Block nodes each side had before the migration (what a clean run leaves).
+    source_nodes: frozenset[str] = frozenset()
+    target_nodes: frozenset[str] = frozenset()
+
+    @property
+    def source_qmp(self) -> Path:
+        return self.source.spec.qmp_socket
+
+    @property
+    def target_qmp(self) -> Path:
+        return self.target.spec.qmp_socket
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """Every heartbeat either console saw, in seq order."""
+        both = list(self.source_console.heartbeats) + list(self.target_console.heartbeats)
+        return sorted(both, key=lambda h: h.seq)
+
+    async def verify(self, *, expect: Literal["source", "target"]) -> Verdict:
+        """Check every invariant with the guest expected on ``expect``, then shut it down.
+
+        Call once the migration has ended. Afterwards both QEMUs have exited.
+        """
+        problems: list[str] = []
+        survivor, other = (
+            (self.target, self.source) if expect == "target" else (self.source, self.target)
+        )
+        console = self.target_console if expect == "target" else self.source_console
+        disk = self.target_disk if expect == "target" else self.source_disk
+        nodes_before = self.target_nodes if expect == "target" else self.source_nodes
+
+        with trio.move_on_after(10):
+            await other.wait()
+        if other.returncode is None:
+            problems.append(f"the {_side(other, self)} QEMU still runs beside the guest")
+        last_before = max((h.seq for h in self.heartbeats()), default=0)
+        try:
+            with trio.fail_after(15):
+                await console.wait_heartbeat(last_before)
+        except (trio.TooSlowError, Exception) as err:
+            problems.append(f"no heartbeat after {last_before} on the {expect}: {err!r}")
+        problems += await self._leftovers(survivor, nodes_before)
+        gap_ms = _largest_gap_ms(self.heartbeats())
+
+        await console.send_line("poweroff")
+        with trio.fail_after(30):
+            last_acked = await console.wait_poweroff()
+            await survivor.wait()
+        records = await verify_records(disk, boot_id=self.boot_id, last_acked=last_acked, slack=0)
+        if not records.ok:
+            problems.append(
+                f"{records.missing_count} acknowledged records missing: {records.notes}"
+            )
+        problems += _files_left(self.work_dir)
+        if pids := find_qemu_processes(self.work_dir):
+            problems.append(f"QEMU processes left: {pids}")
+        return Verdict(
+            survivor=expect,
+            heartbeat_gap_ms=gap_ms,
+            records=records,
+            last_acked=last_acked,
+            problems=tuple(problems),
+        )
+
+    async def _leftovers(self, survivor: QemuProcess, nodes_before: frozenset[str]) -> list[str]:
+        problems: list[str] = []
+        async with open_monitor(survivor.spec.qmp_socket, name="check") as m:
+            status = await runstate.query_status(m)
+            if not status.running:
+                problems.append(f"the guest is not running on the survivor ({status.status})")
+            nodes = frozenset(
+                n.node_name for n in await block.query_named_block_nodes(m) if n.node_name
+            )
+            if extra := nodes - nodes_before:
+                problems.append(f"block nodes left: {sorted(extra)}")
+            if left := await jobs.query_jobs(m):
+                problems.append(f"block jobs left: {[j.id for j in left]}")
+            if exports := await nbd.query_block_exports(m):
+                problems.append(f"NBD exports left: {[e.id for e in exports]}")
+        return problems
+
+
+def _side(process: QemuProcess, lab: Lab) -> str:
+    return "source" if process is lab.source else "target"
+
+
+def _largest_gap_ms(beats: Iterable[Heartbeat]) -> float:
+    """The longest time between two consecutive heartbeats, as the host read them."""
+    gaps = [(b.at - a.at) * 1000 for a, b in itertools.pairwise(beats)]
+    return max(gaps, default=0.0)
+
+
+def _files_left(work_dir: Path) -> list[str]:
+    left = sorted(p.name for p in work_dir.iterdir() if p.name.startswith("lm-"))
+    return [f"files left in the work dir: {left}"] if left else []
+
+
+@attrs.frozen
+class Verdict:
+    """What :meth:`Lab.verify` found. ``ok`` when every invariant held."""
+
+    survivor: str
+    heartbeat_gap_ms: float
+    records: RecordReport
+    last_acked: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@contextlib.asynccontextmanager
+async def migration_lab(
+    guest_image: GuestImage,
+    work_dir: Path,
+    *,
+    storage: Storage = "non-shared",
+    memory_mib: int = 512,
+    dirty_mib_s: int | Literal["max"] = 0,
+    dirty_buf_mib: int = 64,
+    accel: Literal["tcg", "kvm"] = "tcg",
+    disk_bytes: int = 64 << 20,
+    warm_up_heartbeats: int = 5,
+) -> AsyncIterator[Lab]:
+    """Boot the guest on a source QEMU and start a target QEMU for it (``-S -incoming defer``).
+
+    The target has its own empty disk of the same size (non-shared) or opens the source's disk
+    (shared). Needs a trio-asyncio loop (for QMP). Both QEMUs are stopped on the way out.
+    """
+    source_disk = work_dir / "source.raw"
+    target_disk = source_disk if storage == "shared" else work_dir / "target.raw"
+    await image.create(source_disk, "raw", disk_bytes)
+    if target_disk != source_disk:
+        await image.create(target_disk, "raw", disk_bytes)
+    spec = guest_vm_spec(
+        guest_image,
+        disk=source_disk,
+        qmp_socket=work_dir / "source.qmp",
+        name="source",
+        memory_mib=memory_mib,
+        accel=accel,
+        dirty_mib_s=dirty_mib_s,
+        dirty_buf_mib=dirty_buf_mib,
+    )
+    target_spec = _target_spec(spec, target_disk, work_dir)
+    async with (
+        launched(spec, work_dir=work_dir) as source,
+        trio.open_nursery() as nursery,
+    ):
+        source_console = SerialConsole.of(source)
+        nursery.start_soon(source_console.run)
+        boot_id = await source_console.wait_boot()
+        async with launched(target_spec, work_dir=work_dir) as target:
+            target_console = SerialConsole.of(target)
+            nursery.start_soon(target_console.run)
+            for _ in range(warm_up_heartbeats):
+                await source_console.wait_heartbeat()
+            lab = Lab(
+                work_dir=work_dir,
+                storage=storage,
+                source=source,
+                target=target,
+                source_console=source_console,
+                target_console=target_console,
+                source_disk=source_disk,
+                target_disk=target_disk,
+                boot_id=boot_id,
+                source_nodes=await _node_names(source),
+                target_nodes=await _node_names(target),
+            )
+            yield lab
+        nursery.cancel_scope.cancel()
+
+
+def _target_spec(spec: VmSpec, disk: Path, work_dir: Path) -> VmSpec:
+    target = spec.as_incoming(qmp_socket=work_dir / "target.qmp", name="target")
+    disks = tuple(attrs.evolve(d, path=disk) for d in spec.disks)
+    return attrs.evolve(target, disks=disks)
+
+
+async def _node_names(qemu: QemuProcess) -> frozenset[str]:
+    async with open_monitor(qemu.spec.qmp_socket, name=qemu.spec.name) as m:
+        return frozenset(n.node_name for n in await block.query_named_block_nodes(m) if n.node_name)

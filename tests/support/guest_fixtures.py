@@ -1,0 +1,96 @@
+"""Fixtures and launchers for tests that boot the real test guest.
+
+Import what you use::
+
+    from support.guest_fixtures import booted_guest, guest_image_fixture  # noqa: F401
+
+    @pytest.mark.qemu
+    async def test_x(guest_image: GuestImage, tmp_path: Path) -> None:
+        with trio.fail_after(30):
+            async with booted_guest(guest_image, tmp_path) as guest:
+                await guest.console.wait_heartbeat(5)
+
+The guest is built once per session into the default cache (``$LIVEMIG_CACHE_DIR`` or
+``~/.cache/livemig/guest``), so only the first run on a machine pays for the build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import pytest
+import trio
+
+from drivers import image
+from drivers.process import DEFAULT_QEMU, QemuProcess, VmSpec, launched
+from guest import GuestImage, SerialConsole, ensure_built, guest_vm_spec
+
+__all__ = ["RunningGuest", "booted_guest", "guest_image_fixture", "require_qemu"]
+
+DEFAULT_DISK_BYTES = 8 << 20
+
+
+def require_qemu() -> None:
+    """Skip the calling test when QEMU is not installed."""
+    for tool in (DEFAULT_QEMU, "qemu-img"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
+@pytest.fixture(name="guest_image", scope="session")
+def guest_image_fixture() -> GuestImage:
+    """The built test guest (built on first use; skipped without QEMU)."""
+    require_qemu()
+    return trio.run(ensure_built)
+
+
+@attrs.frozen
+class RunningGuest:
+    """A booted test guest: its QEMU, console (being read), disk and spec."""
+
+    qemu: QemuProcess
+    console: SerialConsole
+    disk: Path
+    spec: VmSpec
+    boot_id: int
+
+
+@contextlib.asynccontextmanager
+async def booted_guest(
+    guest_image: GuestImage,
+    work_dir: Path,
+    *,
+    name: str = "guest",
+    dirty_mib_s: int | Literal["max"] = 0,
+    dirty_buf_mib: int = 64,
+    memory_mib: int = 512,
+    disk_bytes: int = DEFAULT_DISK_BYTES,
+) -> AsyncIterator[RunningGuest]:
+    """Create a sparse raw disk in ``work_dir``, boot the guest on it and wait for its boot id.
+
+    The console is read in the background for the whole block; on the way out QEMU is stopped
+    (shielded from cancellation). Guard the block with :func:`trio.fail_after`: booting under
+    TCG takes about 4 s.
+    """
+    disk = work_dir / f"{name}.raw"
+    await image.create(disk, "raw", disk_bytes)
+    spec = guest_vm_spec(
+        guest_image,
+        disk=disk,
+        qmp_socket=work_dir / f"{name}.qmp",
+        name=name,
+        memory_mib=memory_mib,
+        dirty_mib_s=dirty_mib_s,
+        dirty_buf_mib=dirty_buf_mib,
+    )
+    async with launched(spec, work_dir=work_dir) as qemu, trio.open_nursery() as nursery:
+        console = SerialConsole.of(qemu)
+        nursery.start_soon(console.run)
+        boot_id = await console.wait_boot()
+        yield RunningGuest(qemu, console, disk, spec, boot_id)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,337 @@
+"""The migration machine table, edge by edge: pure, no I/O, no clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fsm.machine import (
+    FORWARD,
+    TERMINAL,
+    TRANSITIONS,
+    Edge,
+    Facts,
+    MigrationMachine,
+    State,
+    StorageMode,
+    Trigger,
+    allows,
+    machine_kwargs,
+    next_trigger,
+)
+from transports.errors import GuardFailed
+
+# What each forward action records in the facts once it has done its work.
+EFFECTS: dict[Trigger, dict[str, object]] = {
+    Trigger.CONNECT: {"prechecks_passed": True},
+    Trigger.SET_CAPABILITIES: {"capabilities_set": True},
+    Trigger.SNAPSHOT: {"overlay_active": True},
+    Trigger.MIRROR: {"mirror_ready": True},
+    Trigger.TRANSFER_STATE: {"migration_status": "active"},
+    Trigger.AWAIT_SWITCHOVER: {"migration_status": "pre-switchover"},
+    Trigger.FINALIZE: {"migration_status": "completed", "target_resumed": True},
+}
+
+NON_SHARED_PATH = [
+    State.IDLE,
+    State.CONNECTED,
+    State.CAPABILITIES_SET,
+    State.SNAPSHOTTED,
+    State.MIRRORING,
+    State.STATE_TRANSFER,
+    State.PRE_SWITCHOVER,
+    State.FINALIZED,
+]
+SHARED_PATH = [
+    State.IDLE,
+    State.CONNECTED,
+    State.CAPABILITIES_SET,
+    State.STATE_TRANSFER,
+    State.PRE_SWITCHOVER,
+    State.FINALIZED,
+]
+NON_TERMINAL = [s for s in State if s not in TERMINAL]
+
+
+def act(facts: Facts, trigger: Trigger) -> None:
+    """Record in ``facts`` what the action of ``trigger`` would have observed."""
+    for name, value in EFFECTS[trigger].items():
+        setattr(facts, name, value)
+
+
+def walk(storage: StorageMode) -> list[State]:
+    """Fire ``next_trigger`` from ``idle`` until it has nothing more, acting before each."""
+    machine, facts = MigrationMachine(), Facts(storage)
+    states = [machine.current]
+    for _ in State:  # at most one step per state: a loop in the table cannot hang the test
+        trigger = next_trigger(machine.current, storage)
+        if trigger is None:
+            break
+        act(facts, trigger)
+        states.append(machine.fire(trigger, facts))
+    return states
+
+
+def machine_at(
+    state: State, storage: StorageMode = StorageMode.NON_SHARED
+) -> tuple[MigrationMachine, Facts]:
+    """A machine driven to ``state`` the way the runner would, and the facts it left.
+
+    The non-shared path (the default) passes through every forward state.
+    """
+    machine, facts = MigrationMachine(), Facts(storage)
+    if state in (State.REVERTED, State.FAILED):
+        machine.fire(Trigger.REVERT if state is State.REVERTED else Trigger.FAIL, facts)
+    for _ in State:  # bounded, like walk()
+        if machine.current is state:
+            return machine, facts
+        trigger = next_trigger(machine.current, storage)
+        assert trigger is not None, f"{state} is not on the {storage} path"
+        act(facts, trigger)
+        machine.fire(trigger, facts)
+    raise AssertionError(f"{state} is not on the {storage} path")
+
+
+PATHS = {StorageMode.NON_SHARED: NON_SHARED_PATH, StorageMode.SHARED: SHARED_PATH}
+# Each forward edge with each storage mode whose path takes it.
+FORWARD_CASES = [
+    pytest.param(edge, storage, id=f"{edge.source}-{edge.trigger}->{edge.dest}-{storage}")
+    for edge in FORWARD
+    for storage, path in PATHS.items()
+    if edge.source in path and next_trigger(edge.source, storage) is edge.trigger
+]
+
+
+def test_every_forward_edge_is_on_a_path() -> None:
+    assert {case.values[0] for case in FORWARD_CASES} == set(FORWARD)
+
+
+@pytest.mark.parametrize(("edge", "storage"), FORWARD_CASES)
+def test_forward_edge_moves_when_its_guard_holds(edge: Edge, storage: StorageMode) -> None:
+    machine, facts = machine_at(edge.source, storage)
+    act(facts, edge.trigger)
+    assert edge.guard(facts)
+    assert machine.allows(edge.trigger, facts)
+    assert machine.fire(edge.trigger, facts) is edge.dest
+    assert machine.current is edge.dest
+
+
+@pytest.mark.parametrize(("edge", "storage"), FORWARD_CASES)
+def test_forward_edge_is_refused_until_its_action_has_run(edge: Edge, storage: StorageMode) -> None:
+    machine, facts = machine_at(edge.source, storage)
+    assert not edge.guard(facts)
+    assert not machine.allows(edge.trigger, facts)
+    with pytest.raises(GuardFailed, match="guard") as err:
+        machine.fire(edge.trigger, facts)
+    assert err.value.state == edge.source.value
+    assert machine.current is edge.source
+
+
+@pytest.mark.parametrize(
+    ("state", "trigger", "storage"),
+    [
+        # The storage mode picks the branch at capabilities-set; each guard checks it again.
+        (State.CAPABILITIES_SET, Trigger.SNAPSHOT, StorageMode.SHARED),
+        (State.CAPABILITIES_SET, Trigger.TRANSFER_STATE, StorageMode.NON_SHARED),
+    ],
+)
+def test_branch_guard_checks_storage_mode(
+    state: State, trigger: Trigger, storage: StorageMode
+) -> None:
+    machine, facts = machine_at(state)
+    facts = attrs.evolve(facts, storage=storage)
+    act(facts, trigger)
+    with pytest.raises(GuardFailed):
+        machine.fire(trigger, facts)
+    assert machine.current is state
+
+
+@pytest.mark.parametrize("status", [None, "none", "failed", "cancelled", "cancelling"])
+def test_transfer_state_needs_a_started_migration(status: str | None) -> None:
+    machine, facts = machine_at(State.MIRRORING)
+    facts.migration_status = status
+    assert not machine.allows(Trigger.TRANSFER_STATE, facts)
+
+
+NOT_IN_TABLE = [
+    (state, trigger)
+    for state in State
+    for trigger in Trigger
+    if not any(e.source is state and e.trigger is trigger for e in TRANSITIONS)
+]
+
+
+@pytest.mark.parametrize(("state", "trigger"), NOT_IN_TABLE, ids=str)
+def test_trigger_not_in_table_is_refused(state: State, trigger: Trigger) -> None:
+    machine, facts = machine_at(state)
+    with pytest.raises(GuardFailed, match="not an edge") as err:
+        machine.fire(trigger, facts)
+    assert err.value.state == state.value
+    assert machine.current is state
+    assert not allows(state, trigger, facts)
+
+
+@pytest.mark.parametrize("state", NON_TERMINAL, ids=str)
+def test_revert_is_reachable_from_every_non_terminal_state(state: State) -> None:
+    machine, facts = machine_at(state)
+    assert machine.fire(Trigger.REVERT, facts) is State.REVERTED
+
+
+@pytest.mark.parametrize("state", NON_TERMINAL, ids=str)
+def test_revert_with_a_failed_undo_step_is_refused_and_fail_is_taken(state: State) -> None:
+    machine, facts = machine_at(state)
+    facts.undo_clean = False
+    with pytest.raises(GuardFailed):
+        machine.fire(Trigger.REVERT, facts)
+    assert machine.fire(Trigger.FAIL, facts) is State.FAILED
+
+
+def test_revert_is_refused_at_pre_switchover_once_the_target_resumed() -> None:
+    machine, facts = machine_at(State.PRE_SWITCHOVER)
+    assert machine.allows(Trigger.REVERT, facts)
+    facts.target_resumed = True
+    with pytest.raises(GuardFailed):
+        machine.fire(Trigger.REVERT, facts)
+    assert machine.current is State.PRE_SWITCHOVER
+    # Past the point of no return the machine only rolls forward (or records a failure).
+    facts.migration_status = "completed"
+    assert machine.allows(Trigger.FINALIZE, facts)
+    assert machine.allows(Trigger.FAIL, facts)
+
+
+def test_every_non_terminal_state_has_revert_and_fail_edges() -> None:
+    for trigger, dest in ((Trigger.REVERT, State.REVERTED), (Trigger.FAIL, State.FAILED)):
+        sources = [e.source for e in TRANSITIONS if e.trigger is trigger]
+        assert sorted(sources) == sorted(NON_TERMINAL)
+        assert {e.dest for e in TRANSITIONS if e.trigger is trigger} == {dest}
+
+
+def test_terminal_states_have_no_outgoing_edges() -> None:
+    assert [e for e in TRANSITIONS if e.source in TERMINAL] == []
+    for state in TERMINAL:
+        for storage in StorageMode:
+            assert next_trigger(state, storage) is None
+
+
+@pytest.mark.parametrize(
+    ("storage", "path"),
+    list(PATHS.items()),
+    ids=str,
+)
+def test_next_trigger_walks_to_finalized(storage: StorageMode, path: list[State]) -> None:
+    assert walk(storage) == path
+
+
+def test_auto_transitions_are_off() -> None:
+    assert machine_kwargs()["auto_transitions"] is False
+    machine = MigrationMachine()
+    assert [s for s in State if hasattr(machine, f"to_{s.value}")] == []
+
+
+# Property: whatever the runner observes and fires, the order of the table holds.
+#
+# A run starts in any state the runner can drive the machine to (either outcome of a revert
+# included), with any facts at all. Each step is one observation or none, then one trigger. An
+# observation is the effects of some action, in or out of order (``("act", trigger)``), or one raw
+# fact: a fault, a stale status, a failed undo step. The trigger is any trigger, or ``None`` for
+# the runner's next step done right (act, then fire ``next_trigger``). Before every step and at
+# the end, every trigger the trivial model forbids from the current state is fired as well and
+# must be refused: each step probes every forbidden move under the facts of the moment.
+
+STATUSES = [None, "none", "setup", "active", "pre-switchover", "completed", "failed", "cancelled"]
+FLAGS = [
+    "prechecks_passed",
+    "capabilities_set",
+    "overlay_active",
+    "mirror_ready",
+    "target_resumed",
+    "undo_clean",
+]
+STARTS = st.sampled_from(
+    [
+        (storage, state)
+        for storage, path in PATHS.items()
+        for state in [*path, State.REVERTED, State.FAILED]
+    ]
+)
+FACTS = st.fixed_dictionaries(
+    {name: st.booleans() for name in FLAGS} | {"migration_status": st.sampled_from(STATUSES)}
+)
+OBSERVATIONS = (
+    st.tuples(st.just("act"), st.sampled_from(list(EFFECTS)))
+    | st.tuples(st.sampled_from(FLAGS), st.booleans())
+    | st.tuples(st.just("migration_status"), st.sampled_from(STATUSES))
+)
+Step = tuple[tuple[str, object] | None, Trigger | None]
+STEPS = st.lists(
+    st.tuples(st.none() | OBSERVATIONS, st.none() | st.sampled_from(Trigger)), max_size=20
+)
+
+
+def forbidden(state: State, storage: StorageMode) -> list[Trigger]:
+    """What the trivial model says cannot move the machine out of ``state``.
+
+    In a terminal state, every trigger; elsewhere, all but revert, fail and the next trigger of
+    the storage mode's path.
+    """
+    if state in TERMINAL:
+        return list(Trigger)
+    moves = {next_trigger(state, storage), Trigger.REVERT, Trigger.FAIL}
+    return [t for t in Trigger if t not in moves]
+
+
+def take(machine: MigrationMachine, facts: Facts, step: Step) -> None:
+    """Apply one step; a refused trigger must leave the state as it was."""
+    observation, chosen = step
+    if observation is not None:
+        name, value = observation
+        if name == "act":
+            act(facts, Trigger(str(value)))
+        else:
+            setattr(facts, name, value)
+    trigger = chosen or next_trigger(machine.current, facts.storage)
+    if trigger is None:
+        return
+    if chosen is None:
+        act(facts, trigger)
+    before = machine.current
+    expected = allows(before, trigger, facts)
+    try:
+        machine.fire(trigger, facts)
+    except GuardFailed:
+        assert not expected
+        assert machine.current is before
+    else:
+        assert expected
+
+
+@settings(derandomize=True, max_examples=100)
+@given(start=STARTS, facts=FACTS, steps=STEPS)
+def test_random_runs_keep_the_order_of_the_table(
+    start: tuple[StorageMode, State], facts: dict[str, Any], steps: list[Step]
+) -> None:
+    storage, state = start
+    machine, _ = machine_at(state, storage)
+    observed = Facts(storage, **facts)
+    path = PATHS[storage]
+    history = path[: path.index(state) + 1] if state in path else [State.IDLE, state]
+    for step in [*steps, None]:
+        for trigger in forbidden(machine.current, storage):
+            with pytest.raises(GuardFailed):
+                machine.fire(trigger, observed)
+        if step is None:
+            break
+        take(machine, observed, step)
+        if machine.current is not history[-1]:
+            assert history[-1] not in TERMINAL, "left a terminal state"
+            history.append(machine.current)
+    if State.FINALIZED in history:
+        assert history[-2:] == [State.PRE_SWITCHOVER, State.FINALIZED]
+    # The trivial model: forward moves only ever follow the storage mode's path, one state at a
+    # time (so shared storage never snapshots or mirrors).
+    forward = [s for s in history if s not in (State.REVERTED, State.FAILED)]
+    assert forward == path[: len(forward)]

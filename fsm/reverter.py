@@ -8,10 +8,12 @@ monitor is gone counts as done: the target process, and everything it held, is g
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import trio
 
 from drivers import block, jobs, migration, nbd, runstate
+from drivers.host import Host
 from drivers.qmp import Monitor
 from fsm.machine import State
 from fsm.session import JOB_EVENTS, wait_job
@@ -28,21 +30,23 @@ _SENDING = frozenset(
 _SETTLE_POLL = 0.02
 
 
-async def run_undo(step: UndoStep, monitors: Mapping[Side, Monitor], *, state: State) -> None:
+async def run_undo(
+    step: UndoStep, monitors: Mapping[Side, Monitor], host: Host, *, state: State
+) -> None:
     """Carry out one undo step. The caller bounds it with a deadline.
 
     :raise LivemigError: when the step could not be done (the caller records it).
     """
     monitor = monitors[step.side]
     try:
-        await _run(step, monitor, state)
+        await _run(step, monitor, host, state)
     except ConnectionLost:
         if step.side is Side.TARGET:
             return
         raise
 
 
-async def _run(step: UndoStep, m: Monitor, state: State) -> None:
+async def _run(step: UndoStep, m: Monitor, host: Host, state: State) -> None:
     args = step.args
     match step.kind:
         case UndoKind.RESTORE_CAPABILITIES:
@@ -51,7 +55,7 @@ async def _run(step: UndoStep, m: Monitor, state: State) -> None:
             if args["parameters"]:
                 await migration.set_parameters(m, dict(args["parameters"]))
         case UndoKind.DELETE_FILE:
-            await trio.Path(args["path"]).unlink(missing_ok=True)
+            await host.remove(Path(args["path"]))
         case UndoKind.DELETE_NODE:
             if await _has_node(m, args["node"]):
                 await block.blockdev_del(m, args["node"])

@@ -19,6 +19,7 @@ import trio
 import trio_asyncio
 
 from drivers import qmp
+from drivers.host import Host, LocalHost
 from drivers.qmp import Monitor
 from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
@@ -51,6 +52,7 @@ async def migrate(
     *,
     on_event: Callable[[Event], None] | None = None,
     connector: Connector = _connect,
+    host: Host | None = None,
     interrupt: trio.Event | None = None,
 ) -> MigrationResult:
     """Migrate the guest as ``plan`` says, and report how it ended.
@@ -62,9 +64,10 @@ async def migrate(
 
     :param on_event: called synchronously with every :class:`~fsm.events.Event`.
     :param connector: how to open a monitor (tests and fault campaigns pass their own).
+    :param host: files and ``qemu-img`` on this machine (fault campaigns pass their own).
     """
     async with _asyncio_loop():
-        runner = _Runner(plan, on_event or _ignore, connector)
+        runner = _Runner(plan, on_event or _ignore, connector, host or LocalHost())
         return await runner.run(interrupt)
 
 
@@ -83,8 +86,11 @@ async def _asyncio_loop() -> AsyncIterator[None]:
 
 
 class _Runner:
-    def __init__(self, plan: Plan, emit: Callable[[Event], None], connector: Connector) -> None:
+    def __init__(
+        self, plan: Plan, emit: Callable[[Event], None], connector: Connector, host: Host
+    ) -> None:
         self.plan = plan
+        self.host = host
         self.machine = MigrationMachine()
         self.facts = Facts(storage=plan.storage)
         self.connector = connector
@@ -110,6 +116,7 @@ class _Runner:
                 emit=self.emit,
                 started_at=started,
                 exits=exits,
+                host=self.host,
             )
             self._enter(session, State.IDLE)
             error = await self._forward(session, interrupt)
@@ -183,7 +190,7 @@ class _Runner:
                 for step in session.undo.drain():
                     try:
                         with trio.fail_after(self.plan.deadlines.undo_step):
-                            await run_undo(step, monitors, state=session.state)
+                            await run_undo(step, monitors, self.host, state=session.state)
                     except Exception as err:
                         log.warning("undo step %s failed: %s", step.describe(), err)
                         failures.append(f"{step.describe()}: {_describe(_primary(err))}")

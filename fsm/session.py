@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from drivers import jobs
+from drivers.host import Host
 from drivers.qmp import EventStream, Monitor, QMPEvent
 from fsm.events import Event
 from fsm.machine import Facts, State
@@ -45,6 +46,7 @@ class Session:
     emit: Callable[[Event], None]
     started_at: float
     exits: AsyncExitStack
+    host: Host
     undo: UndoStack = attrs.field(factory=UndoStack)
     state: State = State.IDLE
     #: The source's MIGRATION events, open from just before ``migrate`` to the end of the run.

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from drivers import block, image, jobs, migration, nbd, runstate
+from drivers import block, jobs, migration, nbd, runstate
+from drivers.image import ImageFormat
 from fsm.events import Progress
 from fsm.machine import StorageMode, Trigger
 from fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
@@ -163,9 +165,9 @@ async def snapshot(session: Session) -> None:
     assert session.base_image is not None
     assert session.base_size is not None
     overlay = plan.overlay_path
-    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    await session.host.make_dir(plan.work_dir)
     session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(overlay)}))
-    await image.create(overlay, "qcow2", session.base_size)
+    await session.host.create_image(overlay, "qcow2", session.base_size)
     session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.overlay_node}))
     await block.blockdev_add(
         session.source,
@@ -236,18 +238,19 @@ async def _copy_base(session: Session, nbd_socket: Path) -> None:
     """
     assert session.base_image is not None
     filename, fmt = session.base_image
+    host = session.host
     target_is_zero = False
-    if session.target_image and await trio.Path(session.target_image).is_file():
-        target_is_zero = (await image.info(Path(session.target_image))).actual_size == 0
-    base_format: image.ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
-    await image.copy_to_nbd(
+    if session.target_image:
+        target_is_zero = await host.allocated_bytes(Path(session.target_image)) == 0
+    base_format: ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
+    await host.copy_to_nbd(
         Path(filename),
         base_format,
         nbd_socket,
         session.plan.export_name,
         target_is_zero=target_is_zero,
     )
-    session.disk_bytes = (await image.info(Path(filename))).actual_size
+    session.disk_bytes = await host.allocated_bytes(Path(filename))
 
 
 async def transfer_state(session: Session) -> None:
@@ -367,25 +370,16 @@ async def _resume_target(session: Session) -> None:
 
 async def _clean_up_source(session: Session) -> None:
     """After the point of no return: only warnings from here."""
-    plan = session.plan
     steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
-    if plan.policy.stop_source:
-        steps.append(("quit the source", lambda: runstate.quit(session.source)))
-    for path in _files_of_run(session):
-        steps.append((f"remove {path}", _remover(path)))
+    if session.plan.policy.stop_source:
+        steps.append(("quit the source", partial(runstate.quit, session.source)))
+    steps += [(f"remove {p}", partial(session.host.remove, p)) for p in _files_of_run(session)]
     for what, step in steps:
         try:
             await step()
         except Exception as err:
             session.warnings.append(f"could not {what}: {err}")
     session.undo = type(session.undo)()
-
-
-def _remover(path: Path) -> Callable[[], Awaitable[None]]:
-    async def remove() -> None:
-        await trio.Path(path).unlink(missing_ok=True)
-
-    return remove
 
 
 def _files_of_run(session: Session) -> list[Path]:

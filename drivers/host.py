@@ -1,0 +1,59 @@
+"""What a migration does on the host besides QMP: directories, files and ``qemu-img``.
+
+The runner is given a :class:`Host`; :class:`LocalHost` is the real one. Fault campaigns pass a
+host that fails on purpose (a full disk, an uncreatable overlay) or one backed by a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from drivers import image
+from drivers.image import ImageFormat
+
+__all__ = ["Host", "LocalHost"]
+
+
+class Host(Protocol):
+    async def make_dir(self, path: Path) -> None:
+        """Create ``path`` and its parents if missing."""
+
+    async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
+        """Create an image file of ``size`` bytes (virtual)."""
+
+    async def allocated_bytes(self, path: Path) -> int | None:
+        """Bytes allocated to a local image file; ``None`` when it is not a local file."""
+
+    async def copy_to_nbd(
+        self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
+    ) -> None:
+        """Copy a frozen image into an NBD export, sending no zeros."""
+
+    async def remove(self, path: Path) -> None:
+        """Remove a file; a missing one is fine."""
+
+
+class LocalHost:
+    """This machine, with ``qemu-img`` from ``PATH``."""
+
+    async def make_dir(self, path: Path) -> None:
+        await trio.Path(path).mkdir(parents=True, exist_ok=True)
+
+    async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
+        await image.create(path, fmt, size)
+
+    async def allocated_bytes(self, path: Path) -> int | None:
+        if not await trio.Path(path).is_file():
+            return None
+        return (await image.info(path)).actual_size
+
+    async def copy_to_nbd(
+        self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
+    ) -> None:
+        await image.copy_to_nbd(source, fmt, nbd_socket, export, target_is_zero=target_is_zero)
+
+    async def remove(self, path: Path) -> None:
+        await trio.Path(path).unlink(missing_ok=True)

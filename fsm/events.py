@@ -66,9 +66,16 @@ class Reverting:
     state: str
     at_ms: float
     reason: str
+    #: How many undo steps are to run (0: nothing had been touched).
+    undo_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "reverting", "state": self.state, "reason": self.reason}
+        return {
+            "event": "reverting",
+            "state": self.state,
+            "reason": self.reason,
+            "undo_steps": self.undo_steps,
+        }
 
 
 @attrs.frozen

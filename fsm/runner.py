@@ -98,6 +98,7 @@ class _Runner:
         self.states: list[str] = []
         self.entered_at: dict[str, float] = {}
         self.failures: tuple[str, ...] = ()
+        self.failed_in: str | None = None
 
     def emit(self, event: Event) -> None:
         try:
@@ -121,6 +122,7 @@ class _Runner:
             self._enter(session, State.IDLE)
             error = await self._forward(session, interrupt)
             if error is not None:
+                self.failed_in = session.state.value
                 await self._back(session, error)
             return self._result(session, error)
 
@@ -144,6 +146,7 @@ class _Runner:
                 return fault  # every fault, even a bug of ours, reverts
             # Cancelled from outside, or KeyboardInterrupt: revert anyway (shielded), then let
             # it go on.
+            self.failed_in = session.state.value
             await self._back(session, Interrupted("cancelled", state=session.state.value))
             raise
         if (
@@ -180,7 +183,11 @@ class _Runner:
     async def _back(self, session: Session, error: BaseException) -> None:
         """Unwind the undo stack and end in ``reverted`` or ``failed``."""
         with trio.CancelScope(shield=True):
-            self.emit(Reverting(session.state.value, session.now_ms(), _describe(error)))
+            self.emit(
+                Reverting(
+                    session.state.value, session.now_ms(), _describe(error), len(session.undo)
+                )
+            )
             failures: list[str] = []
             if not self.facts.target_resumed:
                 monitors: Mapping[Side, Monitor] = {
@@ -204,7 +211,6 @@ class _Runner:
     def _result(self, session: Session, error: BaseException | None) -> MigrationResult:
         total = session.now_ms()
         outcome = Outcome(self.machine.current.value)
-        failed_in = getattr(error, "state", None) if error is not None else None
         return MigrationResult(
             outcome=outcome,
             states=tuple(self.states),
@@ -214,7 +220,7 @@ class _Runner:
             disk_bytes=session.disk_bytes,
             error=_describe(error) if error is not None else None,
             error_type=type(error).__name__ if error is not None else None,
-            failed_in=failed_in,
+            failed_in=self.failed_in,
             warnings=tuple(session.warnings),
             undo_failures=self.failures,
             phases_ms=tuple(_phases(self.states, self.entered_at, total)),

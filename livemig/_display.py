@@ -65,8 +65,10 @@ class HumanDisplay:
                 self.console.print(f"[cyan]{at / 1000:7.2f}s[/]  {state}")
             case ProgressEvent() if event.ram_total:
                 self._show_ram(event)
-            case Reverting(state=state, reason=reason):
-                self.console.print(f"[yellow]reverting from {state}[/]: {reason}")
+            case Reverting(state=state, reason=reason, undo_steps=0):
+                self.console.print(f"[yellow]stopped in {state}[/] (nothing to undo): {reason}")
+            case Reverting(state=state, reason=reason, undo_steps=steps):
+                self.console.print(f"[yellow]reverting from {state}[/] ({steps} steps): {reason}")
             case Warned(message=message):
                 self.console.print(f"[yellow]warning[/]: {message}")
             case _:

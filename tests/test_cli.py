@@ -1,0 +1,279 @@
+"""The CLI contract: exit codes, JSON lines, clear errors with nothing touched on bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import trio
+from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
+from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
+
+from drivers import image, migration, runstate
+from drivers.process import DiskSpec, QemuProcess, VmSpec, launched
+from drivers.qmp import open_monitor
+from guest import GuestImage
+from guest._lab import migration_lab
+from livemig.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_REVERTED, EXIT_USAGE, main
+
+LIVEMIG = [sys.executable, "-m", "livemig"]
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LIVEMIG, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_usage_errors_exit_2_with_a_message(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.qmp"
+    result = run_cli(
+        "migrate", "--source-qmp", missing, "--target-qmp", missing, "--storage", "shared"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert "does not exist or is not a socket" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_cli(
+        "migrate", "--source-qmp", missing, "--target-qmp", missing, "--storage", "ceph"
+    )
+    assert result.returncode == EXIT_USAGE
+    assert "invalid choice: 'ceph'" in result.stderr
+
+    assert main(["migrate", "--storage", "shared"]) == EXIT_USAGE
+    assert main(["demo", "--dirty-mib-s", "lots", "--json"]) == EXIT_USAGE
+    assert (
+        main(
+            [
+                "migrate",
+                "--source-qmp",
+                "a",
+                "--target-qmp",
+                "b",
+                "--storage",
+                "shared",
+                "--downtime-limit",
+                "0",
+            ]
+        )
+        == EXIT_USAGE
+    )
+
+
+def test_diagram_command_prints_the_machine(tmp_path: Path) -> None:
+    result = run_cli("diagram", "--format", "mermaid")
+    assert result.returncode == EXIT_OK
+    assert "pre-switchover" in result.stdout
+    out = tmp_path / "m.svg"
+    assert run_cli("diagram", "-o", out).returncode == EXIT_OK
+    assert out.read_text().lstrip().startswith("<?xml")
+
+
+# --- prechecks against real QEMUs (no guest kernel needed: the firmware idles) -----------------
+
+
+def bare(name: str, tmp: Path, disk: Path, *, memory: int = 128, incoming: bool = False) -> VmSpec:
+    return VmSpec(
+        name=name,
+        qmp_socket=tmp / f"{name}.qmp",
+        memory_mib=memory,
+        disks=(DiskSpec(path=disk),),
+        serial="none",
+        incoming="defer" if incoming else None,
+        paused=incoming,
+    )
+
+
+@asynccontextmanager
+async def pair(
+    tmp: Path, *, shared: bool = False, target_memory: int = 128, incoming: bool = True
+) -> AsyncIterator[tuple[QemuProcess, QemuProcess]]:
+    src_disk, dst_disk = tmp / "src.raw", tmp / ("src.raw" if shared else "dst.raw")
+    await image.create(src_disk, "raw", 8 << 20)
+    if not shared:
+        await image.create(dst_disk, "raw", 8 << 20)
+    async with (
+        launched(bare("src", tmp, src_disk), work_dir=tmp) as src,
+        launched(
+            bare("dst", tmp, dst_disk, memory=target_memory, incoming=incoming), work_dir=tmp
+        ) as dst,
+    ):
+        yield src, dst
+
+
+async def untouched(src: QemuProcess, dst: QemuProcess, *, target_status: str) -> None:
+    """Both QEMUs run as before and the source's migration settings are QEMU's defaults."""
+    async with open_monitor(src.spec.qmp_socket, name="src") as m:
+        assert (await runstate.query_status(m)).running
+        caps = await migration.query_capabilities(m)
+        assert not caps["pause-before-switchover"]
+        assert not caps["events"]
+    async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
+        assert (await runstate.query_status(m)).status == target_status
+
+
+async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [*LIVEMIG, *map(str, args)], capture_stdout=True, capture_stderr=True, check=False
+    )
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("setup", "storage", "message", "target_status"),
+    [
+        (
+            {"shared": False},
+            "shared",
+            "storage is shared but the disks are different images",
+            "inmigrate",
+        ),
+        ({"shared": True}, "non-shared", "storage is non-shared but both QEMUs open", "inmigrate"),
+        (
+            {"incoming": False},
+            "non-shared",
+            "target is not waiting for an incoming migration",
+            "running",
+        ),
+        ({"target_memory": 256}, "non-shared", "RAM differs", "inmigrate"),
+    ],
+)
+async def test_bad_input_exits_2_and_touches_nothing(
+    aio_loop: object,
+    tmp_path: Path,
+    setup: dict[str, Any],
+    storage: str,
+    message: str,
+    target_status: str,
+) -> None:
+    with trio.fail_after(60):
+        async with pair(tmp_path, **setup) as (src, dst):
+            done = await cli(
+                "migrate", "--source-qmp", src.spec.qmp_socket, "--target-qmp", dst.spec.qmp_socket,
+                "--storage", storage, "--work-dir", tmp_path / "work",
+            )  # fmt: skip
+            assert done.returncode == EXIT_USAGE, done.stderr
+            assert message in done.stdout.decode() + done.stderr.decode()
+            assert b"Traceback" not in done.stderr
+            await untouched(src, dst, target_status=target_status)
+            assert not (tmp_path / "work").exists() or not list((tmp_path / "work").iterdir())
+
+
+@pytest.mark.qemu
+async def test_wrong_disk_node_exits_2(aio_loop: object, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with pair(tmp_path) as (src, dst):
+            done = await cli(
+                "migrate", "--source-qmp", src.spec.qmp_socket, "--target-qmp", dst.spec.qmp_socket,
+                "--storage", "non-shared", "--disk", "vdb", "--json",
+            )  # fmt: skip
+            assert done.returncode == EXIT_USAGE
+            result = json.loads(done.stdout.splitlines()[-1])
+            assert result["event"] == "result"
+            assert result["outcome"] == "reverted"
+            assert "no block node 'vdb'" in result["error"]
+            await untouched(src, dst, target_status="inmigrate")
+
+
+# --- whole migrations through the CLI on the real guest ---------------------------------------
+
+
+async def read_json_lines(
+    stream: trio.abc.ReceiveStream, lines: list[dict[str, Any]], seen: trio.Event, state: str
+) -> None:
+    buffer = b""
+    while chunk := await stream.receive_some():
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            obj = json.loads(raw)
+            lines.append(obj)
+            if obj.get("event") == "state" and obj.get("state") == state:
+                seen.set()
+
+
+async def migrate_via_cli(
+    lab_args: dict[str, Any],
+    guest_image: GuestImage,
+    tmp_path: Path,
+    extra: list[str],
+    *,
+    signal_in: str | None = None,
+) -> tuple[int, list[dict[str, Any]], str]:
+    lines: list[dict[str, Any]] = []
+    async with migration_lab(guest_image, tmp_path, **lab_args) as lab:
+        argv = [
+            *LIVEMIG, "migrate", "--json", "--source-qmp", str(lab.source_qmp),
+            "--target-qmp", str(lab.target_qmp), "--storage", lab.storage,
+            "--work-dir", str(tmp_path), *extra,
+        ]  # fmt: skip
+        process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        seen = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_json_lines, process.stdout, lines, seen, signal_in or "")
+            if signal_in is not None:
+                await seen.wait()
+                process.send_signal(signal.SIGINT)
+            code = await process.wait()
+        survivor: Literal["source", "target"] = "target" if code == EXIT_OK else "source"
+        verdict = await lab.verify(expect=survivor)
+    assert verdict.ok, verdict.problems
+    return code, lines, survivor
+
+
+@pytest.mark.qemu
+async def test_cli_migrates_and_prints_json_lines(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        code, lines, _ = await migrate_via_cli({"dirty_mib_s": 20}, guest_image, tmp_path, [])
+    assert code == EXIT_OK
+    result = lines[-1]
+    assert result["event"] == "result"
+    assert result["outcome"] == "finalized"
+    assert result["states"][-1] == "finalized"
+    assert result["downtime_ms"] is not None
+    assert result["total_ms"] > 0
+    assert result["ram_bytes"] > 0
+    assert result["disk_bytes"] is not None
+    assert result["error"] is None
+    assert [x["state"] for x in lines if x["event"] == "state"] == result["states"]
+
+
+@pytest.mark.qemu
+async def test_cli_reverts_at_the_switchover_deadline_exit_3(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path
+) -> None:
+    # 1 MiB/s cannot move 512 MiB of RAM in 2 s: the switchover deadline reverts the migration.
+    extra = ["--max-bandwidth", "1", "--switchover-timeout", "2"]
+    with trio.fail_after(120):
+        code, lines, _ = await migrate_via_cli({"dirty_mib_s": 20}, guest_image, tmp_path, extra)
+    assert code == EXIT_REVERTED
+    result = lines[-1]
+    assert result["outcome"] == "reverted"
+    assert result["error_type"] == "DeadlineExceeded"
+    assert result["failed_in"] == "state-transfer"
+
+
+@pytest.mark.qemu
+async def test_sigint_reverts_then_exits_130(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path
+) -> None:
+    extra = ["--max-bandwidth", "1"]
+    with trio.fail_after(120):
+        code, lines, _ = await migrate_via_cli(
+            {"dirty_mib_s": 20}, guest_image, tmp_path, extra, signal_in="state-transfer"
+        )
+    assert code == EXIT_INTERRUPTED
+    result = lines[-1]
+    assert result["outcome"] == "reverted"
+    assert result["error_type"] == "Interrupted"
+    assert any(x["event"] == "reverting" for x in lines)

@@ -7,6 +7,7 @@ monitor is gone counts as done: the target process, and everything it held, is g
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from drivers.host import Host
 from drivers.qmp import Monitor
 from fsm.machine import State
 from fsm.session import JOB_EVENTS, wait_job
-from fsm.undo import Side, UndoKind, UndoStep
+from fsm.undo import Side, UndoKind, UndoStack, UndoStep
 from transports.errors import CommandFailed, ConnectionLost
 
-__all__ = ["run_undo"]
+__all__ = ["run_undo", "unwind"]
+
+log = logging.getLogger("livemig.revert")
 
 #: Migration statuses in which the source is still sending.
 _SENDING = frozenset(
@@ -139,3 +142,29 @@ async def _tolerate_absent(call: object) -> None:
     except CommandFailed as err:
         if "not running" not in err.desc and "not found" not in err.desc:
             raise
+
+
+async def unwind(
+    undo: UndoStack,
+    monitors: Mapping[Side, Monitor],
+    host: Host,
+    *,
+    state: State,
+    step_deadline: float,
+) -> list[str]:
+    """Run the undo stack, newest first, each step under ``step_deadline``. A step leaves the
+    stack only once done, so a crash mid-step leaves it journalled. A failed step is recorded
+    and the rest still run: each step is independent of the ones before it.
+
+    :return: a description of each step that failed.
+    """
+    failures: list[str] = []
+    while (step := undo.top()) is not None:
+        try:
+            with trio.fail_after(step_deadline):
+                await run_undo(step, monitors, host, state=state)
+        except Exception as err:
+            log.warning("undo step %s failed: %s", step.describe(), err)
+            failures.append(f"{step.describe()}: {err}")
+        undo.pop()
+    return failures

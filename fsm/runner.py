@@ -22,9 +22,10 @@ from drivers import qmp
 from drivers.host import Host, LocalHost
 from drivers.qmp import Monitor
 from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
+from fsm.journal import journal_path, remove_journal
 from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
 from fsm.plan import Deadlines, Plan
-from fsm.reverter import run_undo
+from fsm.reverter import unwind
 from fsm.session import Session
 from fsm.steps import ACTIONS
 from fsm.undo import Side
@@ -35,7 +36,7 @@ from transports.errors import (
     StepFailed,
 )
 
-__all__ = ["Connector", "migrate"]
+__all__ = ["Connector", "asyncio_loop", "connect_monitor", "migrate"]
 
 log = logging.getLogger("livemig.runner")
 
@@ -43,7 +44,7 @@ log = logging.getLogger("livemig.runner")
 Connector = Callable[[Path, str], Awaitable[Monitor]]
 
 
-async def _connect(path: Path, name: str) -> Monitor:
+async def connect_monitor(path: Path, name: str) -> Monitor:
     return await qmp.connect(path, name=name)
 
 
@@ -51,7 +52,7 @@ async def migrate(
     plan: Plan,
     *,
     on_event: Callable[[Event], None] | None = None,
-    connector: Connector = _connect,
+    connector: Connector = connect_monitor,
     host: Host | None = None,
     interrupt: trio.Event | None = None,
 ) -> MigrationResult:
@@ -66,7 +67,7 @@ async def migrate(
     :param connector: how to open a monitor (tests and fault campaigns pass their own).
     :param host: files and ``qemu-img`` on this machine (fault campaigns pass their own).
     """
-    async with _asyncio_loop():
+    async with asyncio_loop():
         runner = _Runner(plan, on_event or _ignore, connector, host or LocalHost())
         return await runner.run(interrupt)
 
@@ -76,7 +77,7 @@ def _ignore(event: Event) -> None:
 
 
 @asynccontextmanager
-async def _asyncio_loop() -> AsyncIterator[None]:
+async def asyncio_loop() -> AsyncIterator[None]:
     """qemu.qmp needs an asyncio loop; open one on top of trio unless the caller has."""
     if trio_asyncio.current_loop.get(None) is not None:
         yield
@@ -119,11 +120,17 @@ class _Runner:
                 exits=exits,
                 host=self.host,
             )
+            await trio.Path(self.plan.work_dir).mkdir(parents=True, exist_ok=True)
+            session.journal_file = journal_path(self.plan.work_dir, self.plan.run_id)
+            session.undo.on_change = session.write_journal
             self._enter(session, State.IDLE)
             error = await self._forward(session, interrupt)
             if error is not None:
                 self.failed_in = session.state.value
                 await self._back(session, error)
+            if self.machine.current is not State.FAILED:
+                # A failed run keeps its journal: ``livemig recover`` can try again later.
+                remove_journal(session.journal_file)
             return self._result(session, error)
 
     async def _forward(
@@ -178,6 +185,7 @@ class _Runner:
         session.state = state
         self.states.append(state.value)
         self.entered_at[state.value] = now
+        session.write_journal()
         self.emit(StateEntered(state.value, now))
 
     async def _back(self, session: Session, error: BaseException) -> None:
@@ -194,13 +202,18 @@ class _Runner:
                     Side.SOURCE: session.source,
                     Side.TARGET: session.target,
                 }
-                for step in session.undo.drain():
-                    try:
-                        with trio.fail_after(self.plan.deadlines.undo_step):
-                            await run_undo(step, monitors, self.host, state=session.state)
-                    except Exception as err:
-                        log.warning("undo step %s failed: %s", step.describe(), err)
-                        failures.append(f"{step.describe()}: {_describe(_primary(err))}")
+                failures = await unwind(
+                    session.undo,
+                    monitors,
+                    self.host,
+                    state=session.state,
+                    step_deadline=self.plan.deadlines.undo_step,
+                )
+            else:
+                failures = [
+                    "the target was resumed (or may have been): nothing was undone; the source "
+                    "is paused and must not be resumed while the target runs"
+                ]
             self.failures = tuple(failures)
             self.facts.undo_clean = not failures
             trigger = (

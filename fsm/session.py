@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -18,9 +19,11 @@ from drivers import jobs
 from drivers.host import Host
 from drivers.qmp import EventStream, Monitor, QMPEvent
 from fsm.events import Event
+from fsm.journal import Journal, write_journal
 from fsm.machine import Facts, State
 from fsm.plan import Plan
 from fsm.undo import Side, UndoStack, UndoStep
+from transports.endpoints import UnixEndpoint
 from transports.errors import MigrationAborted, StepFailed
 
 __all__ = ["Session", "wait_job", "wait_migration"]
@@ -64,6 +67,28 @@ class Session:
     ram_bytes: int | None = None
     disk_bytes: int | None = None
     phases: dict[str, float] = attrs.field(factory=dict)
+    #: Where the run is journalled (``None``: not journalled).
+    journal_file: Path | None = None
+
+    def write_journal(self) -> None:
+        """Journal where the run stands; see :mod:`fsm.journal`."""
+        if self.journal_file is None:
+            return
+        plan = self.plan
+        files = [plan.overlay_path]
+        files += [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
+        journal = Journal(
+            run_id=plan.run_id,
+            source_qmp=str(plan.source_qmp.path),
+            target_qmp=str(plan.target_qmp.path),
+            storage=plan.storage.value,
+            state=self.state.value,
+            undo=self.undo.snapshot(),
+            files=tuple(str(f) for f in files),
+            target_resumed=self.facts.target_resumed,
+            stop_source=plan.policy.stop_source,
+        )
+        write_journal(self.journal_file, journal)
 
     def monitor(self, side: Side) -> Monitor:
         return self.source if side is Side.SOURCE else self.target

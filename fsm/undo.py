@@ -9,7 +9,7 @@ holds the one interpreter that carries them out.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -69,21 +69,39 @@ class UndoStep:
 
 @attrs.define
 class UndoStack:
-    """Last in, first out. The runner is its only owner."""
+    """Last in, first out. The runner is its only owner.
 
-    _steps: list[UndoStep] = attrs.field(factory=list)
+    :param on_change: called after every change (the runner journals the stack there).
+    """
+
+    _steps: list[UndoStep] = attrs.field(factory=list, alias="steps")
+    on_change: Callable[[], None] | None = None
 
     def push(self, step: UndoStep) -> None:
         self._steps.append(step)
+        self._changed()
 
     def discard(self, kind: UndoKind, side: Side) -> None:
         """Drop every pending step of ``kind`` on ``side``: what it would undo is already gone."""
         self._steps = [s for s in self._steps if not (s.kind is kind and s.side is side)]
+        self._changed()
 
-    def drain(self) -> Iterator[UndoStep]:
-        """Pop steps, newest first, until the stack is empty."""
-        while self._steps:
-            yield self._steps.pop()
+    def top(self) -> UndoStep | None:
+        """The step to run next, left on the stack until :meth:`pop` says it is done."""
+        return self._steps[-1] if self._steps else None
+
+    def pop(self) -> UndoStep:
+        step = self._steps.pop()
+        self._changed()
+        return step
+
+    def clear(self) -> None:
+        self._steps.clear()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def __len__(self) -> int:
         return len(self._steps)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -24,6 +24,7 @@ import trio
 from fsm.events import Event, MigrationResult, Outcome
 from fsm.machine import State, StorageMode
 from fsm.plan import Deadlines, Plan, Policy
+from fsm.recovery import recover
 from fsm.runner import migrate
 from livemig._display import HumanDisplay, JsonLines, summary_lines
 from transports.errors import ConnectFailed, Interrupted, LivemigError, PrecheckError, UsageError
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(mig, required=True)
     mig.add_argument("--disk", default="root", help="root disk block node (default: root)")
     mig.add_argument(
-        "--work-dir", type=Path, help="for the overlay and sockets (default: a temp dir)"
+        "--work-dir",
+        type=Path,
+        default=default_work_dir(),
+        help="for the overlay, sockets and journal (default: %(default)s)",
     )
     mig.add_argument(
         "--migrate-uri", help="where the target listens for RAM (default: unix socket)"
@@ -72,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="default tcg")
     demo.add_argument("--work-dir", type=Path, help="keep the run's files here (default: temp)")
     _common_args(demo)
+
+    rec = sub.add_parser(
+        "recover", help="after livemig crashed: bring each journalled run to a safe end"
+    )
+    rec.add_argument(
+        "--work-dir", type=Path, default=default_work_dir(), help="default: %(default)s"
+    )
+    rec.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
     diag = sub.add_parser("diagram", help="draw the migration machine")
     diag.add_argument("--format", choices=("svg", "mermaid", "dot"), default="svg")
@@ -161,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "diagram":
             return _diagram(args)
+        if args.command == "recover":
+            return _recover_command(args)
         if args.command == "demo":
             from livemig.demo import run_demo  # noqa: PLC0415 - pulls in the test guest
 
@@ -190,22 +204,38 @@ def _migrate_command(args: argparse.Namespace) -> int:
         if not path.is_socket():
             raise UsageError(f"{what} QMP socket {path} does not exist or is not a socket")
     policy, deadlines = policy_from(args)
-    own_dir = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="livemig-")) if own_dir else args.work_dir
     plan = Plan.create(
         source_qmp=args.source_qmp,
         target_qmp=args.target_qmp,
         storage=args.storage,
-        work_dir=work_dir,
+        work_dir=args.work_dir,
         disk_node=args.disk,
         migrate_uri=args.migrate_uri,
         policy=policy,
         deadlines=deadlines,
     )
     result = run_with_display(plan, as_json=args.json)
-    if own_dir:
-        _remove_if_empty(work_dir)
     return exit_code(result)
+
+
+def default_work_dir() -> Path:
+    """``$LIVEMIG_WORK_DIR``, else ``livemig`` in the temporary directory. ``migrate`` and
+    ``recover`` agree on it, so a crashed run is found without being told where."""
+    configured = os.environ.get("LIVEMIG_WORK_DIR")
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / "livemig"
+
+
+def _recover_command(args: argparse.Namespace) -> int:
+    if not args.work_dir.is_dir():
+        raise UsageError(f"work dir {args.work_dir} does not exist")
+    results = trio.run(recover, args.work_dir)
+    display: JsonLines | HumanDisplay = JsonLines() if args.json else HumanDisplay()
+    if not results and isinstance(display, HumanDisplay):
+        display.console.print(f"nothing to recover in {args.work_dir}")
+    for result in results:
+        show_result(display, result)
+    codes = [exit_code(r) for r in results]
+    return max(codes, default=EXIT_OK)
 
 
 def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
@@ -241,11 +271,6 @@ async def _watch_signals(interrupt: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             interrupt.set()
-
-
-def _remove_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 if __name__ == "__main__":

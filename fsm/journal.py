@@ -1,0 +1,138 @@
+"""The run's journal: what a crashed livemig needs to get the guest back to safety.
+
+The runner writes it to the work directory whenever the state or the undo stack changes —
+atomically (a temporary file, ``fsync``, ``rename``, ``fsync`` of the directory) — and removes it
+once the run reached a terminal state. Undo steps are pushed *before* the thing they undo is
+created, so the journal never misses something that exists; every undo step is safe to run when
+its thing does not exist.
+
+:func:`fsm.recovery.recover` reads it after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from fsm.undo import UndoStep
+from transports.errors import UsageError
+
+__all__ = [
+    "JOURNAL_VERSION",
+    "Journal",
+    "find_journals",
+    "journal_path",
+    "remove_journal",
+    "write_journal",
+]
+
+JOURNAL_VERSION = 1
+
+
+@attrs.frozen
+class Journal:
+    """One run as it stood at its last journal write.
+
+    :param switching_over: the target's ``cont`` was sent or about to be: recovery must ask the
+        target whether it runs before deciding to revert.
+    :param files: files of the run to remove whatever the outcome (overlay, sockets).
+    """
+
+    run_id: str
+    source_qmp: str
+    target_qmp: str
+    storage: str
+    state: str
+    undo: tuple[UndoStep, ...]
+    files: tuple[str, ...]
+    target_resumed: bool = False
+    switching_over: bool = False
+    stop_source: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": JOURNAL_VERSION,
+            "run_id": self.run_id,
+            "source_qmp": self.source_qmp,
+            "target_qmp": self.target_qmp,
+            "storage": self.storage,
+            "state": self.state,
+            "undo": [s.to_json() for s in self.undo],
+            "files": list(self.files),
+            "target_resumed": self.target_resumed,
+            "switching_over": self.switching_over,
+            "stop_source": self.stop_source,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Journal:
+        if data.get("version") != JOURNAL_VERSION:
+            raise UsageError(f"journal version {data.get('version')!r} is not {JOURNAL_VERSION}")
+        try:
+            return cls(
+                run_id=str(data["run_id"]),
+                source_qmp=str(data["source_qmp"]),
+                target_qmp=str(data["target_qmp"]),
+                storage=str(data["storage"]),
+                state=str(data["state"]),
+                undo=tuple(UndoStep.from_json(s) for s in data["undo"]),
+                files=tuple(str(f) for f in data["files"]),
+                target_resumed=bool(data["target_resumed"]),
+                switching_over=bool(data["switching_over"]),
+                stop_source=bool(data.get("stop_source", True)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"journal is damaged: {err}") from err
+
+
+def journal_path(work_dir: Path, run_id: str) -> Path:
+    return work_dir / f"lm-{run_id}-journal.json"
+
+
+def write_journal(path: Path, journal: Journal) -> None:
+    """Replace the journal atomically and durably. Synchronous on purpose: it must be on disk
+    before the runner takes its next step."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(journal.to_json(), indent=1).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def remove_journal(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def find_journals(work_dir: Path) -> list[tuple[Path, Journal]]:
+    """Every journal left in ``work_dir``, oldest first.
+
+    :raise UsageError: when one cannot be read.
+    """
+    found = []
+    for path in sorted(work_dir.glob("lm-*-journal.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read journal {path}: {err}") from err
+        found.append((path, Journal.from_json(data)))
+    return found
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

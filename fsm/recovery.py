@@ -1,0 +1,147 @@
+"""After livemig itself crashed: read the journal and bring the guest to safety.
+
+The deciding question is whether the target runs the guest. It was started paused (``-S``) and
+only livemig's ``cont`` makes it run, so a running target means the point of no return was
+passed: roll forward (quit the source, remove the run's files). Otherwise revert: run the
+journalled undo stack, exactly as the runner would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from drivers import runstate
+from drivers.host import Host, LocalHost
+from drivers.qmp import Monitor
+from fsm.events import MigrationResult, Outcome
+from fsm.journal import Journal, find_journals, remove_journal
+from fsm.machine import State
+from fsm.reverter import unwind
+from fsm.runner import Connector, asyncio_loop, connect_monitor
+from fsm.undo import Side, UndoStack
+from transports.errors import ConnectionLost, LivemigError, QMPError
+
+__all__ = ["recover"]
+
+#: Seconds for each QMP command and each undo step during recovery.
+_STEP_DEADLINE = 60.0
+
+
+async def recover(
+    work_dir: Path, *, connector: Connector = connect_monitor, host: Host | None = None
+) -> list[MigrationResult]:
+    """Recover every run journalled in ``work_dir``; an empty list when there is none.
+
+    :raise UsageError: when a journal cannot be read.
+    """
+    results = []
+    async with asyncio_loop():
+        for path, journal in find_journals(work_dir):
+            result = await _recover_one(journal, connector, host or LocalHost())
+            if result.outcome is not Outcome.FAILED:
+                remove_journal(path)
+            results.append(result)
+    return results
+
+
+async def _recover_one(journal: Journal, connector: Connector, host: Host) -> MigrationResult:
+    started = trio.current_time()
+    problems: list[str] = []
+    source = await _try_connect(connector, journal.source_qmp, "source", problems)
+    target = await _try_connect(connector, journal.target_qmp, "target", problems)
+    try:
+        target_runs = target is not None and await _runs(target)
+        source_runs = source is not None and await _runs(source)
+        if target_runs and source_runs:
+            outcome = Outcome.FAILED
+            problems.append("both QEMUs run the guest: stop one by hand (the journal is kept)")
+        elif target_runs or journal.target_resumed:
+            outcome = await _roll_forward(journal, source, host, problems)
+        elif source is None:
+            outcome = Outcome.FAILED
+            problems.append("the source is unreachable and the target does not run the guest")
+        else:
+            outcome = await _revert(journal, source, target, host, problems)
+    finally:
+        for monitor in (source, target):
+            if monitor is not None:
+                with trio.CancelScope(shield=True):
+                    await monitor.aclose()
+    return MigrationResult(
+        outcome=outcome,
+        states=(journal.state, outcome.value),
+        total_ms=(trio.current_time() - started) * 1000.0,
+        error="; ".join(problems) or None,
+        error_type="RecoveryProblem" if problems else None,
+        failed_in=journal.state,
+        undo_failures=tuple(problems) if outcome is Outcome.FAILED else (),
+    )
+
+
+async def _try_connect(
+    connector: Connector, path: str, name: str, problems: list[str]
+) -> Monitor | None:
+    try:
+        with trio.fail_after(_STEP_DEADLINE):
+            return await connector(Path(path), name)
+    except (LivemigError, trio.TooSlowError) as err:
+        problems.append(f"{name} monitor unreachable ({err}): taken as gone")
+        return None
+
+
+async def _runs(monitor: Monitor) -> bool:
+    try:
+        with trio.fail_after(_STEP_DEADLINE):
+            return (await runstate.query_status(monitor)).running
+    except ConnectionLost:
+        return False
+
+
+async def _roll_forward(
+    journal: Journal, source: Monitor | None, host: Host, problems: list[str]
+) -> Outcome:
+    if source is not None and journal.stop_source:
+        try:
+            with trio.fail_after(_STEP_DEADLINE):
+                await runstate.quit(source)
+        except (QMPError, trio.TooSlowError) as err:
+            problems.append(f"could not quit the source: {err}")
+    for name in journal.files:
+        await host.remove(Path(name))
+    return Outcome.FINALIZED
+
+
+async def _revert(
+    journal: Journal, source: Monitor, target: Monitor | None, host: Host, problems: list[str]
+) -> Outcome:
+    monitors: Mapping[Side, Monitor] = {Side.SOURCE: source, Side.TARGET: target or _Gone()}
+    undo = UndoStack(steps=list(journal.undo))
+    failures = await unwind(
+        undo, monitors, host, state=State(journal.state), step_deadline=_STEP_DEADLINE
+    )
+    problems += failures
+    for name in journal.files:
+        await host.remove(Path(name))
+    return Outcome.FAILED if failures else Outcome.REVERTED
+
+
+class _Gone:
+    """The target's monitor when its QEMU is gone: every target-side undo step is then done."""
+
+    name = "target"
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        raise ConnectionLost(f"{command}: the target is gone", monitor=self.name)
+
+    def listen(self, *names: str) -> Any:
+        raise ConnectionLost("the target is gone", monitor=self.name)
+
+    async def send_fd(self, fd: int, name: str) -> None:
+        raise ConnectionLost("the target is gone", monitor=self.name)
+
+    async def aclose(self) -> None:
+        return None

@@ -38,8 +38,8 @@ JOURNAL_VERSION = 1
 class Journal:
     """One run as it stood at its last journal write.
 
-    :param switching_over: the target's ``cont`` was sent or about to be: recovery must ask the
-        target whether it runs before deciding to revert.
+    :param postcopy_committed: ``migrate-continue`` into post-copy was sent or about to be: the
+        source can no longer take the guest back.
     :param files: files of the run to remove whatever the outcome (overlay, sockets).
     """
 
@@ -51,7 +51,7 @@ class Journal:
     undo: tuple[UndoStep, ...]
     files: tuple[str, ...]
     target_resumed: bool = False
-    switching_over: bool = False
+    postcopy_committed: bool = False
     stop_source: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -65,7 +65,7 @@ class Journal:
             "undo": [s.to_json() for s in self.undo],
             "files": list(self.files),
             "target_resumed": self.target_resumed,
-            "switching_over": self.switching_over,
+            "postcopy_committed": self.postcopy_committed,
             "stop_source": self.stop_source,
         }
 
@@ -83,7 +83,7 @@ class Journal:
                 undo=tuple(UndoStep.from_json(s) for s in data["undo"]),
                 files=tuple(str(f) for f in data["files"]),
                 target_resumed=bool(data["target_resumed"]),
-                switching_over=bool(data["switching_over"]),
+                postcopy_committed=bool(data["postcopy_committed"]),
                 stop_source=bool(data.get("stop_source", True)),
             )
         except (KeyError, TypeError, ValueError) as err:

@@ -15,10 +15,13 @@ Forward path, non-shared storage::
       -finalize-> finalized
 
 Shared storage skips ``snapshotted`` and ``mirroring``: ``capabilities-set -transfer_state->``.
-Every non-terminal state has a ``revert`` edge to ``reverted`` (all undo steps succeeded) and a
-``fail`` edge to ``failed`` (an undo step failed, or a fault came after the point of no return).
-``pre-switchover`` may only revert while the target has not been resumed: that is the point of
-no return.
+When the plan allows post-copy and RAM does not converge, the switchover goes
+``pre-switchover -switch_over_postcopy-> post-copy -finalize-> finalized``.
+
+Every non-terminal state has a ``fail`` edge to ``failed`` (an undo step failed, or a fault came
+after the point of no return), and every one but ``post-copy`` a ``revert`` edge to
+``reverted`` (all undo steps succeeded). The point of no return is the target's ``cont`` — or,
+with post-copy, the ``migrate-continue`` into it: from there a revert is refused.
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ class State(enum.StrEnum):
     MIRRORING = "mirroring"
     #: RAM is streaming to the target; the guest still runs on the source.
     STATE_TRANSFER = "state-transfer"
-    #: RAM converged; the source guest is paused before switchover.
+    #: RAM converged (or post-copy was asked for); the source guest is paused before switchover.
     PRE_SWITCHOVER = "pre-switchover"
+    #: The target runs the guest and pulls the RAM it still lacks from the source. No revert is
+    #: possible any more: neither side alone has the whole guest until post-copy completes.
+    POSTCOPY = "post-copy"
     #: The guest runs on the target only; nothing is left behind. Terminal.
     FINALIZED = "finalized"
     #: The guest runs on the source only, with every write it made; nothing left behind. Terminal.
@@ -84,6 +90,7 @@ class Trigger(enum.StrEnum):
     TRANSFER_STATE = "transfer_state"
     AWAIT_SWITCHOVER = "await_switchover"
     FINALIZE = "finalize"
+    SWITCH_OVER_POSTCOPY = "switch_over_postcopy"
     REVERT = "revert"
     FAIL = "fail"
 
@@ -113,6 +120,11 @@ class Facts:
     migration_status: str | None = None
     #: The target has been resumed (``cont``): the point of no return is behind us.
     target_resumed: bool = False
+    #: Post-copy was started (``migrate-start-postcopy``): the switchover will go through
+    #: ``post-copy``, and from ``migrate-continue`` on there is no way back.
+    postcopy: bool = False
+    #: ``migrate-continue`` was sent into post-copy: the source can no longer take the guest back.
+    postcopy_committed: bool = False
     #: Every undo step that was needed ran without error.
     undo_clean: bool = True
 
@@ -153,9 +165,14 @@ def switched_over(facts: Facts) -> bool:
     return facts.migration_status == "completed" and facts.target_resumed
 
 
+def postcopy_running(facts: Facts) -> bool:
+    """Post-copy is active and the target runs the guest."""
+    return facts.postcopy and facts.migration_status == "postcopy-active" and facts.target_resumed
+
+
 def revertible(facts: Facts) -> bool:
     """Before the point of no return, and every undo step ran clean."""
-    return not facts.target_resumed and facts.undo_clean
+    return not facts.target_resumed and not facts.postcopy_committed and facts.undo_clean
 
 
 def _transfer_started(facts: Facts) -> bool:
@@ -196,13 +213,19 @@ FORWARD: tuple[Edge, ...] = (
         Trigger.AWAIT_SWITCHOVER, State.STATE_TRANSFER, State.PRE_SWITCHOVER, status_pre_switchover
     ),
     Edge(Trigger.FINALIZE, State.PRE_SWITCHOVER, State.FINALIZED, switched_over),
+    Edge(Trigger.SWITCH_OVER_POSTCOPY, State.PRE_SWITCHOVER, State.POSTCOPY, postcopy_running),
+    Edge(Trigger.FINALIZE, State.POSTCOPY, State.FINALIZED, switched_over),
 )
 
 _NON_TERMINAL = tuple(s for s in State if s not in TERMINAL)
 
 
+#: States a revert can start from: every non-terminal one but ``post-copy``.
+_REVERTIBLE = tuple(s for s in _NON_TERMINAL if s is not State.POSTCOPY)
+
+
 def _revert_edges() -> tuple[Edge, ...]:
-    revert = tuple(Edge(Trigger.REVERT, s, State.REVERTED, revertible) for s in _NON_TERMINAL)
+    revert = tuple(Edge(Trigger.REVERT, s, State.REVERTED, revertible) for s in _REVERTIBLE)
     # ``fail`` is unguarded: it records that the machine could not reach a safe terminal state.
     fail = tuple(Edge(Trigger.FAIL, s, State.FAILED, always) for s in _NON_TERMINAL)
     return revert + fail
@@ -217,15 +240,18 @@ def always(facts: Facts) -> bool:
 TRANSITIONS: tuple[Edge, ...] = FORWARD + _revert_edges()
 
 
-def next_trigger(state: State, storage: StorageMode) -> Trigger | None:
+def next_trigger(state: State, storage: StorageMode, *, postcopy: bool = False) -> Trigger | None:
     """The forward trigger the runner fires next from ``state``; ``None`` in a terminal state.
 
-    Storage mode picks the branch at ``capabilities-set``; the guard checks it again.
+    Storage mode picks the branch at ``capabilities-set``, and whether post-copy was started the
+    one at ``pre-switchover``; the guards check both again.
     """
     if state in TERMINAL:
         return None
     if state is State.CAPABILITIES_SET:
         return Trigger.SNAPSHOT if storage is StorageMode.NON_SHARED else Trigger.TRANSFER_STATE
+    if state is State.PRE_SWITCHOVER:
+        return Trigger.SWITCH_OVER_POSTCOPY if postcopy else Trigger.FINALIZE
     (edge,) = (e for e in FORWARD if e.source is state)
     return edge.trigger
 

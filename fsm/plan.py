@@ -49,6 +49,9 @@ class Policy:
     :param progress_interval: seconds between ``query-migrate`` polls for progress events. Only
         progress is polled; state changes arrive as QMP events.
     :param stop_source: quit the source QEMU once the guest runs on the target.
+    :param postcopy: allow switching to post-copy when RAM does not converge (only if both
+        QEMUs offer ``postcopy-ram``). Post-copy always converges, but once it starts a fault
+        can no longer revert: the migration then ends ``failed``.
     """
 
     max_bandwidth: int | None = attrs.field(default=None, validator=v.optional(_between(1, 2**62)))
@@ -56,6 +59,7 @@ class Policy:
     auto_converge: bool = True
     progress_interval: float = attrs.field(default=0.1, validator=_positive)
     stop_source: bool = True
+    postcopy: bool = False
 
 
 @attrs.frozen

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from drivers import runstate
+from drivers import migration, runstate
 from drivers.host import Host, LocalHost
 from drivers.qmp import Monitor
 from fsm.events import MigrationResult, Outcome
@@ -29,6 +29,8 @@ __all__ = ["recover"]
 
 #: Seconds for each QMP command and each undo step during recovery.
 _STEP_DEADLINE = 60.0
+#: How often to look at a post-copy that is finishing.
+_POLL = 0.05
 
 
 async def recover(
@@ -59,8 +61,8 @@ async def _recover_one(journal: Journal, connector: Connector, host: Host) -> Mi
         if target_runs and source_runs:
             outcome = Outcome.FAILED
             problems.append("both QEMUs run the guest: stop one by hand (the journal is kept)")
-        elif target_runs or journal.target_resumed:
-            outcome = await _roll_forward(journal, source, host, problems)
+        elif target_runs or journal.target_resumed or journal.postcopy_committed:
+            outcome = await _roll_forward(journal, source, target, host, problems)
         elif source is None:
             outcome = Outcome.FAILED
             problems.append("the source is unreachable and the target does not run the guest")
@@ -102,8 +104,14 @@ async def _runs(monitor: Monitor) -> bool:
 
 
 async def _roll_forward(
-    journal: Journal, source: Monitor | None, host: Host, problems: list[str]
+    journal: Journal,
+    source: Monitor | None,
+    target: Monitor | None,
+    host: Host,
+    problems: list[str],
 ) -> Outcome:
+    if journal.postcopy_committed and not await _finish_postcopy(source, target, problems):
+        return Outcome.FAILED
     if source is not None and journal.stop_source:
         try:
             with trio.fail_after(_STEP_DEADLINE):
@@ -113,6 +121,29 @@ async def _roll_forward(
     for name in journal.files:
         await host.remove(Path(name))
     return Outcome.FINALIZED
+
+
+async def _finish_postcopy(
+    source: Monitor | None, target: Monitor | None, problems: list[str]
+) -> bool:
+    """Post-copy was committed: the target must run, and the source must serve its pages until
+    the migration completed, before the source may go."""
+    if target is None:
+        problems.append("post-copy was committed but the target is gone: the guest is lost")
+        return False
+    try:
+        with trio.fail_after(_STEP_DEADLINE):
+            if not await _runs(target):
+                await runstate.cont(target)
+            while source is not None:
+                status = (await migration.query_migrate(source)).status
+                if status not in ("postcopy-active", "postcopy-paused", "pre-switchover", "device"):
+                    break
+                await trio.sleep(_POLL)
+    except (QMPError, trio.TooSlowError) as err:
+        problems.append(f"could not finish post-copy: {err}")
+        return False
+    return True
 
 
 async def _revert(

@@ -143,7 +143,9 @@ class _Runner:
                     nursery.start_soon(_cancel_on, interrupt, nursery.cancel_scope)
                 await self._connect(session)
                 while (
-                    trigger := next_trigger(self.machine.current, self.plan.storage)
+                    trigger := next_trigger(
+                        self.machine.current, self.plan.storage, postcopy=self.facts.postcopy
+                    )
                 ) is not None:
                     await self._step(session, trigger)
                 nursery.cancel_scope.cancel()
@@ -197,7 +199,7 @@ class _Runner:
                 )
             )
             failures: list[str] = []
-            if not self.facts.target_resumed:
+            if not (self.facts.target_resumed or self.facts.postcopy_committed):
                 monitors: Mapping[Side, Monitor] = {
                     Side.SOURCE: session.source,
                     Side.TARGET: session.target,
@@ -211,8 +213,9 @@ class _Runner:
                 )
             else:
                 failures = [
-                    "the target was resumed (or may have been): nothing was undone; the source "
-                    "is paused and must not be resumed while the target runs"
+                    "past the point of no return (the target was or may have been resumed, or "
+                    "post-copy was committed): nothing was undone; the source must not be "
+                    "resumed while the target may run the guest"
                 ]
             self.failures = tuple(failures)
             self.facts.undo_clean = not failures

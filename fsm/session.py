@@ -86,6 +86,7 @@ class Session:
             undo=self.undo.snapshot(),
             files=tuple(str(f) for f in files),
             target_resumed=self.facts.target_resumed,
+            postcopy_committed=self.facts.postcopy_committed,
             stop_source=plan.policy.stop_source,
         )
         write_journal(self.journal_file, journal)

@@ -18,7 +18,7 @@ import trio
 from drivers import block, jobs, migration, nbd, runstate
 from drivers.image import ImageFormat
 from fsm.events import Progress
-from fsm.machine import StorageMode, Trigger
+from fsm.machine import State, StorageMode, Trigger
 from fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
 from fsm.undo import Side, UndoKind, UndoStep
 from transports.endpoints import UnixEndpoint
@@ -131,6 +131,9 @@ async def set_capabilities(session: Session) -> None:
         raise PrecheckError(f"the source QEMU lacks migration capabilities {missing}")
     src_new = {c: True for c in wanted_src if c in src_caps}
     dst_new = {c: True for c in TARGET_CAPABILITIES if c in dst_caps}
+    if policy.postcopy and "postcopy-ram" in src_caps and "postcopy-ram" in dst_caps:
+        # Both sides must agree on it before the stream starts; it costs nothing unused.
+        src_new["postcopy-ram"] = dst_new["postcopy-ram"] = True
 
     # The target is quit on revert, so its settings need no undo; the source's do.
     await migration.set_capabilities(session.target, dst_new)
@@ -308,14 +311,48 @@ async def finalize(session: Session) -> None:
     """Switch over: a consistent disk copy, the last of RAM, then the target runs.
 
     ``cont`` on the target is the point of no return: before it, a fault reverts; after it,
-    problems become warnings.
+    problems become warnings. From ``post-copy`` the target already runs: wait for the last
+    pages, then clean up.
     """
-    plan, src, dst = session.plan, session.source, session.target
+    if session.state is State.POSTCOPY:
+        await _wait_completed(session)
+        await _clean_up_source(session)
+        return
+    if session.plan.storage is StorageMode.NON_SHARED:
+        await _complete_mirror(session)
+    await migration.migrate_continue(session.source, "pre-switchover")
+    await _wait_completed(session)
+    await _stop_nbd_server(session)
+    await _resume_target(session)
+    await _clean_up_source(session)
+
+
+async def switch_over_postcopy(session: Session) -> None:
+    """Switch over into post-copy: the target runs and pulls the pages it lacks.
+
+    The ``migrate-continue`` into post-copy is the point of no return: from it on, neither side
+    alone holds the whole guest until post-copy completes, so a fault can no longer revert.
+    """
     assert session.source_migration is not None
     assert session.target_migration is not None
-    if plan.storage is StorageMode.NON_SHARED:
+    if session.plan.storage is StorageMode.NON_SHARED:
         await _complete_mirror(session)
-    await migration.migrate_continue(src, "pre-switchover")
+    session.facts.postcopy_committed = True
+    session.write_journal()
+    await migration.migrate_continue(session.source, "pre-switchover")
+    await wait_migration(
+        session.target_migration, {"postcopy-active"}, state=session.state, side="target"
+    )
+    session.facts.migration_status = "postcopy-active"
+    await _stop_nbd_server(session)
+    await runstate.cont(session.target)
+    session.facts.target_resumed = True
+    session.undo.discard(UndoKind.QUIT, Side.TARGET)
+
+
+async def _wait_completed(session: Session) -> None:
+    assert session.source_migration is not None
+    assert session.target_migration is not None
     await wait_migration(
         session.source_migration, {"completed"}, state=session.state, side="source"
     )
@@ -323,15 +360,17 @@ async def finalize(session: Session) -> None:
         session.target_migration, {"completed"}, state=session.state, side="target"
     )
     session.facts.migration_status = "completed"
-    stats = await migration.query_migrate(src)
+    stats = await migration.query_migrate(session.source)
     session.downtime_ms = stats.downtime_ms
     session.ram_bytes = stats.ram.transferred if stats.ram else None
-    if plan.storage is StorageMode.NON_SHARED:
-        await nbd.nbd_server_stop(dst)
+
+
+async def _stop_nbd_server(session: Session) -> None:
+    """The target must stop exporting its disk before its guest may write to it."""
+    if session.plan.storage is StorageMode.NON_SHARED:
+        await nbd.nbd_server_stop(session.target)
         session.undo.discard(UndoKind.DELETE_EXPORT, Side.TARGET)
         session.undo.discard(UndoKind.STOP_NBD_SERVER, Side.TARGET)
-    await _resume_target(session)
-    await _clean_up_source(session)
 
 
 async def _complete_mirror(session: Session) -> None:
@@ -399,4 +438,5 @@ ACTIONS: Mapping[Trigger, Action] = {
     Trigger.TRANSFER_STATE: transfer_state,
     Trigger.AWAIT_SWITCHOVER: await_switchover,
     Trigger.FINALIZE: finalize,
+    Trigger.SWITCH_OVER_POSTCOPY: switch_over_postcopy,
 }

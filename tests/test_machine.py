@@ -34,6 +34,11 @@ EFFECTS: dict[Trigger, dict[str, object]] = {
     Trigger.TRANSFER_STATE: {"migration_status": "active"},
     Trigger.AWAIT_SWITCHOVER: {"migration_status": "pre-switchover"},
     Trigger.FINALIZE: {"migration_status": "completed", "target_resumed": True},
+    Trigger.SWITCH_OVER_POSTCOPY: {
+        "postcopy_committed": True,
+        "migration_status": "postcopy-active",
+        "target_resumed": True,
+    },
 }
 
 NON_SHARED_PATH = [
@@ -55,6 +60,14 @@ SHARED_PATH = [
     State.FINALIZED,
 ]
 NON_TERMINAL = [s for s in State if s not in TERMINAL]
+REVERTIBLE = [s for s in NON_TERMINAL if s is not State.POSTCOPY]
+
+# A route is a storage mode and whether post-copy was started while RAM streamed.
+Route = tuple[StorageMode, bool]
+
+
+def postcopy_path(path: list[State]) -> list[State]:
+    return [*path[:-1], State.POSTCOPY, State.FINALIZED]
 
 
 def act(facts: Facts, trigger: Trigger) -> None:
@@ -63,12 +76,12 @@ def act(facts: Facts, trigger: Trigger) -> None:
         setattr(facts, name, value)
 
 
-def walk(storage: StorageMode) -> list[State]:
+def walk(storage: StorageMode, postcopy: bool = False) -> list[State]:
     """Fire ``next_trigger`` from ``idle`` until it has nothing more, acting before each."""
-    machine, facts = MigrationMachine(), Facts(storage)
+    machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy)
     states = [machine.current]
     for _ in State:  # at most one step per state: a loop in the table cannot hang the test
-        trigger = next_trigger(machine.current, storage)
+        trigger = next_trigger(machine.current, storage, postcopy=facts.postcopy)
         if trigger is None:
             break
         act(facts, trigger)
@@ -77,32 +90,41 @@ def walk(storage: StorageMode) -> list[State]:
 
 
 def machine_at(
-    state: State, storage: StorageMode = StorageMode.NON_SHARED
+    state: State, storage: StorageMode = StorageMode.NON_SHARED, postcopy: bool | None = None
 ) -> tuple[MigrationMachine, Facts]:
     """A machine driven to ``state`` the way the runner would, and the facts it left.
 
-    The non-shared path (the default) passes through every forward state.
+    The non-shared path (the default) passes through every forward state; ``post-copy`` is
+    reached on the post-copy route (the default for it).
     """
-    machine, facts = MigrationMachine(), Facts(storage)
+    postcopy = state is State.POSTCOPY if postcopy is None else postcopy
+    machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy)
     if state in (State.REVERTED, State.FAILED):
         machine.fire(Trigger.REVERT if state is State.REVERTED else Trigger.FAIL, facts)
     for _ in State:  # bounded, like walk()
         if machine.current is state:
             return machine, facts
-        trigger = next_trigger(machine.current, storage)
+        trigger = next_trigger(machine.current, storage, postcopy=facts.postcopy)
         assert trigger is not None, f"{state} is not on the {storage} path"
         act(facts, trigger)
         machine.fire(trigger, facts)
     raise AssertionError(f"{state} is not on the {storage} path")
 
 
-PATHS = {StorageMode.NON_SHARED: NON_SHARED_PATH, StorageMode.SHARED: SHARED_PATH}
-# Each forward edge with each storage mode whose path takes it.
+PATHS: dict[Route, list[State]] = {
+    (StorageMode.NON_SHARED, False): NON_SHARED_PATH,
+    (StorageMode.SHARED, False): SHARED_PATH,
+    (StorageMode.NON_SHARED, True): postcopy_path(NON_SHARED_PATH),
+    (StorageMode.SHARED, True): postcopy_path(SHARED_PATH),
+}
+# Each forward edge with each route whose path takes it.
 FORWARD_CASES = [
-    pytest.param(edge, storage, id=f"{edge.source}-{edge.trigger}->{edge.dest}-{storage}")
+    pytest.param(edge, route, id=f"{edge.source}-{edge.trigger}->{edge.dest}-{route}")
     for edge in FORWARD
-    for storage, path in PATHS.items()
-    if edge.source in path and next_trigger(edge.source, storage) is edge.trigger
+    for route, path in PATHS.items()
+    if edge.source in path
+    and next_trigger(edge.source, route[0], postcopy=route[1]) is edge.trigger
+    and path[path.index(edge.source) + 1] is edge.dest
 ]
 
 
@@ -110,9 +132,9 @@ def test_every_forward_edge_is_on_a_path() -> None:
     assert {case.values[0] for case in FORWARD_CASES} == set(FORWARD)
 
 
-@pytest.mark.parametrize(("edge", "storage"), FORWARD_CASES)
-def test_forward_edge_moves_when_its_guard_holds(edge: Edge, storage: StorageMode) -> None:
-    machine, facts = machine_at(edge.source, storage)
+@pytest.mark.parametrize(("edge", "route"), FORWARD_CASES)
+def test_forward_edge_moves_when_its_guard_holds(edge: Edge, route: Route) -> None:
+    machine, facts = machine_at(edge.source, *route)
     act(facts, edge.trigger)
     assert edge.guard(facts)
     assert machine.allows(edge.trigger, facts)
@@ -120,9 +142,9 @@ def test_forward_edge_moves_when_its_guard_holds(edge: Edge, storage: StorageMod
     assert machine.current is edge.dest
 
 
-@pytest.mark.parametrize(("edge", "storage"), FORWARD_CASES)
-def test_forward_edge_is_refused_until_its_action_has_run(edge: Edge, storage: StorageMode) -> None:
-    machine, facts = machine_at(edge.source, storage)
+@pytest.mark.parametrize(("edge", "route"), FORWARD_CASES)
+def test_forward_edge_is_refused_until_its_action_has_run(edge: Edge, route: Route) -> None:
+    machine, facts = machine_at(edge.source, *route)
     assert not edge.guard(facts)
     assert not machine.allows(edge.trigger, facts)
     with pytest.raises(GuardFailed, match="guard") as err:
@@ -175,10 +197,25 @@ def test_trigger_not_in_table_is_refused(state: State, trigger: Trigger) -> None
     assert not allows(state, trigger, facts)
 
 
-@pytest.mark.parametrize("state", NON_TERMINAL, ids=str)
-def test_revert_is_reachable_from_every_non_terminal_state(state: State) -> None:
+@pytest.mark.parametrize("state", REVERTIBLE, ids=str)
+def test_revert_is_reachable_from_every_state_before_post_copy(state: State) -> None:
     machine, facts = machine_at(state)
     assert machine.fire(Trigger.REVERT, facts) is State.REVERTED
+
+
+def test_post_copy_cannot_revert_only_fail() -> None:
+    machine, facts = machine_at(State.POSTCOPY)
+    with pytest.raises(GuardFailed, match="not an edge"):
+        machine.fire(Trigger.REVERT, facts)
+    assert machine.fire(Trigger.FAIL, facts) is State.FAILED
+
+
+def test_committing_to_post_copy_ends_revertibility_at_pre_switchover() -> None:
+    machine, facts = machine_at(State.PRE_SWITCHOVER, postcopy=True)
+    assert machine.allows(Trigger.REVERT, facts)
+    facts.postcopy_committed = True
+    assert not machine.allows(Trigger.REVERT, facts)
+    assert machine.allows(Trigger.FAIL, facts)
 
 
 @pytest.mark.parametrize("state", NON_TERMINAL, ids=str)
@@ -203,10 +240,13 @@ def test_revert_is_refused_at_pre_switchover_once_the_target_resumed() -> None:
     assert machine.allows(Trigger.FAIL, facts)
 
 
-def test_every_non_terminal_state_has_revert_and_fail_edges() -> None:
-    for trigger, dest in ((Trigger.REVERT, State.REVERTED), (Trigger.FAIL, State.FAILED)):
+def test_revert_edges_from_every_state_before_post_copy_fail_edges_from_all() -> None:
+    for trigger, dest, states in (
+        (Trigger.REVERT, State.REVERTED, REVERTIBLE),
+        (Trigger.FAIL, State.FAILED, NON_TERMINAL),
+    ):
         sources = [e.source for e in TRANSITIONS if e.trigger is trigger]
-        assert sorted(sources) == sorted(NON_TERMINAL)
+        assert sorted(sources) == sorted(states)
         assert {e.dest for e in TRANSITIONS if e.trigger is trigger} == {dest}
 
 
@@ -215,15 +255,16 @@ def test_terminal_states_have_no_outgoing_edges() -> None:
     for state in TERMINAL:
         for storage in StorageMode:
             assert next_trigger(state, storage) is None
+            assert next_trigger(state, storage, postcopy=True) is None
 
 
 @pytest.mark.parametrize(
-    ("storage", "path"),
+    ("route", "path"),
     list(PATHS.items()),
     ids=str,
 )
-def test_next_trigger_walks_to_finalized(storage: StorageMode, path: list[State]) -> None:
-    assert walk(storage) == path
+def test_next_trigger_walks_to_finalized(route: Route, path: list[State]) -> None:
+    assert walk(*route) == path
 
 
 def test_auto_transitions_are_off() -> None:
@@ -242,19 +283,31 @@ def test_auto_transitions_are_off() -> None:
 # the end, every trigger the trivial model forbids from the current state is fired as well and
 # must be refused: each step probes every forbidden move under the facts of the moment.
 
-STATUSES = [None, "none", "setup", "active", "pre-switchover", "completed", "failed", "cancelled"]
+STATUSES = [
+    None,
+    "none",
+    "setup",
+    "active",
+    "pre-switchover",
+    "postcopy-active",
+    "completed",
+    "failed",
+    "cancelled",
+]
 FLAGS = [
     "prechecks_passed",
     "capabilities_set",
     "overlay_active",
     "mirror_ready",
     "target_resumed",
+    "postcopy",
+    "postcopy_committed",
     "undo_clean",
 ]
 STARTS = st.sampled_from(
     [
-        (storage, state)
-        for storage, path in PATHS.items()
+        (route, state)
+        for route, path in PATHS.items()
         for state in [*path, State.REVERTED, State.FAILED]
     ]
 )
@@ -275,12 +328,14 @@ STEPS = st.lists(
 def forbidden(state: State, storage: StorageMode) -> list[Trigger]:
     """What the trivial model says cannot move the machine out of ``state``.
 
-    In a terminal state, every trigger; elsewhere, all but revert, fail and the next trigger of
-    the storage mode's path.
+    In a terminal state, every trigger; elsewhere, all but fail, revert (not from post-copy) and
+    the next trigger of the storage mode's path on either route.
     """
     if state in TERMINAL:
         return list(Trigger)
-    moves = {next_trigger(state, storage), Trigger.REVERT, Trigger.FAIL}
+    moves = {next_trigger(state, storage, postcopy=p) for p in (False, True)} | {Trigger.FAIL}
+    if state is not State.POSTCOPY:
+        moves.add(Trigger.REVERT)
     return [t for t in Trigger if t not in moves]
 
 
@@ -293,7 +348,7 @@ def take(machine: MigrationMachine, facts: Facts, step: Step) -> None:
             act(facts, Trigger(str(value)))
         else:
             setattr(facts, name, value)
-    trigger = chosen or next_trigger(machine.current, facts.storage)
+    trigger = chosen or next_trigger(machine.current, facts.storage, postcopy=facts.postcopy)
     if trigger is None:
         return
     if chosen is None:
@@ -312,12 +367,13 @@ def take(machine: MigrationMachine, facts: Facts, step: Step) -> None:
 @settings(derandomize=True, max_examples=100)
 @given(start=STARTS, facts=FACTS, steps=STEPS)
 def test_random_runs_keep_the_order_of_the_table(
-    start: tuple[StorageMode, State], facts: dict[str, Any], steps: list[Step]
+    start: tuple[Route, State], facts: dict[str, Any], steps: list[Step]
 ) -> None:
-    storage, state = start
-    machine, _ = machine_at(state, storage)
+    (storage, postcopy), state = start
+    machine, _ = machine_at(state, storage, postcopy)
     observed = Facts(storage, **facts)
-    path = PATHS[storage]
+    paths = [PATHS[storage, False], PATHS[storage, True]]
+    path = PATHS[storage, postcopy]
     history = path[: path.index(state) + 1] if state in path else [State.IDLE, state]
     for step in [*steps, None]:
         for trigger in forbidden(machine.current, storage):
@@ -330,8 +386,10 @@ def test_random_runs_keep_the_order_of_the_table(
             assert history[-1] not in TERMINAL, "left a terminal state"
             history.append(machine.current)
     if State.FINALIZED in history:
-        assert history[-2:] == [State.PRE_SWITCHOVER, State.FINALIZED]
-    # The trivial model: forward moves only ever follow the storage mode's path, one state at a
-    # time (so shared storage never snapshots or mirrors).
+        assert history[-2] in (State.PRE_SWITCHOVER, State.POSTCOPY)
+    if State.POSTCOPY in history:
+        assert history[history.index(State.POSTCOPY) - 1] is State.PRE_SWITCHOVER
+    # The trivial model: forward moves only ever follow the storage mode's path on one of its
+    # routes, one state at a time (so shared storage never snapshots or mirrors).
     forward = [s for s in history if s not in (State.REVERTED, State.FAILED)]
-    assert forward == path[: len(forward)]
+    assert any(forward == p[: len(forward)] for p in paths), (forward, path)

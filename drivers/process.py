@@ -216,13 +216,54 @@ def _tail(path: Path, max_bytes: int = _STDERR_TAIL_BYTES) -> str:
         return ""
 
 
+class _Child:
+    """A child process started from the calling (trio) thread.
+
+    ``trio.lowlevel.open_process`` forks from a worker thread, and the kernel delivers the
+    parent-death signal when the *thread* that forked exits: an idle worker thread retires after
+    about 10 s and took the QEMUs with it (*measured*). So the fork happens here, in the thread
+    that runs trio for as long as the process lives, and the exit is awaited through a pidfd.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._pidfd = os.pidfd_open(popen.pid)
+        self.pid = popen.pid
+        self.stdin = trio.lowlevel.FdStream(os.dup(popen.stdin.fileno())) if popen.stdin else None
+        self.stdout = (
+            trio.lowlevel.FdStream(os.dup(popen.stdout.fileno())) if popen.stdout else None
+        )
+        for pipe in (popen.stdin, popen.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        while (code := self._popen.poll()) is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        with contextlib.suppress(OSError):
+            os.close(self._pidfd)
+        self._pidfd = -1
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self._popen.poll() is None:
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @attrs.define(eq=False)
 class QemuProcess:
     """A running (or exited) QEMU that this object owns: stop it with :meth:`stop`."""
 
     spec: VmSpec
     stderr_path: Path
-    _process: trio.Process = attrs.field(alias="process")
+    _process: _Child = attrs.field(alias="process")
 
     @property
     def pid(self) -> int:
@@ -379,14 +420,15 @@ async def launch(
     if die_with_parent:
         options["preexec_fn"] = _die_with_parent_hook()
     argv = spec.argv(qemu_binary)
-    async with await trio.open_file(stderr_path, "wb") as stderr:
-        try:
-            process = await trio.lowlevel.open_process(
+    try:
+        # Forked from this thread on purpose: see _Child. fork+exec takes a few milliseconds.
+        with stderr_path.open("wb") as stderr:
+            popen = subprocess.Popen(  # noqa: ASYNC220
                 argv, stdin=pipe_or_null, stdout=pipe_or_null, stderr=stderr, **options
             )
-        except OSError as err:
-            raise ProcessError(f"cannot start {argv[0]} for {spec.name}: {err}") from err
-    qemu = QemuProcess(spec, stderr_path, process=process)
+    except OSError as err:
+        raise ProcessError(f"cannot start {argv[0]} for {spec.name}: {err}") from err
+    qemu = QemuProcess(spec, stderr_path, process=_Child(popen))
     try:
         await _wait_qmp_ready(qemu)
     except BaseException:

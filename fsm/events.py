@@ -17,6 +17,7 @@ __all__ = [
     "Progress",
     "Reverting",
     "StateEntered",
+    "Steered",
     "Warned",
 ]
 
@@ -79,6 +80,25 @@ class Reverting:
 
 
 @attrs.frozen
+class Steered:
+    """The convergence policy acted: RAM was not converging (``action`` and why)."""
+
+    state: str
+    at_ms: float
+    action: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "policy",
+            "state": self.state,
+            "at_ms": round(self.at_ms, 1),
+            "action": self.action,
+            "reason": self.reason,
+        }
+
+
+@attrs.frozen
 class Warned:
     """Something went wrong where it can no longer change the outcome (after switchover)."""
 
@@ -90,7 +110,7 @@ class Warned:
         return {"event": "warning", "state": self.state, "message": self.message}
 
 
-Event = StateEntered | Progress | Reverting | Warned
+Event = StateEntered | Progress | Reverting | Steered | Warned
 
 
 class Outcome(enum.StrEnum):

@@ -15,6 +15,7 @@ import attrs
 from attrs import validators as v
 
 from fsm.machine import StorageMode
+from fsm.policy import ConvergencePolicy, Ladder, Rung, StallRule
 from transports.endpoints import Endpoint, UnixEndpoint, parse_endpoint
 from transports.errors import UsageError
 
@@ -52,6 +53,14 @@ class Policy:
     :param postcopy: allow switching to post-copy when RAM does not converge (only if both
         QEMUs offer ``postcopy-ram``). Post-copy always converges, but once it starts a fault
         can no longer revert: the migration then ends ``failed``.
+    :param max_downtime_ms: how far the downtime limit may be raised when RAM stalls.
+    :param stall_seconds: how long remaining RAM may stop shrinking before the next remedy.
+    :param stall_passes: how many passes over RAM it may stop shrinking for, likewise.
+
+    When RAM stops converging, livemig climbs a ladder (:mod:`fsm.policy`): raise the downtime
+    limit step by step to ``max_downtime_ms``, throttle the guest (auto-converge), switch to
+    post-copy (if allowed), and finally abort and revert. A completion deadline scaled by the
+    guest's RAM aborts a migration that never stalls but never finishes either.
     """
 
     max_bandwidth: int | None = attrs.field(default=None, validator=v.optional(_between(1, 2**62)))
@@ -60,6 +69,28 @@ class Policy:
     progress_interval: float = attrs.field(default=0.1, validator=_positive)
     stop_source: bool = True
     postcopy: bool = False
+    max_downtime_ms: int = attrs.field(default=1000, validator=_between(1, 60_000))
+    stall_seconds: float = attrs.field(default=3.0, validator=_positive)
+    stall_passes: int = attrs.field(default=3, validator=_between(1, 1000))
+
+    def convergence(self) -> ConvergencePolicy:
+        """The convergence ladder and deadline this policy asks for."""
+        rungs = [Rung.RAISE_DOWNTIME]
+        if self.auto_converge:
+            rungs.append(Rung.THROTTLE)
+        if self.postcopy:
+            rungs.append(Rung.POSTCOPY)
+        rungs.append(Rung.ABORT)
+        ladder = Ladder.create(
+            initial_downtime_ms=self.downtime_limit_ms,
+            max_downtime_ms=max(self.max_downtime_ms, self.downtime_limit_ms),
+            rungs=rungs,
+        )
+        return ConvergencePolicy(
+            ladder=ladder,
+            stall=StallRule(seconds=self.stall_seconds, passes=self.stall_passes),
+            bandwidth_cap=self.max_bandwidth,
+        )
 
 
 @attrs.frozen

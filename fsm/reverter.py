@@ -19,7 +19,7 @@ from drivers.qmp import Monitor
 from fsm.machine import State
 from fsm.session import JOB_EVENTS, wait_job
 from fsm.undo import Side, UndoKind, UndoStack, UndoStep
-from transports.errors import CommandFailed, ConnectionLost
+from transports.errors import CommandFailed, ConnectionLost, MigrationError
 
 __all__ = ["run_undo", "unwind"]
 
@@ -29,6 +29,8 @@ log = logging.getLogger("livemig.revert")
 _SENDING = frozenset(
     {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "colo"}
 )
+#: Job statuses in which a job is already on its way out by itself (QEMU refuses ``cancel``).
+_ENDING = frozenset({"aborting", "null"})
 #: How often to look while waiting for QEMU to settle after a cancel.
 _SETTLE_POLL = 0.02
 
@@ -44,9 +46,14 @@ async def run_undo(
     try:
         await _run(step, monitor, host, state)
     except ConnectionLost:
-        if step.side is Side.TARGET:
-            return
-        raise
+        # The connection dropped; the monitor reconnects on the next command if its QEMU
+        # lives, so try once more. Every step is safe to run twice.
+        try:
+            await _run(step, monitor, host, state)
+        except ConnectionLost:
+            if step.side is Side.TARGET:
+                return  # the target process is gone, and everything it held with it
+            raise
 
 
 async def _run(step: UndoStep, m: Monitor, host: Host, state: State) -> None:
@@ -58,6 +65,10 @@ async def _run(step: UndoStep, m: Monitor, host: Host, state: State) -> None:
             if args["parameters"]:
                 await migration.set_parameters(m, dict(args["parameters"]))
         case UndoKind.DELETE_FILE:
+            if "node" in args and await _has_node(m, args["node"]):
+                raise MigrationError(
+                    f"kept {args['path']}: node {args['node']} still uses it", state=state.value
+                )
             await host.remove(Path(args["path"]))
         case UndoKind.DELETE_NODE:
             if await _has_node(m, args["node"]):
@@ -108,11 +119,26 @@ async def _cancel_job(m: Monitor, job: str, *, state: State) -> None:
         present = {j.id: j for j in await jobs.query_jobs(m)}
         if job not in present:
             return
-        if present[job].status == "concluded":
+        status = present[job].status
+        if status == "concluded":
             await jobs.job_dismiss(m, job)
-        else:
-            await jobs.block_job_cancel(m, job, force=True)
+        elif status not in _ENDING:
+            await _force_cancel(m, job)
+        # A job already aborting ends by itself; QEMU refuses to cancel it (the fault campaign
+        # found this: a mirror whose NBD target exited with the cancelled migration).
         await wait_job(stream, m, job, until="gone", state=state, errors_fatal=False)
+
+
+async def _force_cancel(m: Monitor, job: str) -> None:
+    try:
+        await jobs.block_job_cancel(m, job, force=True)
+    except CommandFailed:
+        # It may have started to end by itself since we looked: then waiting is enough.
+        now = {j.id: j.status for j in await jobs.query_jobs(m)}.get(job)
+        if now == "concluded":
+            await jobs.job_dismiss(m, job)
+        elif now is not None and now not in _ENDING:
+            raise
 
 
 async def _cancel_migration(m: Monitor) -> None:
@@ -154,11 +180,13 @@ async def unwind(
 ) -> list[str]:
     """Run the undo stack, newest first, each step under ``step_deadline``. A step leaves the
     stack only once done, so a crash mid-step leaves it journalled. A failed step is recorded
-    and the rest still run: each step is independent of the ones before it.
+    and the rest still run: each step is independent of the ones before it. The failed steps
+    are left on the stack (so in the journal) for ``livemig recover`` to try again.
 
     :return: a description of each step that failed.
     """
     failures: list[str] = []
+    failed: list[UndoStep] = []
     while (step := undo.top()) is not None:
         try:
             with trio.fail_after(step_deadline):
@@ -166,5 +194,8 @@ async def unwind(
         except Exception as err:
             log.warning("undo step %s failed: %s", step.describe(), err)
             failures.append(f"{step.describe()}: {err}")
+            failed.append(step)
         undo.pop()
+    for step in reversed(failed):
+        undo.push(step)
     return failures

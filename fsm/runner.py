@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import trio_asyncio
 
 from drivers import qmp
 from drivers.host import Host, LocalHost
-from drivers.qmp import Monitor
+from drivers.qmp import EventStream, Monitor
 from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from fsm.journal import journal_path, remove_journal
 from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
@@ -30,6 +30,7 @@ from fsm.session import Session
 from fsm.steps import ACTIONS
 from fsm.undo import Side
 from transports.errors import (
+    ConnectionLost,
     DeadlineExceeded,
     Interrupted,
     LivemigError,
@@ -167,13 +168,16 @@ class _Runner:
         return None
 
     async def _connect(self, session: Session) -> None:
-        with _deadline(self.plan.deadlines.connect, "connecting to the monitors", State.IDLE):
-            source = await self.connector(self.plan.source_qmp.path, "source")
-            session.exits.push_async_callback(_close, source)
-            target = await self.connector(self.plan.target_qmp.path, "target")
-            session.exits.push_async_callback(_close, target)
-        session.source = _Bounded(source, self.plan.deadlines.command, session)
-        session.target = _Bounded(target, self.plan.deadlines.command, session)
+        plan = self.plan
+        with _deadline(plan.deadlines.connect, "connecting to the monitors", State.IDLE):
+            for name, endpoint in (("source", plan.source_qmp), ("target", plan.target_qmp)):
+                monitor = _Resilient(self.connector, endpoint.path, name, plan.deadlines, session)
+                await monitor.open()
+                session.exits.push_async_callback(_close, monitor)
+                if name == "source":
+                    session.source = monitor
+                else:
+                    session.target = monitor
 
     async def _step(self, session: Session, trigger: Trigger) -> None:
         action = ACTIONS[trigger]
@@ -211,6 +215,15 @@ class _Runner:
                     state=session.state,
                     step_deadline=self.plan.deadlines.undo_step,
                 )
+                if not failures:
+                    # A socket a QEMU bound while its command was being cancelled can appear
+                    # after its undo step ran: sweep the run's files once everything is undone.
+                    # (Not after a failed undo: the overlay may still hold guest writes.)
+                    for path in session.run_files():
+                        try:
+                            await self.host.remove(path)
+                        except Exception as err:  # the guest is safe: a warning
+                            session.warnings.append(f"could not remove {path}: {err}")
             else:
                 failures = [
                     "past the point of no return (the target was or may have been resumed, or "
@@ -262,6 +275,7 @@ def _action_deadline(trigger: Trigger, d: Deadlines) -> float:
         Trigger.TRANSFER_STATE: d.command * 2,
         Trigger.AWAIT_SWITCHOVER: d.switchover,
         Trigger.FINALIZE: d.completion,
+        Trigger.SWITCH_OVER_POSTCOPY: d.completion,
     }[trigger]
 
 
@@ -283,26 +297,73 @@ class _deadline:  # noqa: N801 - used like trio.fail_after
             raise DeadlineExceeded(message, state=self._state.value) from err
 
 
-class _Bounded:
-    """A monitor whose every command is bounded by the plan's command deadline."""
+class _Resilient:
+    """A monitor that bounds every command by the plan's command deadline, and opens a new
+    connection when the old one dropped.
 
-    def __init__(self, inner: Monitor, seconds: float, session: Session) -> None:
-        self._inner, self._seconds, self._session = inner, seconds, session
-        self.name = inner.name
+    A dropped connection is not a dead QEMU: the command that saw the drop still fails (it may
+    or may not have run, so the forward path reverts), but the next command reconnects. If
+    QEMU is really gone, the reconnect fails and raises :class:`ConnectionLost`. Without this, a
+    flaky socket would turn into a guest stuck half-migrated.
+    """
+
+    def __init__(
+        self, connector: Connector, path: Path, name: str, deadlines: Deadlines, session: Session
+    ) -> None:
+        self._connector, self._path, self.name = connector, path, name
+        self._deadlines, self._session = deadlines, session
+        self._inner: Monitor | None = None
+        self._dropped: Monitor | None = None
+
+    async def open(self) -> None:
+        self._inner = await self._connector(self._path, self.name)
+
+    async def _current(self) -> Monitor:
+        if self._inner is not None:
+            return self._inner
+        if self._dropped is not None:
+            await _close(self._dropped)
+            self._dropped = None
+        log.info("%s: the monitor connection dropped; reconnecting", self.name)
+        try:
+            with trio.fail_after(self._deadlines.connect):
+                self._inner = await self._connector(self._path, self.name)
+        except (LivemigError, trio.TooSlowError) as err:
+            raise ConnectionLost(f"gone: cannot reconnect ({err})", monitor=self.name) from err
+        return self._inner
+
+    def _lost(self, monitor: Monitor) -> None:
+        if monitor is self._inner:
+            self._dropped, self._inner = monitor, None
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
-        with _deadline(self._seconds, f"{self.name} {command}", self._session.state):
-            return await self._inner.execute(command, arguments)
+        monitor = await self._current()
+        with _deadline(self._deadlines.command, f"{self.name} {command}", self._session.state):
+            try:
+                return await monitor.execute(command, arguments)
+            except ConnectionLost:
+                self._lost(monitor)
+                raise
 
-    def listen(self, *names: str) -> Any:
-        return self._inner.listen(*names)
+    def listen(self, *names: str) -> AbstractAsyncContextManager[EventStream]:
+        return self._listen(names)
+
+    @asynccontextmanager
+    async def _listen(self, names: tuple[str, ...]) -> AsyncIterator[EventStream]:
+        monitor = await self._current()
+        async with monitor.listen(*names) as stream:
+            yield stream
 
     async def send_fd(self, fd: int, name: str) -> None:
-        with _deadline(self._seconds, f"{self.name} getfd", self._session.state):
-            await self._inner.send_fd(fd, name)
+        monitor = await self._current()
+        with _deadline(self._deadlines.command, f"{self.name} getfd", self._session.state):
+            await monitor.send_fd(fd, name)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        for monitor in (self._inner, self._dropped):
+            if monitor is not None:
+                await _close(monitor)
+        self._inner = self._dropped = None
 
 
 class _Unconnected:

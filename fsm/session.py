@@ -22,6 +22,7 @@ from fsm.events import Event
 from fsm.journal import Journal, write_journal
 from fsm.machine import Facts, State
 from fsm.plan import Plan
+from fsm.policy import ConvergenceTracker
 from fsm.undo import Side, UndoStack, UndoStep
 from transports.endpoints import UnixEndpoint
 from transports.errors import MigrationAborted, StepFailed
@@ -67,16 +68,22 @@ class Session:
     ram_bytes: int | None = None
     disk_bytes: int | None = None
     phases: dict[str, float] = attrs.field(factory=dict)
+    #: The convergence policy's state while RAM streams (set with the capabilities).
+    convergence: ConvergenceTracker | None = None
     #: Where the run is journalled (``None``: not journalled).
     journal_file: Path | None = None
+
+    def run_files(self) -> list[Path]:
+        """Files this run may create: the overlay and the unix sockets of the target."""
+        plan = self.plan
+        sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
+        return [plan.overlay_path, *sockets]
 
     def write_journal(self) -> None:
         """Journal where the run stands; see :mod:`fsm.journal`."""
         if self.journal_file is None:
             return
         plan = self.plan
-        files = [plan.overlay_path]
-        files += [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
         journal = Journal(
             run_id=plan.run_id,
             source_qmp=str(plan.source_qmp.path),
@@ -84,7 +91,7 @@ class Session:
             storage=plan.storage.value,
             state=self.state.value,
             undo=self.undo.snapshot(),
-            files=tuple(str(f) for f in files),
+            files=tuple(str(f) for f in self.run_files()),
             target_resumed=self.facts.target_resumed,
             postcopy_committed=self.facts.postcopy_committed,
             stop_source=plan.policy.stop_source,

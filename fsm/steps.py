@@ -17,14 +17,28 @@ import trio
 
 from drivers import block, jobs, migration, nbd, runstate
 from drivers.image import ImageFormat
-from fsm.events import Progress
+from fsm.events import Progress, Steered
 from fsm.machine import State, StorageMode, Trigger
+from fsm.policy import (
+    PROGRESS_INTERVAL_S,
+    Abort,
+    Capabilities,
+    ConvergenceTracker,
+    Decision,
+    ProgressSample,
+    SetDowntime,
+    StartPostcopy,
+    Throttle,
+    link_kind,
+)
 from fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
 from fsm.undo import Side, UndoKind, UndoStep
 from transports.endpoints import UnixEndpoint
 from transports.errors import (
     CommandFailed,
     ConnectionLost,
+    ConvergenceFailed,
+    LivemigError,
     PrecheckError,
 )
 
@@ -146,16 +160,30 @@ async def set_capabilities(session: Session) -> None:
     )
     await migration.set_capabilities(session.source, src_new)
 
+    convergence = policy.convergence()
+    bandwidth = convergence.bandwidth(link_kind(session.plan.migrate_uri))
+    session.convergence = ConvergenceTracker(
+        policy=convergence,
+        capabilities=Capabilities(
+            auto_converge=src_new.get("auto-converge", False),
+            postcopy_allowed=policy.postcopy,
+            postcopy_on_source=src_new.get("postcopy-ram", False),
+            postcopy_on_target=dst_new.get("postcopy-ram", False),
+        ),
+        bandwidth=bandwidth,
+    )
     old = await migration.query_parameters(session.source)
     params: dict[str, Any] = {
-        "downtime-limit": policy.downtime_limit_ms,
-        "max-bandwidth": policy.max_bandwidth or UNLIMITED_BANDWIDTH,
+        "downtime-limit": convergence.initial_downtime_ms,
+        "max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
     }
+    # The convergence ladder may change these later; the undo puts all of them back.
+    restored = (*params, "cpu-throttle-initial", "cpu-throttle-increment")
     session.push_undo(
         UndoStep(
             UndoKind.RESTORE_PARAMETERS,
             Side.SOURCE,
-            {"parameters": {k: plain(old[k]) for k in params if k in old}},
+            {"parameters": {k: plain(old[k]) for k in restored if k in old}},
         )
     )
     await migration.set_parameters(session.source, params)
@@ -169,7 +197,13 @@ async def snapshot(session: Session) -> None:
     assert session.base_size is not None
     overlay = plan.overlay_path
     await session.host.make_dir(plan.work_dir)
-    session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(overlay)}))
+    # Only once the overlay node is gone: while the guest still writes to it (its merge
+    # failed), removing the file would lose every write since the snapshot.
+    session.push_undo(
+        UndoStep(
+            UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(overlay), "node": plan.overlay_node}
+        )
+    )
     await session.host.create_image(overlay, "qcow2", session.base_size)
     session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.overlay_node}))
     await block.blockdev_add(
@@ -228,8 +262,27 @@ async def mirror(session: Session) -> None:
         await block.blockdev_mirror(
             src, job_id=plan.mirror_job, device=plan.overlay_node, target=plan.nbd_node, sync="top"
         )
-        await wait_job(stream, src, plan.mirror_job, until="ready", state=session.state)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report_mirror, session)
+            await wait_job(stream, src, plan.mirror_job, until="ready", state=session.state)
+            nursery.cancel_scope.cancel()
     session.facts.mirror_ready = True
+
+
+async def _report_mirror(session: Session) -> None:
+    """Disk progress while the mirror catches up (the READY event itself ends the wait)."""
+    while True:
+        for job in await jobs.query_block_jobs(session.source):
+            if job.device == session.plan.mirror_job:
+                session.emit(
+                    Progress(
+                        state=session.state.value,
+                        at_ms=session.now_ms(),
+                        disk_done=job.offset,
+                        disk_total=job.len,
+                    )
+                )
+        await trio.sleep(PROGRESS_INTERVAL_S)
 
 
 async def _copy_base(session: Session, nbd_socket: Path) -> None:
@@ -275,10 +328,14 @@ async def transfer_state(session: Session) -> None:
 
 
 async def await_switchover(session: Session) -> None:
-    """Wait for ``pre-switchover`` (the source guest is paused), reporting progress meanwhile."""
+    """Wait for ``pre-switchover`` (the source guest is paused), steering convergence meanwhile.
+
+    The pause arrives as a QMP event, so it is noticed at once: it is guest downtime. Progress is
+    polled only to report it and to feed the convergence policy.
+    """
     assert session.source_migration is not None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_report_progress, session)
+        nursery.start_soon(_steer, session)
         status = await wait_migration(
             session.source_migration, {"pre-switchover"}, state=session.state, side="source"
         )
@@ -286,25 +343,51 @@ async def await_switchover(session: Session) -> None:
     session.facts.migration_status = status
 
 
-async def _report_progress(session: Session) -> None:
+async def _steer(session: Session) -> None:
+    """Poll progress, report it, and act on what the convergence policy decides."""
+    interval = min(session.plan.policy.progress_interval, PROGRESS_INTERVAL_S)
     while True:
         stats = await migration.query_migrate(session.source)
-        ram = stats.ram
-        session.emit(
-            Progress(
-                state=session.state.value,
-                at_ms=session.now_ms(),
-                migration_status=stats.status,
-                ram_transferred=ram.transferred if ram else None,
-                ram_remaining=ram.remaining if ram else None,
-                ram_total=ram.total if ram else None,
-                dirty_pages_rate=ram.dirty_pages_rate if ram else None,
-                passes=ram.dirty_sync_count if ram else None,
-                mbps=ram.mbps if ram else None,
-                expected_downtime_ms=stats.expected_downtime_ms,
-            )
+        _report(session, stats)
+        sample = ProgressSample.from_stats(trio.current_time(), stats)
+        if sample is not None and session.convergence is not None:
+            session.convergence, decision = session.convergence.observe(sample)
+            if decision is not None:
+                await _carry_out(session, decision)
+        await trio.sleep(interval)
+
+
+async def _carry_out(session: Session, decision: Decision) -> None:
+    action = decision.action
+    session.emit(
+        Steered(session.state.value, session.now_ms(), type(action).__name__, decision.reason)
+    )
+    match action:
+        case SetDowntime() | Throttle():
+            await migration.set_parameters(session.source, action.parameters())
+        case StartPostcopy():
+            await migration.start_postcopy(session.source)
+            session.facts.postcopy = True
+        case Abort(reason=reason):
+            raise ConvergenceFailed(reason, state=session.state.value)
+
+
+def _report(session: Session, stats: migration.MigrationStats) -> None:
+    ram = stats.ram
+    session.emit(
+        Progress(
+            state=session.state.value,
+            at_ms=session.now_ms(),
+            migration_status=stats.status,
+            ram_transferred=ram.transferred if ram else None,
+            ram_remaining=ram.remaining if ram else None,
+            ram_total=ram.total if ram else None,
+            dirty_pages_rate=ram.dirty_pages_rate if ram else None,
+            passes=ram.dirty_sync_count if ram else None,
+            mbps=ram.mbps if ram else None,
+            expected_downtime_ms=stats.expected_downtime_ms,
         )
-        await trio.sleep(session.plan.policy.progress_interval)
+    )
 
 
 async def finalize(session: Session) -> None:
@@ -395,16 +478,39 @@ async def _complete_mirror(session: Session) -> None:
 async def _resume_target(session: Session) -> None:
     try:
         await runstate.cont(session.target)
-    except (CommandFailed, ConnectionLost):
-        # cont failed or the target died: it does not run the guest, so reverting is safe.
+    except CommandFailed:
+        # QEMU refused: the target does not run the guest, so reverting is safe.
         raise
-    except BaseException:
-        # Anything else (a deadline, a cancel) leaves us unsure whether the target runs: mark
-        # the point of no return as passed, so no revert can resume the source beside it.
+    except BaseException as err:
+        # No answer, a garbled one, a dropped link, a cancel: cont may or may not have run, and
+        # guessing is wrong either way (split brain one way; the other, a guest paused on both
+        # sides, as the fault campaign found). Ask the target.
+        runs = await _target_runs(session)
+        if runs is False:
+            raise
+        # It runs, or we cannot tell: no revert may resume the source beside it.
         session.facts.target_resumed = True
-        raise
+        if runs is None or not isinstance(err, Exception):
+            raise
+        # It runs: cont took effect and only its answer was lost. Go on with the switchover.
     session.facts.target_resumed = True
     session.undo.discard(UndoKind.QUIT, Side.TARGET)
+
+
+async def _target_runs(session: Session) -> bool | None:
+    """Whether the target runs the guest; ``None`` when that cannot be told.
+
+    Shielded, so it also answers while the step is being cancelled. A target that cannot be
+    reached even after the monitor reconnected is gone: it runs nothing.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(session.plan.deadlines.command):
+        try:
+            return (await runstate.query_status(session.target)).running
+        except ConnectionLost:
+            return False
+        except LivemigError:
+            return None
+    return None
 
 
 async def _clean_up_source(session: Session) -> None:
@@ -412,20 +518,13 @@ async def _clean_up_source(session: Session) -> None:
     steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
     if session.plan.policy.stop_source:
         steps.append(("quit the source", partial(runstate.quit, session.source)))
-    steps += [(f"remove {p}", partial(session.host.remove, p)) for p in _files_of_run(session)]
+    steps += [(f"remove {p}", partial(session.host.remove, p)) for p in session.run_files()]
     for what, step in steps:
         try:
             await step()
         except Exception as err:
             session.warnings.append(f"could not {what}: {err}")
     session.undo = type(session.undo)()
-
-
-def _files_of_run(session: Session) -> list[Path]:
-    plan = session.plan
-    files = [plan.overlay_path]
-    files += [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
-    return files
 
 
 Action = Callable[[Session], Awaitable[None]]

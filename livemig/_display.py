@@ -9,7 +9,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from fsm.events import Event, MigrationResult, Reverting, StateEntered, Warned
+from fsm.events import Event, MigrationResult, Reverting, StateEntered, Steered, Warned
 from fsm.events import Progress as ProgressEvent
 
 __all__ = ["HumanDisplay", "JsonLines", "summary_lines"]
@@ -51,6 +51,7 @@ class HumanDisplay:
             disable=not self.console.is_terminal,
         )
         self._ram: Any = None
+        self._disk: Any = None
 
     def __enter__(self) -> HumanDisplay:
         self._progress.__enter__()
@@ -65,14 +66,23 @@ class HumanDisplay:
                 self.console.print(f"[cyan]{at / 1000:7.2f}s[/]  {state}")
             case ProgressEvent() if event.ram_total:
                 self._show_ram(event)
+            case ProgressEvent() if event.disk_total:
+                self._show_disk(event)
             case Reverting(state=state, reason=reason, undo_steps=0):
                 self.console.print(f"[yellow]stopped in {state}[/] (nothing to undo): {reason}")
             case Reverting(state=state, reason=reason, undo_steps=steps):
                 self.console.print(f"[yellow]reverting from {state}[/] ({steps} steps): {reason}")
+            case Steered(action=action, reason=reason):
+                self.console.print(f"[magenta]policy[/]: {action} ({reason})")
             case Warned(message=message):
                 self.console.print(f"[yellow]warning[/]: {message}")
             case _:
                 pass
+
+    def _show_disk(self, event: ProgressEvent) -> None:
+        if self._disk is None:
+            self._disk = self._progress.add_task("disk", total=event.disk_total, detail="mirror")
+        self._progress.update(self._disk, completed=event.disk_done, total=event.disk_total)
 
     def _show_ram(self, event: ProgressEvent) -> None:
         detail = f"pass {event.passes or 0}"

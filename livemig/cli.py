@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -85,9 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--json", action="store_true", help="JSON lines on stdout")
 
+    faults = sub.add_parser(
+        "faults", help="run a fault-injection campaign and report whether every invariant held"
+    )
+    faults.add_argument(
+        "--real",
+        action="store_true",
+        help="on real QEMU with the test guest: every fault kind at every state it applies to",
+    )
+    faults.add_argument(
+        "--runs", type=_positive_int, default=200, help="fake campaign: fault plans to run"
+    )
+    faults.add_argument("--seed", type=_nonnegative_int, default=0, help="reproduces a campaign")
+    faults.add_argument(
+        "--storage", choices=[m.value for m in StorageMode], help="only this storage mode"
+    )
+    faults.add_argument(
+        "--only", metavar="TEXT", help="real campaign: only cases whose name contains TEXT"
+    )
+    faults.add_argument(
+        "--report",
+        type=Path,
+        default=Path("livemig-faults.json"),
+        help="JSON report (default: %(default)s)",
+    )
+
     diag = sub.add_parser("diagram", help="draw the migration machine")
     diag.add_argument("--format", choices=("svg", "mermaid", "dot"), default="svg")
     diag.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    diag.add_argument(
+        "--trace",
+        type=Path,
+        metavar="REPORT",
+        help="highlight the path of one run: a `livemig migrate --json` output or result line",
+    )
     return parser
 
 
@@ -175,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _diagram(args)
         if args.command == "recover":
             return _recover_command(args)
+        if args.command == "faults":
+            from livemig.faults_command import run_faults  # noqa: PLC0415 - campaign code
+
+            return run_faults(args)
         if args.command == "demo":
             from livemig.demo import run_demo  # noqa: PLC0415 - pulls in the test guest
 
@@ -189,14 +226,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _diagram(args: argparse.Namespace) -> int:
-    from fsm.diagram import render  # noqa: PLC0415 - graphviz is only needed here
+    from fsm.diagram import render, render_trace  # noqa: PLC0415 - graphviz is only needed here
 
-    text = render(args.format)
+    if args.trace is None:
+        text = render(args.format)
+    else:
+        states, failed_in = _read_trace(args.trace)
+        try:
+            text = render_trace(args.format, states, failed_in)
+        except ValueError as err:
+            raise UsageError(f"{args.trace}: not a path of the machine: {err}") from err
     if args.output:
         args.output.write_text(text)
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _read_trace(path: Path) -> tuple[list[str], str | None]:
+    """The states and fault state of the last result in a JSON (lines) report."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err}") from err
+    found: dict[str, Any] | None = None
+    for line in text.splitlines() if "\n" in text.strip() else [text]:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("states"), list):
+            found = obj
+    if found is None:
+        raise UsageError(f"{path} has no result with a list of states")
+    return [str(s) for s in found["states"]], found.get("failed_in")
 
 
 def _migrate_command(args: argparse.Namespace) -> int:

@@ -277,3 +277,28 @@ async def test_sigint_reverts_then_exits_130(
     assert result["outcome"] == "reverted"
     assert result["error_type"] == "Interrupted"
     assert any(x["event"] == "reverting" for x in lines)
+
+
+def test_diagram_trace_draws_the_path_of_a_run(tmp_path: Path) -> None:
+    report = tmp_path / "run.jsonl"
+    lines = [
+        {"event": "state", "state": "idle"},
+        {
+            "event": "result",
+            "outcome": "reverted",
+            "states": ["idle", "connected", "capabilities-set", "snapshotted", "reverted"],
+            "failed_in": "snapshotted",
+        },
+    ]
+    report.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    plain = run_cli("diagram", "--format", "dot")
+    traced = run_cli("diagram", "--format", "dot", "--trace", report)
+    assert traced.returncode == EXIT_OK, traced.stderr
+    assert traced.stdout != plain.stdout
+    assert "snapshotted" in traced.stdout
+
+    report.write_text(json.dumps({"states": ["idle", "finalized"]}))
+    bad = run_cli("diagram", "--trace", report)
+    assert bad.returncode == EXIT_USAGE
+    assert "not a path of the machine" in bad.stderr
+    assert run_cli("diagram", "--trace", tmp_path / "missing.json").returncode == EXIT_USAGE

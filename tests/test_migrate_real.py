@@ -9,8 +9,8 @@ import trio
 from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
 
-from fsm.events import Event, Outcome, StateEntered
-from fsm.plan import Plan
+from fsm.events import Event, Outcome, StateEntered, Steered
+from fsm.plan import Plan, Policy
 from fsm.runner import migrate
 from guest import GuestImage
 from guest._lab import Storage, migration_lab
@@ -65,3 +65,55 @@ async def test_live_migration_keeps_every_write(
     assert verdict.records.checked > 0
     assert result.downtime_ms is not None
     assert result.ram_bytes
+
+
+async def test_guest_dirtying_flat_out_converges_under_the_default_policy(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path
+) -> None:
+    with trio.fail_after(180):
+        async with migration_lab(
+            guest_image, tmp_path, dirty_mib_s="max", dirty_buf_mib=128
+        ) as lab:
+            plan = Plan.create(
+                source_qmp=lab.source_qmp,
+                target_qmp=lab.target_qmp,
+                storage="non-shared",
+                work_dir=tmp_path,
+            )
+            result = await migrate(plan)
+            assert result.outcome is Outcome.FINALIZED, result.error
+            verdict = await lab.verify(expect="target")
+    assert verdict.ok, verdict.problems
+
+
+async def test_postcopy_finishes_a_migration_that_cannot_converge(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path
+) -> None:
+    # 16 MiB/s cannot keep up with a guest dirtying flat out; with no downtime raise and no
+    # throttle on the ladder, the first stall switches to post-copy.
+    policy = Policy(
+        max_bandwidth=16 << 20,
+        auto_converge=False,
+        max_downtime_ms=300,
+        stall_seconds=1.0,
+        stall_passes=1,
+        postcopy=True,
+    )
+    events: list[Event] = []
+    with trio.fail_after(180):
+        async with migration_lab(
+            guest_image, tmp_path, dirty_mib_s="max", dirty_buf_mib=128
+        ) as lab:
+            plan = Plan.create(
+                source_qmp=lab.source_qmp,
+                target_qmp=lab.target_qmp,
+                storage="non-shared",
+                work_dir=tmp_path,
+                policy=policy,
+            )
+            result = await migrate(plan, on_event=events.append)
+            assert result.outcome is Outcome.FINALIZED, result.error
+            assert result.states[-3:] == ("pre-switchover", "post-copy", "finalized")
+            assert any(isinstance(e, Steered) and e.action == "StartPostcopy" for e in events)
+            verdict = await lab.verify(expect="target")
+    assert verdict.ok, verdict.problems

@@ -21,9 +21,12 @@ layer above can raise them without an upward import; ``livemig`` re-exports them
         ├── StepFailed               a forward action failed (the cause is chained)
         ├── GuardFailed              a trigger's guard did not hold on what was observed
         ├── DeadlineExceeded         a wait ran past the plan's deadline
+        ├── ConvergenceFailed        RAM did not converge and the policy gave up
         ├── MigrationAborted         QEMU reported the migration failed or cancelled
-        ├── Interrupted              the operator cancelled (signal or cancel scope)
-        └── RevertFailed             an undo step failed: the report says what is where
+        └── Interrupted              the operator cancelled (signal or cancel scope)
+
+An undo step that fails is not raised: the result lists it (``undo_failures``) and the run ends
+``failed``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "CommandFailed",
     "ConnectFailed",
     "ConnectionLost",
+    "ConvergenceFailed",
     "DeadlineExceeded",
     "GuardFailed",
     "Interrupted",
@@ -46,7 +50,6 @@ __all__ = [
     "ProcessError",
     "ProtocolError",
     "QMPError",
-    "RevertFailed",
     "StepFailed",
     "ToolError",
     "UsageError",
@@ -168,13 +171,13 @@ class DeadlineExceeded(MigrationError):
     """A wait ran past the deadline the plan gave it."""
 
 
+class ConvergenceFailed(MigrationError):
+    """RAM did not converge, every remedy the policy allows was tried, and it gave up."""
+
+
 class MigrationAborted(MigrationError):
     """QEMU reported the migration ``failed`` or ``cancelled``."""
 
 
 class Interrupted(MigrationError):
     """The operator cancelled the migration."""
-
-
-class RevertFailed(MigrationError):
-    """An undo step failed; what is where is in the result's report."""

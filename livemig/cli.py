@@ -147,7 +147,19 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
         "--downtime-limit", type=_positive_int, default=300, metavar="MS", help="default 300 ms"
     )
     parser.add_argument(
+        "--max-downtime",
+        type=_positive_int,
+        default=1000,
+        metavar="MS",
+        help="how far a stalled migration may raise the downtime limit (default 1000 ms)",
+    )
+    parser.add_argument(
         "--no-auto-converge", action="store_true", help="do not throttle a busy guest"
+    )
+    parser.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to post-copy when RAM does not converge (no revert after it starts)",
     )
     parser.add_argument(
         "--switchover-timeout",
@@ -179,7 +191,9 @@ def policy_from(args: argparse.Namespace) -> tuple[Policy, Deadlines]:
     policy = Policy(
         max_bandwidth=args.max_bandwidth * 2**20 if args.max_bandwidth else None,
         downtime_limit_ms=args.downtime_limit,
+        max_downtime_ms=args.max_downtime,
         auto_converge=not args.no_auto_converge,
+        postcopy=args.postcopy,
     )
     return policy, Deadlines(switchover=float(args.switchover_timeout))
 

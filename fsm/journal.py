@@ -98,7 +98,7 @@ def write_journal(path: Path, journal: Journal) -> None:
     """Replace the journal atomically and durably. Synchronous on purpose: it must be on disk
     before the runner takes its next step."""
     tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(journal.to_json(), indent=1).encode()
+    data = json.dumps(journal.to_json(), separators=(",", ":")).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)

@@ -53,6 +53,8 @@ class Policy:
     :param postcopy: allow switching to post-copy when RAM does not converge (only if both
         QEMUs offer ``postcopy-ram``). Post-copy always converges, but once it starts a fault
         can no longer revert: the migration then ends ``failed``.
+    :param multifd_channels: send RAM over this many parallel channels (``multifd``), when
+        both QEMUs offer it; ``None``: one stream.
     :param max_downtime_ms: how far the downtime limit may be raised when RAM stalls.
     :param stall_seconds: how long remaining RAM may stop shrinking before the next remedy.
     :param stall_passes: how many passes over RAM it may stop shrinking for, likewise.
@@ -69,6 +71,7 @@ class Policy:
     progress_interval: float = attrs.field(default=0.1, validator=_positive)
     stop_source: bool = True
     postcopy: bool = False
+    multifd_channels: int | None = attrs.field(default=None, validator=v.optional(_between(1, 255)))
     max_downtime_ms: int = attrs.field(default=1000, validator=_between(1, 60_000))
     stall_seconds: float = attrs.field(default=3.0, validator=_positive)
     stall_passes: int = attrs.field(default=3, validator=_between(1, 1000))

@@ -123,7 +123,7 @@ class _Runner:
             )
             await trio.Path(self.plan.work_dir).mkdir(parents=True, exist_ok=True)
             session.journal_file = journal_path(self.plan.work_dir, self.plan.run_id)
-            session.undo.on_change = session.write_journal
+            session.undo.on_push = session.write_journal
             self._enter(session, State.IDLE)
             error = await self._forward(session, interrupt)
             if error is not None:
@@ -191,7 +191,6 @@ class _Runner:
         session.state = state
         self.states.append(state.value)
         self.entered_at[state.value] = now
-        session.write_journal()
         self.emit(StateEntered(state.value, now))
 
     async def _back(self, session: Session, error: BaseException) -> None:

@@ -31,12 +31,12 @@ from fsm.policy import (
     Throttle,
     link_kind,
 )
+from fsm.reverter import Liveness, guest_runs
 from fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
 from fsm.undo import Side, UndoKind, UndoStep
 from transports.endpoints import UnixEndpoint
 from transports.errors import (
     CommandFailed,
-    ConnectionLost,
     ConvergenceFailed,
     LivemigError,
     PrecheckError,
@@ -148,9 +148,17 @@ async def set_capabilities(session: Session) -> None:
     if policy.postcopy and "postcopy-ram" in src_caps and "postcopy-ram" in dst_caps:
         # Both sides must agree on it before the stream starts; it costs nothing unused.
         src_new["postcopy-ram"] = dst_new["postcopy-ram"] = True
+    multifd = (
+        policy.multifd_channels is not None and "multifd" in src_caps and "multifd" in dst_caps
+    )
+    if multifd:
+        src_new["multifd"] = dst_new["multifd"] = True
 
     # The target is quit on revert, so its settings need no undo; the source's do.
     await migration.set_capabilities(session.target, dst_new)
+    if multifd:
+        channels = {"multifd-channels": policy.multifd_channels}
+        await migration.set_parameters(session.target, channels)
     session.push_undo(
         UndoStep(
             UndoKind.RESTORE_CAPABILITIES,
@@ -177,6 +185,8 @@ async def set_capabilities(session: Session) -> None:
         "downtime-limit": convergence.initial_downtime_ms,
         "max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
     }
+    if multifd:
+        params["multifd-channels"] = policy.multifd_channels
     # The convergence ladder may change these later; the undo puts all of them back.
     restored = (*params, "cpu-throttle-initial", "cpu-throttle-increment")
     session.push_undo(
@@ -397,16 +407,30 @@ async def finalize(session: Session) -> None:
     problems become warnings. From ``post-copy`` the target already runs: wait for the last
     pages, then clean up.
     """
+    assert session.source_migration is not None
+    assert session.target_migration is not None
     if session.state is State.POSTCOPY:
-        await _wait_completed(session)
+        # The source serves the pages the target still lacks until both say completed.
+        await wait_migration(
+            session.target_migration, {"completed"}, state=session.state, side="target"
+        )
+        await wait_migration(
+            session.source_migration, {"completed"}, state=session.state, side="source"
+        )
+        session.facts.migration_status = "completed"
+        await _read_statistics(session, source_completed=True)
         await _clean_up_source(session)
         return
-    if session.plan.storage is StorageMode.NON_SHARED:
-        await _complete_mirror(session)
+    # Everything from here to the target's cont is guest downtime: only what must happen.
+    await _complete_mirror(session)
     await migration.migrate_continue(session.source, "pre-switchover")
-    await _wait_completed(session)
-    await _stop_nbd_server(session)
+    # The target completes once it has loaded the whole guest: the source has sent it all.
+    await wait_migration(
+        session.target_migration, {"completed"}, state=session.state, side="target"
+    )
+    session.facts.migration_status = "completed"
     await _resume_target(session)
+    await _read_statistics(session, source_completed=False)
     await _clean_up_source(session)
 
 
@@ -418,8 +442,7 @@ async def switch_over_postcopy(session: Session) -> None:
     """
     assert session.source_migration is not None
     assert session.target_migration is not None
-    if session.plan.storage is StorageMode.NON_SHARED:
-        await _complete_mirror(session)
+    await _complete_mirror(session)
     session.facts.postcopy_committed = True
     session.write_journal()
     await migration.migrate_continue(session.source, "pre-switchover")
@@ -427,23 +450,28 @@ async def switch_over_postcopy(session: Session) -> None:
         session.target_migration, {"postcopy-active"}, state=session.state, side="target"
     )
     session.facts.migration_status = "postcopy-active"
-    await _stop_nbd_server(session)
     await runstate.cont(session.target)
     session.facts.target_resumed = True
     session.undo.discard(UndoKind.QUIT, Side.TARGET)
 
 
-async def _wait_completed(session: Session) -> None:
+async def _read_statistics(session: Session, *, source_completed: bool) -> None:
+    """The source's final numbers, once it says completed.
+
+    Only after the switchover, off the guest's downtime, and only as nice-to-have: a source that
+    fails (or dies) now must not make us revert, which would quit the one complete copy (the
+    fault campaign found this).
+    """
     assert session.source_migration is not None
-    assert session.target_migration is not None
-    await wait_migration(
-        session.source_migration, {"completed"}, state=session.state, side="source"
-    )
-    await wait_migration(
-        session.target_migration, {"completed"}, state=session.state, side="target"
-    )
-    session.facts.migration_status = "completed"
-    stats = await migration.query_migrate(session.source)
+    try:
+        if not source_completed:
+            await wait_migration(
+                session.source_migration, {"completed"}, state=session.state, side="source"
+            )
+        stats = await migration.query_migrate(session.source)
+    except LivemigError as err:
+        session.warnings.append(f"could not read the migration's statistics: {err}")
+        return
     session.downtime_ms = stats.downtime_ms
     session.ram_bytes = stats.ram.transferred if stats.ram else None
 
@@ -457,22 +485,26 @@ async def _stop_nbd_server(session: Session) -> None:
 
 
 async def _complete_mirror(session: Session) -> None:
-    """Cancel the READY mirror while the guest is paused: the target holds a consistent copy.
+    """Cancel the READY mirror while the guest is paused: the target holds a consistent copy;
+    then stop the target's NBD server, which its guest's disk must not be exported by.
 
     Only here: cancelled any earlier, writes made after the cancel never reach the target.
+    Shared storage has no mirror: nothing to do.
     """
+    if session.plan.storage is StorageMode.SHARED:
+        return
     plan, src = session.plan, session.source
-    present = {j.id: j for j in await jobs.query_jobs(src)}
+    present = {j.device: j for j in await jobs.query_block_jobs(src)}
     job = present.get(plan.mirror_job)
-    if job is None or job.status not in ("ready", "standby"):
-        status = "gone" if job is None else job.status
+    if job is None or not job.ready or job.error:
+        status = "gone" if job is None else job.error or job.status
         raise session.fail(f"the mirror is no longer in sync with the target ({status})")
-    mirrored = {j.device: j.offset for j in await jobs.query_block_jobs(src)}
-    session.disk_bytes = (session.disk_bytes or 0) + mirrored.get(plan.mirror_job, 0)
+    session.disk_bytes = (session.disk_bytes or 0) + job.offset
     async with src.listen(*JOB_EVENTS) as stream:
         await jobs.block_job_cancel(src, plan.mirror_job, force=False)
         await wait_job(stream, src, plan.mirror_job, until="gone", state=session.state)
     session.undo.discard(UndoKind.CANCEL_JOB, Side.SOURCE)
+    await _stop_nbd_server(session)
 
 
 async def _resume_target(session: Session) -> None:
@@ -498,19 +530,13 @@ async def _resume_target(session: Session) -> None:
 
 
 async def _target_runs(session: Session) -> bool | None:
-    """Whether the target runs the guest; ``None`` when that cannot be told.
+    """Whether the target runs the guest; ``None`` when that cannot be told in time.
 
-    Shielded, so it also answers while the step is being cancelled. A target that cannot be
-    reached even after the monitor reconnected is gone: it runs nothing.
+    Shielded, so it also answers while the step is being cancelled.
     """
-    with trio.CancelScope(shield=True), trio.move_on_after(session.plan.deadlines.command):
-        try:
-            return (await runstate.query_status(session.target)).running
-        except ConnectionLost:
-            return False
-        except LivemigError:
-            return None
-    return None
+    with trio.CancelScope(shield=True):
+        liveness = await guest_runs(session.target, patience=2 * session.plan.deadlines.command)
+    return None if liveness is Liveness.UNKNOWN else liveness is Liveness.RUNS
 
 
 async def _clean_up_source(session: Session) -> None:
@@ -519,12 +545,16 @@ async def _clean_up_source(session: Session) -> None:
     if session.plan.policy.stop_source:
         steps.append(("quit the source", partial(runstate.quit, session.source)))
     steps += [(f"remove {p}", partial(session.host.remove, p)) for p in session.run_files()]
-    for what, step in steps:
-        try:
-            await step()
-        except Exception as err:
-            session.warnings.append(f"could not {what}: {err}")
-    session.undo = type(session.undo)()
+    # Shielded: the guest already runs on the target, so a cancel (SIGINT) now must let this
+    # short cleanup finish, not leave the source QEMU and the files behind (the fault campaign
+    # found that). Each command is still bounded by the command deadline.
+    with trio.CancelScope(shield=True):
+        for what, step in steps:
+            try:
+                await step()
+            except Exception as err:
+                session.warnings.append(f"could not {what}: {err}")
+    session.undo.clear()
 
 
 Action = Callable[[Session], Awaitable[None]]

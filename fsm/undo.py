@@ -71,37 +71,32 @@ class UndoStep:
 class UndoStack:
     """Last in, first out. The runner is its only owner.
 
-    :param on_change: called after every change (the runner journals the stack there).
+    :param on_push: called after every push: the runner journals the stack there, durably,
+        before the thing the step undoes is created. Pops and discards are not journalled at
+        once: a step left in the journal for something already gone is harmless to run.
     """
 
     _steps: list[UndoStep] = attrs.field(factory=list, alias="steps")
-    on_change: Callable[[], None] | None = None
+    on_push: Callable[[], None] | None = None
 
     def push(self, step: UndoStep) -> None:
         self._steps.append(step)
-        self._changed()
+        if self.on_push is not None:
+            self.on_push()
 
     def discard(self, kind: UndoKind, side: Side) -> None:
         """Drop every pending step of ``kind`` on ``side``: what it would undo is already gone."""
         self._steps = [s for s in self._steps if not (s.kind is kind and s.side is side)]
-        self._changed()
 
     def top(self) -> UndoStep | None:
         """The step to run next, left on the stack until :meth:`pop` says it is done."""
         return self._steps[-1] if self._steps else None
 
     def pop(self) -> UndoStep:
-        step = self._steps.pop()
-        self._changed()
-        return step
+        return self._steps.pop()
 
     def clear(self) -> None:
         self._steps.clear()
-        self._changed()
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
 
     def __len__(self) -> int:
         return len(self._steps)

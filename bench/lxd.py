@@ -1,0 +1,308 @@
+"""The ``lxd-equivalent`` variant: what LXD does for a live VM migration, over livemig's drivers.
+
+The sequence and settings follow LXD's QEMU driver:
+
+- QEMU's defaults stay: ``max-bandwidth`` 128 MiB/s, ``downtime-limit`` 300 ms;
+- source capabilities ``auto-converge`` and ``pause-before-switchover`` (no ``events``);
+  target ``late-block-activate`` (the same as livemig, which the NBD export needs);
+- non-shared storage: qcow2 overlay + ``blockdev-snapshot``, the frozen base copied into the
+  target's NBD export, ``blockdev-mirror sync=top`` of the overlay until READY;
+- ``migrate``, then ``query-migrate`` once a second until ``pre-switchover`` (LXD polls at 1 s);
+  no stall detection, no throttling beyond auto-converge;
+- soft ``block-job-cancel`` of the mirror, ``migrate-continue``, ``completed``, target
+  ``nbd-server-stop`` + ``cont``, source ``quit``.
+
+LXD waits without a deadline; the benchmark gives it one. When it passes, the run counts as not
+converged and the bench reverts (``migrate_cancel``, the mirror cancelled, the overlay committed
+back, the target quit) so that the guest goes on on the source and the next run can start. That
+revert is the benchmark's, not LXD's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from drivers import block, image, jobs, migration, nbd, runstate
+from drivers.qmp import Monitor, open_monitor
+from guest._lab import Lab
+from transports.errors import CommandFailed, ConnectionLost, LivemigError
+
+__all__ = ["LxdOutcome", "run_lxd_equivalent"]
+
+#: LXD's interval between ``query-migrate`` polls while waiting for ``pre-switchover``.
+PRE_SWITCHOVER_POLL_S = 1.0
+#: How often the bench looks at jobs and statuses outside that loop.
+_POLL_S = 0.05
+_SENDING = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"})
+_DISK = "root"
+_OVERLAY = "lxd-overlay"
+_NBD_NODE = "lxd-nbd"
+_MIRROR = "lxd-mirror"
+_COMMIT = "lxd-commit"
+_EXPORT = "lxd-export"
+
+
+@attrs.define
+class LxdOutcome:
+    converged: bool = False
+    #: The deadline passed before ``pre-switchover`` (then the bench reverted).
+    timed_out: bool = False
+    total_ms: float | None = None
+    downtime_ms: float | None = None
+    ram_bytes: int | None = None
+    disk_bytes: int | None = None
+    error: str | None = None
+    #: The last ``query-migrate`` sample of the 1 s loop, and how many were taken.
+    last_poll: dict[str, Any] | None = None
+    polls: int = 0
+    phases_ms: dict[str, float] = attrs.field(factory=dict)
+    revert_problems: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class _Files:
+    overlay: Path
+    nbd_socket: Path
+    ram_socket: Path
+
+    @classmethod
+    def under(cls, work: Path) -> _Files:
+        return cls(work / "lxd-overlay.qcow2", work / "lxd-nbd.sock", work / "lxd-ram.sock")
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.overlay, self.nbd_socket, self.ram_socket)
+
+
+async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
+    """Migrate the lab's guest the way LXD does; revert when ``deadline_s`` passes first."""
+    out = LxdOutcome()
+    files = _Files.under(lab.work_dir)
+    started = trio.current_time()
+
+    def mark(phase: str) -> None:
+        out.phases_ms[phase] = round((trio.current_time() - started) * 1000.0, 1)
+
+    async with (
+        open_monitor(lab.source_qmp, name="lxd-source") as src,
+        open_monitor(lab.target_qmp, name="lxd-target") as dst,
+    ):
+        at_switchover = False
+        try:
+            with trio.move_on_after(deadline_s):
+                await _forward(lab=lab, src=src, dst=dst, files=files, out=out, mark=mark)
+                at_switchover = True
+        except LivemigError as err:
+            out.error = f"{type(err).__name__}: {err}"
+        if not at_switchover:
+            if out.error is None:
+                out.timed_out = True
+                out.error = f"not at pre-switchover after {deadline_s:.0f} s"
+            with trio.CancelScope(shield=True), trio.move_on_after(120) as scope:
+                await _revert(src, dst, files, out)
+            if scope.cancelled_caught:
+                out.revert_problems.append("the bench's revert did not finish in 120 s")
+            return out
+        try:
+            with trio.fail_after(60):
+                await _switch_over(lab, src, dst, out)
+        except (LivemigError, trio.TooSlowError) as err:
+            out.error = f"switchover: {type(err).__name__}: {err}"
+            return out
+        out.total_ms = (trio.current_time() - started) * 1000.0
+        out.converged = True
+        mark("target-cont")
+        with contextlib.suppress(ConnectionLost, CommandFailed):
+            await runstate.quit(src)
+    for path in files.all():
+        await trio.Path(path).unlink(missing_ok=True)
+    return out
+
+
+async def _forward(
+    *,
+    lab: Lab,
+    src: Monitor,
+    dst: Monitor,
+    files: _Files,
+    out: LxdOutcome,
+    mark: Callable[[str], None],
+) -> None:
+    await migration.set_capabilities(src, {"auto-converge": True, "pause-before-switchover": True})
+    await migration.set_capabilities(dst, {"late-block-activate": True})
+    if lab.storage == "non-shared":
+        await _disk(lab, src, dst, files, out)
+        mark("mirror-ready")
+    uri = f"unix:{files.ram_socket}"
+    await migration.migrate_incoming(dst, uri)
+    await migration.migrate(src, uri)
+    mark("migrate")
+    while True:
+        stats = await migration.query_migrate(src)
+        out.polls += 1
+        out.last_poll = _sample(stats)
+        if stats.status == "pre-switchover":
+            break
+        if stats.status in ("failed", "cancelled", "completed"):
+            raise LivemigError(f"migration {stats.status}: {stats.error_desc}")
+        await trio.sleep(PRE_SWITCHOVER_POLL_S)
+    mark("pre-switchover")
+
+
+async def _disk(lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome) -> None:
+    base = await image.info(lab.source_disk)
+    await image.create(files.overlay, "qcow2", base.virtual_size)
+    await block.blockdev_add(
+        src,
+        {
+            "driver": "qcow2",
+            "node-name": _OVERLAY,
+            "file": {"driver": "file", "filename": str(files.overlay)},
+            "backing": None,
+        },
+    )
+    await block.blockdev_snapshot(src, node=_DISK, overlay=_OVERLAY)
+    await nbd.nbd_server_start(dst, files.nbd_socket)
+    await nbd.block_export_add(dst, export_id=_EXPORT, node_name=_DISK, name=_DISK, writable=True)
+    await image.copy_to_nbd(lab.source_disk, "raw", files.nbd_socket, _DISK, target_is_zero=True)
+    out.disk_bytes = (await image.info(lab.source_disk)).actual_size
+    await block.blockdev_add(
+        src,
+        {
+            "driver": "nbd",
+            "node-name": _NBD_NODE,
+            "server": {"type": "unix", "path": str(files.nbd_socket)},
+            "export": _DISK,
+        },
+    )
+    await block.blockdev_mirror(src, job_id=_MIRROR, device=_OVERLAY, target=_NBD_NODE, sync="top")
+    await _until(lambda: _job_status(src, _MIRROR), {"ready"}, fail={None, "concluded"})
+
+
+async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
+    if lab.storage == "non-shared":
+        mirrored = {j.device: j.offset for j in await jobs.query_block_jobs(src)}
+        out.disk_bytes = (out.disk_bytes or 0) + mirrored.get(_MIRROR, 0)
+        await jobs.block_job_cancel(src, _MIRROR, force=False)
+        await _until(lambda: _job_status(src, _MIRROR), {None})
+    await migration.migrate_continue(src, "pre-switchover")
+    await _until(lambda: _migration_status(src), {"completed"}, fail={"failed", "cancelled"})
+    await _until(lambda: _migration_status(dst), {"completed"}, fail={"failed", "cancelled"})
+    stats = await migration.query_migrate(src)
+    out.downtime_ms = stats.downtime_ms
+    out.ram_bytes = stats.ram.transferred if stats.ram else None
+    if lab.storage == "non-shared":
+        await nbd.nbd_server_stop(dst)
+    await runstate.cont(dst)
+
+
+async def _revert(src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome) -> None:
+    """Undo what was done, whatever point was reached; each step looks before it acts."""
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("cancel the migration", lambda: _cancel_migration(src)),
+        ("cancel the mirror", lambda: _cancel_job(src, _MIRROR)),
+        ("remove the NBD node", lambda: _del_node(src, _NBD_NODE)),
+        ("resume the source", lambda: _resume(src)),
+        ("merge the overlay", lambda: _merge_overlay(src)),
+        ("remove the overlay node", lambda: _del_node(src, _OVERLAY)),
+        ("quit the target", lambda: _quit(dst)),
+    ]
+    for what, step in steps:
+        try:
+            await step()
+        except LivemigError as err:
+            out.revert_problems.append(f"could not {what}: {err}")
+    for path in files.all():
+        await trio.Path(path).unlink(missing_ok=True)
+
+
+async def _cancel_migration(src: Monitor) -> None:
+    if (await migration.query_migrate(src)).status in _SENDING:
+        await migration.migrate_cancel(src)
+    await _until(lambda: _migration_status(src), None, stop=lambda s: s not in _SENDING)
+
+
+async def _cancel_job(src: Monitor, job: str) -> None:
+    status = await _job_status(src, job)
+    if status is None:
+        return
+    if status == "concluded":
+        await jobs.job_dismiss(src, job)
+    else:
+        await jobs.block_job_cancel(src, job, force=True)
+    await _until(lambda: _job_status(src, job), {None})
+
+
+async def _del_node(src: Monitor, node: str) -> None:
+    if any(n.node_name == node for n in await block.query_named_block_nodes(src)):
+        await block.blockdev_del(src, node)
+
+
+async def _resume(src: Monitor) -> None:
+    status = await runstate.query_status(src)
+    while status.status == "finish-migrate":
+        await trio.sleep(_POLL_S)
+        status = await runstate.query_status(src)
+    if not status.running:
+        await runstate.cont(src)
+
+
+async def _merge_overlay(src: Monitor) -> None:
+    nodes = {n.node_name: n for n in await block.query_named_block_nodes(src)}
+    overlay, base = nodes.get(_OVERLAY), nodes.get(_DISK)
+    if overlay is None or base is None or overlay.backing_file != base.filename:
+        return
+    await block.block_commit(src, job_id=_COMMIT, device=_OVERLAY)
+    await _until(lambda: _job_status(src, _COMMIT), {"ready"}, fail={None, "concluded"})
+    await jobs.job_complete(src, _COMMIT)
+    await _until(lambda: _job_status(src, _COMMIT), {None})
+
+
+async def _quit(dst: Monitor) -> None:
+    with contextlib.suppress(ConnectionLost):
+        await runstate.quit(dst)
+
+
+async def _job_status(m: Monitor, job: str) -> str | None:
+    return {j.id: j.status for j in await jobs.query_jobs(m)}.get(job)
+
+
+async def _migration_status(m: Monitor) -> str:
+    return (await migration.query_migrate(m)).status
+
+
+async def _until(
+    probe: Callable[[], Awaitable[str | None]],
+    done: set[str | None] | None,
+    *,
+    fail: set[str | None] | frozenset[str | None] = frozenset(),
+    stop: Callable[[str | None], bool] | None = None,
+) -> None:
+    """Poll ``probe`` until it returns one of ``done`` (or ``stop`` says so)."""
+    while True:
+        value = await probe()
+        if (done is not None and value in done) or (stop is not None and stop(value)):
+            return
+        if value in fail:
+            raise LivemigError(f"unexpected status {value!r}")
+        await trio.sleep(_POLL_S)
+
+
+def _sample(stats: migration.MigrationStats) -> dict[str, Any]:
+    ram = stats.ram
+    return {
+        "status": stats.status,
+        "total_time_ms": stats.total_time_ms,
+        "expected_downtime_ms": stats.expected_downtime_ms,
+        "cpu_throttle_percentage": stats.cpu_throttle_percentage,
+        "ram_transferred": ram.transferred if ram else None,
+        "ram_remaining": ram.remaining if ram else None,
+        "dirty_pages_rate": ram.dirty_pages_rate if ram else None,
+        "dirty_sync_count": ram.dirty_sync_count if ram else None,
+        "mbps": ram.mbps if ram else None,
+    }

@@ -1,0 +1,68 @@
+"""One measured run, as recorded (a failed run is recorded too, never dropped)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+__all__ = ["VARIANTS", "RunRecord", "Status", "Variant"]
+
+Variant = Literal["livemig", "lxd-equivalent", "libvirt", "floor"]
+#: The variants that migrate (the floor is computed from livemig's bytes).
+VARIANTS: tuple[Variant, ...] = ("livemig", "lxd-equivalent", "libvirt")
+
+#: ``ok``: converged within the deadline; ``not-converged``: the deadline passed and the run was
+#: reverted; ``failed``: it broke (the error says how); ``skipped``: the variant is unavailable.
+Status = Literal["ok", "not-converged", "failed", "skipped"]
+
+
+@attrs.define
+class RunRecord:
+    """Figures of one run of one variant on one scenario in one repetition.
+
+    Times in milliseconds, bytes in bytes; ``None`` where the variant does not measure it.
+
+    :param total_ms: the variant's own measure of the whole migration (livemig: its result's
+        ``total_ms``; libvirt: the job's ``time_elapsed``; lxd-equivalent: its own start to the
+        target's ``cont``; floor: the time to stream the same bytes through a unix socket).
+    :param downtime_ms: what QEMU reported (through libvirt for libvirt).
+    :param heartbeat_gap_ms: the longest time between two consecutive guest heartbeats, as the
+        host read them on the source and target consoles, around the migration.
+    :param cpu_ms: user+system CPU time of the ``livemig`` process (livemig only).
+    :param wall_ms: wall time of the ``livemig`` process, start to exit (livemig only).
+    :param problems: invariant violations found by ``Lab.verify`` (livemig, lxd-equivalent).
+    :param detail: variant-specific extras (phases, last progress sample, raw statistics).
+    """
+
+    rep: int
+    scenario: str
+    variant: Variant
+    status: Status
+    total_ms: float | None = None
+    downtime_ms: float | None = None
+    heartbeat_gap_ms: float | None = None
+    ram_bytes: int | None = None
+    disk_bytes: int | None = None
+    cpu_ms: float | None = None
+    wall_ms: float | None = None
+    problems: list[str] = attrs.field(factory=list)
+    error: str | None = None
+    loadavg: float | None = None
+    detail: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def cpu_share(self) -> float | None:
+        if self.cpu_ms is None or not self.wall_ms:
+            return None
+        return self.cpu_ms / self.wall_ms
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["converged"] = self.converged
+        out["cpu_share"] = self.cpu_share
+        return out

@@ -1,0 +1,371 @@
+"""Medians per scenario x variant, the project's targets as PASS/FAIL, markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import attrs
+
+from bench.model import RunRecord
+from bench.runner import Results
+from bench.scenarios import Scenario
+
+__all__ = ["Cell", "TargetCheck", "check_targets", "markdown", "summarize", "write"]
+
+_VARIANTS = ("livemig", "lxd-equivalent", "libvirt", "floor")
+_MIB = float(1 << 20)
+
+
+def _median(values: Iterable[float | int | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+@attrs.frozen
+class Cell:
+    """One scenario x variant: counts over every run, medians over the converged ones."""
+
+    scenario: str
+    variant: str
+    runs: int
+    ok: int
+    not_converged: int
+    failed: int
+    with_violations: int
+    total_ms: float | None
+    downtime_ms: float | None
+    gap_ms: float | None
+    ram_bytes: float | None
+    disk_bytes: float | None
+    cpu_ms: float | None
+    cpu_share: float | None
+
+    @classmethod
+    def of(cls, scenario: str, variant: str, runs: Sequence[RunRecord]) -> Cell:
+        ok = [r for r in runs if r.converged]
+
+        def med(get: Callable[[RunRecord], float | int | None]) -> float | None:
+            return _median(get(r) for r in ok)
+
+        return cls(
+            scenario=scenario,
+            variant=variant,
+            runs=len(runs),
+            ok=len(ok),
+            not_converged=sum(r.status == "not-converged" for r in runs),
+            failed=sum(r.status == "failed" for r in runs),
+            with_violations=sum(bool(r.problems) for r in runs),
+            total_ms=med(lambda r: r.total_ms),
+            downtime_ms=med(lambda r: r.downtime_ms),
+            gap_ms=med(lambda r: r.heartbeat_gap_ms),
+            ram_bytes=med(lambda r: r.ram_bytes),
+            disk_bytes=med(lambda r: r.disk_bytes),
+            cpu_ms=med(lambda r: r.cpu_ms),
+            cpu_share=med(lambda r: r.cpu_share),
+        )
+
+
+def summarize(records: Sequence[RunRecord]) -> dict[tuple[str, str], Cell]:
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.scenario, r.variant), []).append(r)
+    return {key: Cell.of(key[0], key[1], runs) for key, runs in groups.items()}
+
+
+@attrs.frozen
+class TargetCheck:
+    target: str
+    scenario: str
+    livemig: str
+    reference: str
+    verdict: str  # PASS, FAIL or n/a
+    note: str = ""
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f} ms"
+
+
+def _compare(
+    target: str,
+    scenario: str,
+    mine: float | None,
+    theirs: float | None,
+    factor: float,
+    *,
+    ref_name: str,
+    ref_cell: Cell | None,
+    fmt: Callable[[float | None], str] = _ms,
+) -> TargetCheck:
+    """``mine ≤ factor x theirs``."""
+    ref_text = f"{'' if factor == 1 else f'{factor:g} x '}{ref_name} {fmt(theirs)}"
+    if mine is None:
+        return TargetCheck(target, scenario, "-", ref_text, "FAIL", "livemig never converged")
+    if theirs is None:
+        if ref_cell is not None and ref_cell.runs and ref_cell.ok == 0 and ref_cell.not_converged:
+            note = f"{ref_name} never converged within the deadline"
+            return TargetCheck(target, scenario, fmt(mine), ref_text, "PASS", note)
+        return TargetCheck(target, scenario, fmt(mine), ref_text, "n/a", f"no {ref_name} figure")
+    ratio = mine / theirs if theirs else float("inf")
+    verdict = "PASS" if mine <= factor * theirs else "FAIL"
+    return TargetCheck(target, scenario, fmt(mine), ref_text, verdict, f"ratio {ratio:.2f}")
+
+
+def check_targets(
+    cells: dict[tuple[str, str], Cell], scenarios: Sequence[Scenario]
+) -> list[TargetCheck]:
+    checks: list[TargetCheck] = []
+    for sc in scenarios:
+        name = sc.name
+        lm = cells.get((name, "livemig"))
+        if lm is None:
+            continue
+        lxd = cells.get((name, "lxd-equivalent"))
+        lv = cells.get((name, "libvirt"))
+        fl = cells.get((name, "floor"))
+
+        def val(cell: Cell | None, get: Callable[[Cell], float | None]) -> float | None:
+            return None if cell is None else get(cell)
+
+        checks.append(
+            TargetCheck(
+                "every run finalized, invariants held",
+                name,
+                f"{lm.ok}/{lm.runs} finalized, {lm.with_violations} with violations",
+                "",
+                "PASS" if lm.ok == lm.runs and lm.with_violations == 0 else "FAIL",
+            )
+        )
+        if lv is not None:
+            checks.append(
+                _compare(
+                    "total ≤ libvirt",
+                    name,
+                    lm.total_ms,
+                    lv.total_ms,
+                    1,
+                    ref_name="libvirt",
+                    ref_cell=lv,
+                )
+            )
+        if lxd is not None and sc.load in ("idle", "50"):
+            checks.append(
+                _compare(
+                    "total ≤ 0.6 x lxd-equivalent",
+                    name,
+                    lm.total_ms,
+                    lxd.total_ms,
+                    0.6,
+                    ref_name="lxd-equivalent",
+                    ref_cell=lxd,
+                )
+            )
+        if fl is not None:
+            checks.append(
+                _compare(
+                    "total ≤ 1.5 x floor",
+                    name,
+                    lm.total_ms,
+                    val(fl, lambda c: c.total_ms),
+                    1.5,
+                    ref_name="floor",
+                    ref_cell=fl,
+                )
+            )
+        if lv is not None:
+            checks.append(
+                _compare(
+                    "downtime ≤ libvirt",
+                    name,
+                    lm.downtime_ms,
+                    lv.downtime_ms,
+                    1,
+                    ref_name="libvirt",
+                    ref_cell=lv,
+                )
+            )
+        if sc.load == "idle":
+            checks.append(
+                _compare(
+                    "heartbeat gap ≤ 150 ms",
+                    name,
+                    lm.gap_ms,
+                    150.0,
+                    1,
+                    ref_name="limit",
+                    ref_cell=None,
+                )
+            )
+        if lxd is not None:
+            checks.append(
+                _compare(
+                    "heartbeat gap ≤ 0.3 x lxd-equivalent",
+                    name,
+                    lm.gap_ms,
+                    lxd.gap_ms,
+                    0.3,
+                    ref_name="lxd-equivalent",
+                    ref_cell=lxd,
+                )
+            )
+        checks.append(
+            _compare(
+                "CPU ≤ 5 % of wall",
+                name,
+                lm.cpu_share,
+                0.05,
+                1,
+                ref_name="limit",
+                ref_cell=None,
+                fmt=_pct,
+            )
+        )
+    return checks
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f} %"
+
+
+def _num(v: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if v is None else f"{v / scale:.{digits}f}"
+
+
+def medians_table(results: Results, cells: dict[tuple[str, str], Cell]) -> list[str]:
+    lines = [
+        "| scenario | variant | converged | total ms | downtime ms | heartbeat gap ms "
+        "| RAM MiB | disk MiB | livemig CPU ms (share of wall) |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for sc in results.config.scenarios:
+        for variant in _VARIANTS:
+            cell = cells.get((sc.name, variant))
+            if cell is None:
+                if variant in results.skipped:
+                    lines.append(f"| {sc.name} | {variant} | skipped | | | | | | |")
+                continue
+            counts = f"{cell.ok}/{cell.runs}"
+            if cell.not_converged:
+                counts += f" ({cell.not_converged} not converged)"
+            if cell.failed:
+                counts += f" ({cell.failed} failed)"
+            if cell.with_violations:
+                counts += f" ⚠ {cell.with_violations} with violations"
+            cpu = f"{cell.cpu_ms:.0f} ({_pct(cell.cpu_share)})" if cell.cpu_ms is not None else ""
+            lines.append(
+                f"| {sc.name} | {variant} | {counts} | {_num(cell.total_ms)} "
+                f"| {_num(cell.downtime_ms)} | {_num(cell.gap_ms)} "
+                f"| {_num(cell.ram_bytes, _MIB, 1)} | {_num(cell.disk_bytes, _MIB, 1)} | {cpu} |"
+            )
+    return lines
+
+
+def targets_table(checks: Sequence[TargetCheck]) -> list[str]:
+    lines = [
+        "| target | scenario | livemig | reference | verdict | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c.target} | {c.scenario} | {c.livemig} | {c.reference} | **{c.verdict}** | {c.note} |"
+        for c in checks
+    ]
+    passed = sum(c.verdict == "PASS" for c in checks)
+    failed = sum(c.verdict == "FAIL" for c in checks)
+    lines.append("")
+    lines.append(f"{passed} PASS, {failed} FAIL, {len(checks) - passed - failed} n/a")
+    return lines
+
+
+def notes(results: Results) -> list[str]:
+    out = [f"- {reason}" for reason in results.skipped.values()]
+    if (startup := _median(results.startup_cpu_ms)) is not None:
+        out.append(
+            f"- A process that only starts Python and imports livemig's CLI uses {startup:.0f} ms"
+            f" of CPU (median of {len(results.startup_cpu_ms)}; part of livemig's CPU figure)."
+        )
+    floors = [r.detail.get("bytes_per_s") for r in results.records if r.variant == "floor"]
+    rate = _median(f for f in floors if isinstance(f, int | float))
+    if rate is not None:
+        out.append(f"- Floor: unix socket stream throughput, median {rate / 1e6:.0f} MB/s.")
+    out += [f"- {n}" for n in results.notes]
+    return out
+
+
+def _runs_table(records: Sequence[RunRecord]) -> list[str]:
+    lines = [
+        "| # | rep | scenario | variant | status | total ms | downtime ms | gap ms | RAM MiB "
+        "| disk MiB | CPU ms | load avg | notes |",
+        "|--:|--:|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for i, r in enumerate(records, 1):
+        note = (
+            "; ".join([*(["VIOLATION: " + p for p in r.problems]), *([r.error] if r.error else [])])
+            .replace("|", "/")
+            .replace("\n", " ")
+        )
+        lines.append(
+            f"| {i} | {r.rep} | {r.scenario} | {r.variant} | {r.status} | {_num(r.total_ms)} "
+            f"| {_num(r.downtime_ms)} | {_num(r.heartbeat_gap_ms)} "
+            f"| {_num(r.ram_bytes, _MIB, 1)} | {_num(r.disk_bytes, _MIB, 1)} "
+            f"| {_num(r.cpu_ms)} | {_num(r.loadavg, 1, 2)} | {note[:400]} |"
+        )
+    return lines
+
+
+def markdown(results: Results, *, with_runs: bool = True) -> str:
+    cells = summarize(results.records)
+    checks = check_targets(cells, results.config.scenarios)
+    env = results.environment
+    cfg = results.config
+    head = [
+        f"# livemig benchmark — {results.started_utc}",
+        "",
+        f"{cfg.runs} repetitions; in each, every scenario runs every variant in turn (the order "
+        f"rotates per repetition), each on a freshly booted test guest (TCG). Medians over the "
+        f"runs that converged within the {cfg.deadline_s:.0f} s deadline.",
+        "",
+        f"Host: {env.get('cpus')} CPUs, kernel {env.get('kernel')}, {env.get('qemu')}, "
+        f"libvirt: {env.get('libvirt', 'not used')}, livemig {env.get('livemig_commit')}.",
+    ]
+    if not results.finished:
+        head += ["", "**Partial results: the run did not finish.**"]
+    scen = [f"- `{s.name}`: {s.describe}" for s in cfg.scenarios]
+    parts = [
+        *head,
+        "",
+        "## Scenarios",
+        "",
+        *scen,
+        "",
+        "## Medians",
+        "",
+        *medians_table(results, cells),
+        "",
+        "## Targets",
+        "",
+        *targets_table(checks),
+        "",
+        "## Notes",
+        "",
+        *(notes(results) or ["- none"]),
+    ]
+    if with_runs:
+        parts += ["", "## Every run", "", *_runs_table(results.records)]
+    return "\n".join(parts) + "\n"
+
+
+def write(results: Results, directory: Path, stem: str) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.json`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    md = directory / f"{stem}.md"
+    js = directory / f"{stem}.json"
+    md.write_text(markdown(results))
+    cells = summarize(results.records)
+    payload = results.to_json()
+    payload["medians"] = [attrs.asdict(c) for c in cells.values()]
+    payload["targets"] = [attrs.asdict(c) for c in check_targets(cells, results.config.scenarios)]
+    js.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return md, js

@@ -1,0 +1,437 @@
+"""The benchmark loop: every repetition runs every scenario with every variant, interleaved.
+
+Order: for each repetition, for each scenario, each variant in turn (the order rotates by one
+each repetition), then the floor from livemig's bytes of that repetition. Every run gets its
+own temporary work directory and a freshly booted guest; a failed run is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import trio
+import trio_asyncio
+
+from bench.child import run_measured
+from bench.floor import stream_through_unix_socket
+from bench.heartbeats import first_after, gap_around
+from bench.libvirt import (
+    LibvirtPeers,
+    LibvirtUnavailable,
+    ensure_installed,
+    libvirt_peers,
+    run_libvirt,
+)
+from bench.livemig_run import run_livemig
+from bench.lxd import run_lxd_equivalent
+from bench.model import RunRecord, Status, Variant
+from bench.scenarios import DISK_BYTES, Scenario
+from drivers.process import find_qemu_processes
+from guest import GuestImage, ensure_built
+from guest._lab import Lab, migration_lab
+
+__all__ = ["Config", "Results", "run_bench"]
+
+REPO = Path(__file__).resolve().parents[1]
+#: livemig errors that mean "RAM did not converge in time" (the run reverted cleanly).
+_NOT_CONVERGED = frozenset({"DeadlineExceeded", "ConvergenceFailed"})
+#: Start-up CPU samples per repetition.
+_STARTUP_SAMPLES = 3
+#: Time a lab run may take beyond the migration deadline (boot, verify, poweroff, teardown).
+_RUN_SLACK_S = 300.0
+
+
+@attrs.frozen
+class Config:
+    runs: int
+    scenarios: tuple[Scenario, ...]
+    variants: tuple[Variant, ...]
+    deadline_s: float
+    install: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "scenarios": [s.name for s in self.scenarios],
+            "variants": list(self.variants),
+            "deadline_s": self.deadline_s,
+        }
+
+
+@attrs.define
+class Results:
+    config: Config
+    started_utc: str = attrs.field(
+        factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    environment: dict[str, Any] = attrs.field(factory=dict)
+    records: list[RunRecord] = attrs.field(factory=list)
+    #: Variants that could not run, and why.
+    skipped: dict[str, str] = attrs.field(factory=dict)
+    notes: list[str] = attrs.field(factory=list)
+    #: CPU times of ``livemig``-like processes that only import the CLI (Python start-up and
+    #: imports), a few per repetition.
+    startup_cpu_ms: list[float] = attrs.field(factory=list)
+    finished: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "started_utc": self.started_utc,
+            "finished": self.finished,
+            "config": self.config.to_json(),
+            "environment": self.environment,
+            "skipped": self.skipped,
+            "notes": self.notes,
+            "startup_cpu_ms": self.startup_cpu_ms,
+            "records": [r.to_json() for r in self.records],
+        }
+
+
+Saver = Callable[[Results], None]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def run_bench(config: Config, results: Results, save: Saver) -> None:
+    """Run everything, appending to ``results`` and calling ``save`` after each repetition."""
+    image = await ensure_built()
+    results.environment.update(await _environment())
+    base = Path(tempfile.mkdtemp(prefix="livemig-bench-"))
+    try:
+        async with trio_asyncio.open_loop(), contextlib.AsyncExitStack() as stack:
+            peers = await _libvirt(config, results, stack, base)
+            for rep in range(1, config.runs + 1):
+                for _ in range(_STARTUP_SAMPLES):
+                    if (cpu := await _startup_cpu(base)) is not None:
+                        results.startup_cpu_ms.append(cpu)
+                for scenario in config.scenarios:
+                    await _repetition(
+                        config=config,
+                        results=results,
+                        image=image,
+                        peers=peers,
+                        base=base,
+                        rep=rep,
+                        scenario=scenario,
+                    )
+                save(results)
+        results.finished = True
+        commit = (await _environment()).get("livemig_commit")
+        if commit != results.environment.get("livemig_commit"):
+            results.notes.append(
+                f"livemig's working tree changed during the run: {commit} at the end"
+            )
+    finally:
+        _kill_qemus_under(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _kill_qemus_under(base: Path) -> None:
+    """Last resort after an error or Ctrl-C: no QEMU of the bench's may outlive it (each lab
+    stops its own QEMUs on the way out; this only sweeps up what a failure left)."""
+    for pid in find_qemu_processes(base):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def _libvirt(
+    config: Config, results: Results, stack: contextlib.AsyncExitStack, base: Path
+) -> LibvirtPeers | None:
+    if "libvirt" not in config.variants:
+        return None
+    _say("libvirt: checking the installation and starting two daemons …")
+    reason = await ensure_installed(install=config.install)
+    if reason is None:
+        try:
+            peers = await stack.enter_async_context(libvirt_peers(base / "libvirt"))
+        except (LibvirtUnavailable, OSError) as err:
+            reason = f"libvirt skipped: the daemons could not be started: {err}"
+        else:
+            results.environment["libvirt"] = peers.version
+            return peers
+    results.skipped["libvirt"] = reason
+    _say(reason)
+    return None
+
+
+def _rotated(variants: Sequence[Variant], by: int) -> list[Variant]:
+    k = by % len(variants) if variants else 0
+    return [*variants[k:], *variants[:k]]
+
+
+async def _repetition(
+    *,
+    config: Config,
+    results: Results,
+    image: GuestImage,
+    peers: LibvirtPeers | None,
+    base: Path,
+    rep: int,
+    scenario: Scenario,
+) -> None:
+    done: dict[Variant, RunRecord] = {}
+    for variant in _rotated(config.variants, rep - 1):
+        if variant == "libvirt" and peers is None:
+            continue
+        work = base / f"r{rep}-{len(results.records)}-{variant}"
+        await trio.Path(work).mkdir(parents=True)
+        try:
+            if variant == "libvirt":
+                assert peers is not None
+                record = await _libvirt_run(
+                    peers,
+                    scenario,
+                    image=image,
+                    work=work,
+                    rep=rep,
+                    deadline=config.deadline_s,
+                    serial=len(results.records),
+                )
+            else:
+                record = await _lab_run(
+                    variant, scenario, image=image, work=work, rep=rep, deadline=config.deadline_s
+                )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results.records.append(record)
+        done[variant] = record
+        _say(f"[{rep}/{config.runs}] {scenario.name:<26} {variant:<15} {_line(record)}")
+    if "livemig" in done:
+        record = await _floor(done["livemig"], scenario, rep)
+        results.records.append(record)
+        _say(f"[{rep}/{config.runs}] {scenario.name:<26} {'floor':<15} {_line(record)}")
+
+
+def _line(r: RunRecord) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    text = (
+        f"{r.status:<13} total {ms(r.total_ms)} ms, downtime {ms(r.downtime_ms)} ms, "
+        f"gap {ms(r.heartbeat_gap_ms)} ms"
+    )
+    if r.cpu_ms is not None:
+        text += f", cpu {ms(r.cpu_ms)}/{ms(r.wall_ms)} ms"
+    if r.error:
+        text += f" | {r.error[:200]}"
+    if r.problems:
+        text += f" | VIOLATIONS: {'; '.join(r.problems)[:300]}"
+    return text
+
+
+async def _lab_run(
+    variant: Variant,
+    scenario: Scenario,
+    *,
+    image: GuestImage,
+    work: Path,
+    rep: int,
+    deadline: float,
+) -> RunRecord:
+    record = RunRecord(rep, scenario.name, variant, "failed", loadavg=os.getloadavg()[0])
+    try:
+        with trio.fail_after(deadline + _RUN_SLACK_S):
+            async with migration_lab(
+                image,
+                work,
+                storage=scenario.storage,
+                memory_mib=scenario.memory_mib,
+                dirty_mib_s=scenario.dirty_mib_s,
+                dirty_buf_mib=scenario.dirty_buf_mib,
+                disk_bytes=DISK_BYTES,
+            ) as lab:
+                started = trio.current_time()
+                if variant == "livemig":
+                    await _livemig(lab, record, deadline)
+                else:
+                    await _lxd(lab, record, deadline)
+                ended = trio.current_time()
+                await _verify(lab, record, started, ended)
+    except Exception as err:
+        record.status = "failed"
+        message = describe(err)
+        record.error = f"{record.error}; {message}" if record.error else message
+    return record
+
+
+async def _verify(lab: Lab, record: RunRecord, started: float, ended: float) -> None:
+    expect: Literal["source", "target"] = "target" if record.status == "ok" else "source"
+    verdict = await lab.verify(expect=expect)
+    record.problems += list(verdict.problems)
+    console = lab.target_console if expect == "target" else lab.source_console
+    end = first_after(console.heartbeats, ended) or ended
+    gap = gap_around(lab.heartbeats(), started, end)
+    record.heartbeat_gap_ms = gap.gap_ms
+    record.detail["missing_heartbeats"] = gap.missing
+    record.detail["records_checked"] = verdict.records.checked
+    record.detail["survivor"] = expect
+
+
+async def _livemig(lab: Lab, record: RunRecord, deadline: float) -> None:
+    out = await run_livemig(lab, deadline_s=deadline)
+    record.cpu_ms = out.child.cpu_s * 1000.0
+    record.wall_ms = out.child.wall_s * 1000.0
+    record.detail.update(
+        exit_code=out.child.returncode,
+        user_ms=round(out.child.user_s * 1000.0, 1),
+        sys_ms=round(out.child.sys_s * 1000.0, 1),
+        progress_samples=out.progress_samples,
+        last_progress=out.last_progress,
+    )
+    result = out.result
+    if result is None:
+        record.error = f"no result line (exit {out.child.returncode}): {out.stderr_tail[-500:]}"
+        return
+    record.detail.update(
+        outcome=result.get("outcome"),
+        states=result.get("states"),
+        phases_ms=result.get("phases_ms"),
+        warnings=result.get("warnings"),
+    )
+    record.total_ms = _num(result.get("total_ms"))
+    record.downtime_ms = _num(result.get("downtime_ms"))
+    record.ram_bytes = _whole(result.get("ram_bytes"))
+    record.disk_bytes = _whole(result.get("disk_bytes"))
+    outcome = result.get("outcome")
+    status: Status
+    if outcome == "finalized":
+        status = "ok"
+    elif outcome == "reverted" and result.get("error_type") in _NOT_CONVERGED:
+        status = "not-converged"
+    else:
+        status = "failed"
+    record.status = status
+    if status != "ok":
+        record.error = f"{outcome} in {result.get('failed_in')}: {result.get('error')}"
+
+
+async def _lxd(lab: Lab, record: RunRecord, deadline: float) -> None:
+    out = await run_lxd_equivalent(lab, deadline_s=deadline)
+    record.total_ms = out.total_ms
+    record.downtime_ms = _num(out.downtime_ms)
+    record.ram_bytes = out.ram_bytes
+    record.disk_bytes = out.disk_bytes
+    record.problems += out.revert_problems
+    record.detail.update(phases_ms=out.phases_ms, polls=out.polls, last_poll=out.last_poll)
+    if out.converged:
+        record.status = "ok"
+    else:
+        record.status = "not-converged" if out.timed_out else "failed"
+        record.error = out.error
+
+
+async def _libvirt_run(
+    peers: LibvirtPeers,
+    scenario: Scenario,
+    *,
+    image: GuestImage,
+    work: Path,
+    rep: int,
+    deadline: float,
+    serial: int,
+) -> RunRecord:
+    record = RunRecord(rep, scenario.name, "libvirt", "failed", loadavg=os.getloadavg()[0])
+    try:
+        with trio.fail_after(deadline + _RUN_SLACK_S):
+            out = await run_libvirt(
+                peers, scenario, image, work, run_name=f"lvb{serial}", deadline_s=deadline
+            )
+    except Exception as err:
+        record.error = describe(err)
+        return record
+    record.total_ms = out.total_ms
+    record.downtime_ms = out.downtime_ms
+    record.ram_bytes = out.ram_bytes
+    record.disk_bytes = out.disk_bytes
+    record.heartbeat_gap_ms = out.heartbeat_gap_ms
+    record.problems += out.problems
+    record.detail.update(
+        missing_heartbeats=out.missing_heartbeats,
+        virsh_wall_ms=out.virsh_wall_ms,
+        stats=out.stats,
+    )
+    if out.converged:
+        record.status = "ok"
+    else:
+        record.status = "not-converged" if out.timed_out else "failed"
+        record.error = out.error
+    return record
+
+
+async def _floor(livemig: RunRecord, scenario: Scenario, rep: int) -> RunRecord:
+    record = RunRecord(rep, scenario.name, "floor", "failed")
+    if not livemig.converged or livemig.ram_bytes is None:
+        record.error = "livemig did not finish in this repetition: no byte count to stream"
+        return record
+    nbytes = livemig.ram_bytes + (livemig.disk_bytes or 0)
+    timing = await stream_through_unix_socket(nbytes)
+    record.status = "ok"
+    record.total_ms = timing.seconds * 1000.0
+    record.ram_bytes = livemig.ram_bytes
+    record.disk_bytes = livemig.disk_bytes
+    record.detail["bytes_per_s"] = round(timing.bytes_per_s)
+    return record
+
+
+async def _startup_cpu(base: Path) -> float | None:
+    """CPU time of a process that only starts Python and imports livemig's CLI."""
+    try:
+        child = await run_measured(
+            [sys.executable, "-c", "import livemig.cli"],
+            stderr_path=base / "startup.stderr",
+            deadline=60,
+        )
+    except OSError:
+        return None
+    return child.cpu_s * 1000.0 if child.returncode == 0 else None
+
+
+async def _environment() -> dict[str, Any]:
+    async def first_line(*argv: str) -> str | None:
+        try:
+            result = await trio.run_process(
+                list(argv), capture_stdout=True, capture_stderr=True, check=False
+            )
+        except OSError:
+            return None
+        lines = result.stdout.decode(errors="replace").strip().splitlines()
+        return lines[0] if result.returncode == 0 and lines else None
+
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu": await first_line("qemu-system-x86_64", "--version"),
+        "livemig_commit": await first_line(
+            "git", "-C", str(REPO), "describe", "--always", "--dirty"
+        ),
+        "accel": "tcg",
+    }
+
+
+def describe(err: BaseException) -> str:
+    """An error for the report; the leaves of an exception group, not the group."""
+    if isinstance(err, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in err.exceptions)
+    return f"{type(err).__name__}: {err}"
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _whole(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -20,7 +20,7 @@ from drivers.qmp import Monitor
 from fsm.events import MigrationResult, Outcome
 from fsm.journal import Journal, find_journals, remove_journal
 from fsm.machine import State
-from fsm.reverter import unwind
+from fsm.reverter import Liveness, guest_runs, unwind
 from fsm.runner import Connector, asyncio_loop, connect_monitor
 from fsm.undo import Side, UndoStack
 from transports.errors import ConnectionLost, LivemigError, QMPError
@@ -56,9 +56,13 @@ async def _recover_one(journal: Journal, connector: Connector, host: Host) -> Mi
     source = await _try_connect(connector, journal.source_qmp, "source", problems)
     target = await _try_connect(connector, journal.target_qmp, "target", problems)
     try:
-        target_runs = target is not None and await _runs(target)
-        source_runs = source is not None and await _runs(source)
-        if target_runs and source_runs:
+        on_target = await _liveness(target)
+        on_source = await _liveness(source)
+        target_runs = on_target is Liveness.RUNS
+        if on_target is Liveness.UNKNOWN:
+            outcome = Outcome.FAILED
+            problems.append("cannot tell whether the target runs the guest (the journal is kept)")
+        elif target_runs and on_source is Liveness.RUNS:
             outcome = Outcome.FAILED
             problems.append("both QEMUs run the guest: stop one by hand (the journal is kept)")
         elif target_runs or journal.target_resumed or journal.postcopy_committed:
@@ -95,12 +99,11 @@ async def _try_connect(
         return None
 
 
-async def _runs(monitor: Monitor) -> bool:
-    try:
-        with trio.fail_after(_STEP_DEADLINE):
-            return (await runstate.query_status(monitor)).running
-    except ConnectionLost:
-        return False
+async def _liveness(monitor: Monitor | None) -> Liveness:
+    """What a QEMU does with the guest; one failed question decides nothing (``guest_runs``)."""
+    if monitor is None:
+        return Liveness.GONE
+    return await guest_runs(monitor, patience=_STEP_DEADLINE)
 
 
 async def _roll_forward(
@@ -133,7 +136,7 @@ async def _finish_postcopy(
         return False
     try:
         with trio.fail_after(_STEP_DEADLINE):
-            if not await _runs(target):
+            if await _liveness(target) is not Liveness.RUNS:
                 await runstate.cont(target)
             while source is not None:
                 status = (await migration.query_migrate(source)).status
@@ -155,9 +158,12 @@ async def _revert(
         undo, monitors, host, state=State(journal.state), step_deadline=_STEP_DEADLINE
     )
     problems += failures
+    if failures:
+        # Not after a failed undo: the overlay may still be the guest's active layer.
+        return Outcome.FAILED
     for name in journal.files:
         await host.remove(Path(name))
-    return Outcome.FAILED if failures else Outcome.REVERTED
+    return Outcome.REVERTED
 
 
 class _Gone:

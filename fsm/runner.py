@@ -25,7 +25,7 @@ from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from fsm.journal import journal_path, remove_journal
 from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
 from fsm.plan import Deadlines, Plan
-from fsm.reverter import unwind
+from fsm.reverter import Liveness, guest_runs, unwind
 from fsm.session import Session
 from fsm.steps import ACTIONS
 from fsm.undo import Side
@@ -207,6 +207,7 @@ class _Runner:
                     Side.SOURCE: session.source,
                     Side.TARGET: session.target,
                 }
+                touched = len(session.undo) > 0
                 failures = await unwind(
                     session.undo,
                     monitors,
@@ -223,6 +224,7 @@ class _Runner:
                             await self.host.remove(path)
                         except Exception as err:  # the guest is safe: a warning
                             session.warnings.append(f"could not remove {path}: {err}")
+                failures += await self._source_safe(session, touched=touched)
             else:
                 failures = [
                     "past the point of no return (the target was or may have been resumed, or "
@@ -235,6 +237,20 @@ class _Runner:
                 Trigger.REVERT if self.machine.allows(Trigger.REVERT, self.facts) else Trigger.FAIL
             )
             self._enter(session, self.machine.fire(trigger, self.facts))
+
+    async def _source_safe(self, session: Session, *, touched: bool) -> list[str]:
+        """``reverted`` promises the guest is safe on the source: look before saying so.
+
+        After a revert that touched something, the guest must run there. A run stopped before
+        touching anything leaves the source as it was (a paused guest stays paused), but a source
+        that is gone is no safe end either.
+        """
+        if isinstance(session.source, _Unconnected):
+            return []  # never reached: nothing was touched and nothing can be known
+        liveness = await guest_runs(session.source, patience=self.plan.deadlines.command)
+        if liveness is Liveness.RUNS or (not touched and liveness is Liveness.STOPPED):
+            return []
+        return [f"the source guest is not safe after the revert: its QEMU {liveness.value}"]
 
     def _result(self, session: Session, error: BaseException | None) -> MigrationResult:
         total = session.now_ms()

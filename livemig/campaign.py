@@ -34,7 +34,7 @@ from fsm.undo import Side
 from guest import GuestImage
 from guest._lab import Lab, migration_lab
 
-__all__ = ["Case", "CaseReport", "cases", "run_case"]
+__all__ = ["Case", "CaseReport", "cases", "kill_on_state", "run_case"]
 
 #: States a fault can strike in (``idle`` faults are prechecks: see the CLI tests).
 FAULT_STATES = (
@@ -247,7 +247,7 @@ async def _crash_and_recover(lab: Lab, work_dir: Path, case: Case) -> tuple[Migr
         "--storage", lab.storage, "--work-dir", str(work_dir),
     ]  # fmt: skip
     process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
-    fired = await _kill_on_state(process, case.state.value)
+    fired = await kill_on_state(process, case.state.value)
     await process.wait()
     from fsm.recovery import recover  # noqa: PLC0415 - only this case needs it
 
@@ -257,7 +257,8 @@ async def _crash_and_recover(lab: Lab, work_dir: Path, case: Case) -> tuple[Migr
     return results[0], fired
 
 
-async def _kill_on_state(process: trio.Process, state: str) -> bool:
+async def kill_on_state(process: trio.Process, state: str) -> bool:
+    """Read ``livemig migrate --json`` lines; SIGKILL it as it enters ``state``. Whether it did."""
     assert process.stdout is not None
     buffer = b""
     while chunk := await process.stdout.receive_some():

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 import trio
@@ -18,25 +18,12 @@ from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_
 
 from guest import GuestImage
 from guest._lab import migration_lab
+from livemig.campaign import kill_on_state
 from livemig.cli import EXIT_OK, EXIT_REVERTED
 
 pytestmark = pytest.mark.qemu
 
 LIVEMIG = [sys.executable, "-m", "livemig"]
-
-
-async def kill_when(process: trio.Process, state: str, lines: list[dict[str, Any]]) -> None:
-    assert process.stdout is not None
-    buffer = b""
-    while chunk := await process.stdout.receive_some():
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            line = json.loads(raw)
-            lines.append(line)
-            if line["event"] == "state" and line["state"] == state:
-                process.send_signal(signal.SIGKILL)
-                return
 
 
 @pytest.mark.parametrize(
@@ -59,7 +46,6 @@ async def test_recover_after_livemig_was_killed(
     state: str,
     extra: list[str],
 ) -> None:
-    lines: list[dict[str, Any]] = []
     with trio.fail_after(120):
         async with migration_lab(guest_image, tmp_path, storage=storage, dirty_mib_s=20) as lab:
             argv = [
@@ -68,7 +54,7 @@ async def test_recover_after_livemig_was_killed(
                 "--work-dir", str(tmp_path), *extra,
             ]  # fmt: skip
             process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
-            await kill_when(process, state, lines)
+            assert await kill_on_state(process, state), "never saw the state"
             assert await process.wait() == -signal.SIGKILL
             assert list(tmp_path.glob("lm-*-journal.json")), "the run left no journal"
 

@@ -7,7 +7,9 @@ monitor is gone counts as done: the target process, and everything it held, is g
 
 from __future__ import annotations
 
+import enum
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,9 +21,18 @@ from drivers.qmp import Monitor
 from fsm.machine import State
 from fsm.session import JOB_EVENTS, wait_job
 from fsm.undo import Side, UndoKind, UndoStack, UndoStep
-from transports.errors import CommandFailed, ConnectionLost, MigrationError
+from transports.errors import (
+    CommandFailed,
+    ConnectFailed,
+    ConnectionLost,
+    DeadlineExceeded,
+    LivemigError,
+    MigrationError,
+    QMPError,
+    ToolError,
+)
 
-__all__ = ["run_undo", "unwind"]
+__all__ = ["Liveness", "guest_runs", "run_undo", "unwind"]
 
 log = logging.getLogger("livemig.revert")
 
@@ -31,6 +42,8 @@ _SENDING = frozenset(
 )
 #: Job statuses in which a job is already on its way out by itself (QEMU refuses ``cancel``).
 _ENDING = frozenset({"aborting", "null"})
+#: How many times an undo step is tried before its failure is recorded.
+_ATTEMPTS = 4
 #: How often to look while waiting for QEMU to settle after a cancel.
 _SETTLE_POLL = 0.02
 
@@ -40,24 +53,31 @@ async def run_undo(
 ) -> None:
     """Carry out one undo step. The caller bounds it with a deadline.
 
+    Every step is safe to run again, so one that meets a passing error (a refused or garbled
+    command, a hung one, a dropped link: the monitor reconnects on the next command if its QEMU
+    lives) is tried again, up to :data:`_ATTEMPTS` times. The fault campaign found a revert
+    that gave up on cancelling the migration after one error reply, leaving the guest paused.
+
     :raise LivemigError: when the step could not be done (the caller records it).
     """
-    monitor = monitors[step.side]
-    try:
-        await _run(step, monitor, host, state)
-    except ConnectionLost:
-        # The connection dropped; the monitor reconnects on the next command if its QEMU
-        # lives, so try once more. Every step is safe to run twice.
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            await trio.sleep(_SETTLE_POLL)
         try:
-            await _run(step, monitor, host, state)
+            await _run(step, monitors, host, state)
+            return
         except ConnectionLost:
-            if step.side is Side.TARGET:
+            if attempt and step.side is Side.TARGET:
                 return  # the target process is gone, and everything it held with it
-            raise
+            if attempt == _ATTEMPTS - 1:
+                raise
+        except (QMPError, ToolError, DeadlineExceeded):
+            if attempt == _ATTEMPTS - 1:
+                raise
 
 
-async def _run(step: UndoStep, m: Monitor, host: Host, state: State) -> None:
-    args = step.args
+async def _run(step: UndoStep, monitors: Mapping[Side, Monitor], host: Host, state: State) -> None:
+    m, args = monitors[step.side], step.args
     match step.kind:
         case UndoKind.RESTORE_CAPABILITIES:
             await migration.set_capabilities(m, dict(args["capabilities"]))
@@ -90,8 +110,63 @@ async def _run(step: UndoStep, m: Monitor, host: Host, state: State) -> None:
             await _resume(m)
         case UndoKind.RESUME_GUEST:
             await _resume(m)
+        case UndoKind.QUIT if step.side is Side.TARGET:
+            await _quit_target(m, monitors[Side.SOURCE], state)
         case UndoKind.QUIT:
             await runstate.quit(m)
+
+
+async def _quit_target(target: Monitor, source: Monitor, state: State) -> None:
+    """Quit the target. Once its incoming migration completed it holds a whole copy of the
+    guest, so first make sure the source runs the guest; if the source is gone for good, the
+    target runs it instead. (The fault campaign found a revert, after the source died, that
+    quit the only complete copy.)"""
+    if (await migration.query_migrate(target)).status == "completed":
+        match await guest_runs(source):
+            case Liveness.STOPPED:
+                await _resume(source)
+            case Liveness.GONE:
+                await runstate.cont(target)
+                raise MigrationError(
+                    "the source is gone: the target, which held the whole guest, runs it now",
+                    state=state.value,
+                )
+            case Liveness.UNKNOWN:
+                raise MigrationError(
+                    "kept the target, which holds the whole guest: the source is not seen to "
+                    "run it",
+                    state=state.value,
+                )
+    await runstate.quit(target)
+
+
+class Liveness(enum.Enum):
+    """What a QEMU does with the guest, as far as its monitor tells."""
+
+    RUNS = "runs"
+    STOPPED = "stopped"
+    #: Its monitor refuses a new connection: the process is gone.
+    GONE = "gone"
+    #: No answer in time.
+    UNKNOWN = "unknown"
+
+
+async def guest_runs(m: Monitor, *, patience: float = math.inf) -> Liveness:
+    """Ask ``m`` whether it runs the guest, again after each failed question, for ``patience``
+    seconds. One failed question decides nothing, and a dropped link is no proof the QEMU is
+    gone either: only a monitor that refuses to reconnect is."""
+    with trio.move_on_after(patience):
+        while True:
+            try:
+                status = await runstate.query_status(m)
+                return Liveness.RUNS if status.running else Liveness.STOPPED
+            except ConnectionLost as err:
+                if isinstance(err.__cause__, ConnectFailed):
+                    return Liveness.GONE
+            except LivemigError:
+                pass
+            await trio.sleep(_SETTLE_POLL)
+    return Liveness.UNKNOWN
 
 
 async def _has_node(m: Monitor, node: str) -> bool:

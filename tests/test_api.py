@@ -1,0 +1,40 @@
+"""The public surface embedders use: everything in ``livemig.__all__``, and nothing else needed."""
+
+from __future__ import annotations
+
+import inspect
+
+import livemig
+
+
+def test_every_export_exists_and_is_listed_once() -> None:
+    assert len(set(livemig.__all__)) == len(livemig.__all__)
+    for name in livemig.__all__:
+        assert hasattr(livemig, name), name
+
+
+def test_every_error_derives_from_the_one_root() -> None:
+    errors = [
+        obj
+        for name in livemig.__all__
+        if inspect.isclass(obj := getattr(livemig, name)) and issubclass(obj, BaseException)
+    ]
+    assert len(errors) > 10
+    assert all(issubclass(e, livemig.LivemigError) for e in errors)
+
+
+def test_the_documented_example_builds_a_plan() -> None:
+    plan = livemig.Plan.create(
+        source_qmp="/run/vm1/source.qmp",
+        target_qmp="/run/vm1/target.qmp",
+        storage="non-shared",
+        work_dir="/var/lib/livemig/vm1",
+        policy=livemig.Policy(downtime_limit_ms=200),
+    )
+    assert plan.storage is livemig.StorageMode.NON_SHARED
+    assert inspect.iscoroutinefunction(livemig.migrate)
+    assert set(livemig.Outcome) == {
+        livemig.Outcome.FINALIZED,
+        livemig.Outcome.REVERTED,
+        livemig.Outcome.FAILED,
+    }

@@ -40,7 +40,7 @@ add_backports() {
   fi
 }
 
-packages=(busybox-static graphviz xz-utils cpio gzip gcc libc6-dev)
+packages=(busybox-static graphviz xz-utils zstd cpio gzip gcc libc6-dev binutils)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ! have_qemu10 || [ "${#missing[@]}" -gt 0 ] || [ -n "${LIVEMIG_APT_UPDATE:-}" ]; then

@@ -1,8 +1,8 @@
 """The forward actions, one per trigger. Each records what it observed in ``session.facts``.
 
-Every action pushes the undo of what it creates right after creating it, so a fault at any
-point leaves exactly the steps needed to get back. Actions never read the clock for policy and
-never set deadlines: the runner wraps each one.
+Every action pushes the undo of what it creates just before creating it, so a fault at any
+point leaves every step needed to get back (a step for something never created does nothing).
+Actions never read the clock for policy and never set deadlines: the runner wraps each one.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ async def connect(session: Session) -> None:
     src_ver, dst_ver = await runstate.query_version(src), await runstate.query_version(dst)
     if src_ver.major != dst_ver.major:
         raise PrecheckError(f"QEMU major versions differ: source {src_ver}, target {dst_ver}")
+    src_machine, dst_machine = await runstate.query_machine(src), await runstate.query_machine(dst)
+    if src_machine != dst_machine:
+        raise PrecheckError(f"machine types differ: source {src_machine}, target {dst_machine}")
     if (await migration.query_migrate(src)).status not in (
         None,
         "none",

@@ -79,11 +79,20 @@ def test_diagram_command_prints_the_machine(tmp_path: Path) -> None:
 # --- prechecks against real QEMUs (no guest kernel needed: the firmware idles) -----------------
 
 
-def bare(name: str, tmp: Path, disk: Path, *, memory: int = 128, incoming: bool = False) -> VmSpec:
+def bare(
+    name: str,
+    tmp: Path,
+    disk: Path,
+    *,
+    memory: int = 128,
+    incoming: bool = False,
+    machine: str = "q35",
+) -> VmSpec:
     return VmSpec(
         name=name,
         qmp_socket=tmp / f"{name}.qmp",
         memory_mib=memory,
+        machine=machine,
         disks=(DiskSpec(path=disk),),
         serial="none",
         incoming="defer" if incoming else None,
@@ -93,7 +102,12 @@ def bare(name: str, tmp: Path, disk: Path, *, memory: int = 128, incoming: bool 
 
 @asynccontextmanager
 async def pair(
-    tmp: Path, *, shared: bool = False, target_memory: int = 128, incoming: bool = True
+    tmp: Path,
+    *,
+    shared: bool = False,
+    target_memory: int = 128,
+    incoming: bool = True,
+    target_machine: str = "q35",
 ) -> AsyncIterator[tuple[QemuProcess, QemuProcess]]:
     src_disk, dst_disk = tmp / "src.raw", tmp / ("src.raw" if shared else "dst.raw")
     await image.create(src_disk, "raw", 8 << 20)
@@ -102,7 +116,15 @@ async def pair(
     async with (
         launched(bare("src", tmp, src_disk), work_dir=tmp) as src,
         launched(
-            bare("dst", tmp, dst_disk, memory=target_memory, incoming=incoming), work_dir=tmp
+            bare(
+                "dst",
+                tmp,
+                dst_disk,
+                memory=target_memory,
+                incoming=incoming,
+                machine=target_machine,
+            ),
+            work_dir=tmp,
         ) as dst,
     ):
         yield src, dst
@@ -143,6 +165,7 @@ async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
             "running",
         ),
         ({"target_memory": 256}, "non-shared", "RAM differs", "inmigrate"),
+        ({"target_machine": "pc"}, "non-shared", "machine types differ", "inmigrate"),
     ],
 )
 async def test_bad_input_exits_2_and_touches_nothing(

@@ -19,7 +19,7 @@ from fsm.plan import Deadlines
 from fsm.session import JOB_EVENTS, wait_job, wait_migration
 from fsm.undo import Side
 from livemig.model.block import Job
-from livemig.model.invariants import check_invariants
+from livemig.model.invariants import check_invariants, reads_only
 from livemig.model.runs import FaultRun, migrate_with_faults
 from livemig.model.world import Knobs, Storage, World, fake_world
 
@@ -382,7 +382,7 @@ async def test_a_job_left_by_someone_else_stops_livemig_before_it_touches_anythi
             root = world.source.nodes["root"]
             world.source.jobs["old"] = Job("old", "mirror", "concluded", root, root)
             run = await migrate_with_faults(world)
-            touched = [c.name for c in world.source.log if not c.name.startswith("query-")]
+            touched = [c.name for c in world.source.log if not reads_only(c.name)]
     assert run.result.error_type == "PrecheckError", run.explain()
     assert run.result.states == ("idle", "reverted")
     assert touched == []

@@ -23,7 +23,7 @@ from livemig.model.block import Node
 from livemig.model.qemu import RECORDS_PER_BOOT, FakeQemu
 from livemig.model.world import FIRST_BOOT, World
 
-__all__ = ["Verdict", "check_invariants", "disk_records"]
+__all__ = ["Verdict", "check_invariants", "disk_records", "reads_only"]
 
 
 @attrs.frozen
@@ -134,7 +134,7 @@ def _leftovers(world: World, survivor: FakeQemu, *, stop_source: bool) -> list[s
             left.append("the source's migration parameters were not restored")
     other = world.target if survivor is world.source else world.source
     # A run that never got past its prechecks touched nothing: the target waits on, untouched.
-    untouched = other is world.target and all(c.name.startswith("query-") for c in other.log)
+    untouched = other is world.target and all(reads_only(c.name) for c in other.log)
     if other.alive and not untouched and (other is world.target or stop_source):
         left.append(f"the {other.name} QEMU still runs ({other.runstate})")
     if files := sorted(set(world.host.files) - world.initial_files):
@@ -168,3 +168,8 @@ def _agreement(
     if leftovers and (outcome is Outcome.REVERTED or not explained):
         problems += [f"{outcome.value}, yet {what}" for what in leftovers]
     return problems
+
+
+def reads_only(command: str) -> bool:
+    """Whether a QMP command only reads (the prechecks ask nothing else)."""
+    return command.startswith("query-") or command == "qom-get"

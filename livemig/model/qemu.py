@@ -207,7 +207,15 @@ def _query_version(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     return {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "fake"}
 
 
+def _qom_get(qemu: FakeQemu, args: Mapping[str, Any]) -> str:
+    del qemu
+    if (args.get("path"), args.get("property")) != ("/machine", "type"):
+        raise QemuError(f"Property '{args.get('property')}' not found", "GenericError")
+    return "pc-q35-10.0-machine"
+
+
 _COMMANDS: Mapping[str, Callable[[FakeQemu, Mapping[str, Any]], Any]] = {
+    "qom-get": _qom_get,
     "query-status": _query_status,
     "cont": _cont,
     "stop": _stop,

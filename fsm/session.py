@@ -67,7 +67,6 @@ class Session:
     downtime_ms: int | None = None
     ram_bytes: int | None = None
     disk_bytes: int | None = None
-    phases: dict[str, float] = attrs.field(factory=dict)
     #: The convergence policy's state while RAM streams (set with the capabilities).
     convergence: ConvergenceTracker | None = None
     #: Where the run is journalled (``None``: not journalled).

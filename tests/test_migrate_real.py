@@ -13,7 +13,7 @@ from fsm.events import Event, Outcome, StateEntered, Steered
 from fsm.plan import Plan, Policy
 from fsm.runner import migrate
 from guest import GuestImage
-from guest._lab import Storage, migration_lab
+from guest._lab import Lab, Storage, migration_lab
 
 pytestmark = pytest.mark.qemu
 
@@ -28,6 +28,17 @@ NON_SHARED_PATH = [
     "finalized",
 ]
 SHARED_PATH = [s for s in NON_SHARED_PATH if s not in ("snapshotted", "mirroring")]
+
+
+def plan_for(lab: Lab, work_dir: Path, policy: Policy | None = None) -> Plan:
+    """A plan migrating the lab's guest in its own storage mode."""
+    return Plan.create(
+        source_qmp=lab.source_qmp,
+        target_qmp=lab.target_qmp,
+        storage=lab.storage,
+        work_dir=work_dir,
+        policy=policy,
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,13 +61,7 @@ async def test_live_migration_keeps_every_write(
             storage=storage,
             dirty_mib_s=dirty,
         ) as lab:
-            plan = Plan.create(
-                source_qmp=lab.source_qmp,
-                target_qmp=lab.target_qmp,
-                storage=storage,
-                work_dir=tmp_path,
-            )
-            result = await migrate(plan, on_event=events.append)
+            result = await migrate(plan_for(lab, tmp_path), on_event=events.append)
             assert result.outcome is Outcome.FINALIZED, result.error
             assert list(result.states) == path
             assert [e.state for e in events if isinstance(e, StateEntered)] == path
@@ -74,13 +79,7 @@ async def test_guest_dirtying_flat_out_converges_under_the_default_policy(
         async with migration_lab(
             guest_image, tmp_path, dirty_mib_s="max", dirty_buf_mib=128
         ) as lab:
-            plan = Plan.create(
-                source_qmp=lab.source_qmp,
-                target_qmp=lab.target_qmp,
-                storage="non-shared",
-                work_dir=tmp_path,
-            )
-            result = await migrate(plan)
+            result = await migrate(plan_for(lab, tmp_path))
             assert result.outcome is Outcome.FINALIZED, result.error
             verdict = await lab.verify(expect="target")
     assert verdict.ok, verdict.problems
@@ -104,14 +103,7 @@ async def test_postcopy_finishes_a_migration_that_cannot_converge(
         async with migration_lab(
             guest_image, tmp_path, dirty_mib_s="max", dirty_buf_mib=128
         ) as lab:
-            plan = Plan.create(
-                source_qmp=lab.source_qmp,
-                target_qmp=lab.target_qmp,
-                storage="non-shared",
-                work_dir=tmp_path,
-                policy=policy,
-            )
-            result = await migrate(plan, on_event=events.append)
+            result = await migrate(plan_for(lab, tmp_path, policy), on_event=events.append)
             assert result.outcome is Outcome.FINALIZED, result.error
             assert result.states[-3:] == ("pre-switchover", "post-copy", "finalized")
             assert any(isinstance(e, Steered) and e.action == "StartPostcopy" for e in events)

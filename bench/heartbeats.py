@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from guest import Heartbeat
+from livemig.guest import Heartbeat
 
 __all__ = ["GapReport", "gap_around"]
 

@@ -38,8 +38,8 @@ import trio
 
 from bench.heartbeats import first_after, gap_around
 from bench.scenarios import DISK_BYTES, Scenario
-from drivers import image
-from guest import GuestImage, SerialConsole, kernel_cmdline
+from livemig.drivers import image
+from livemig.guest import GuestImage, SerialConsole, kernel_cmdline
 
 __all__ = [
     "LibvirtOutcome",

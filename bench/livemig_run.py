@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from bench.child import ChildResult, run_measured
-from guest._lab import Lab
+from livemig.guest._lab import Lab
 
 __all__ = ["LivemigOutcome", "run_livemig"]
 

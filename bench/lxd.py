@@ -28,10 +28,10 @@ from typing import Any
 import attrs
 import trio
 
-from drivers import block, image, jobs, migration, nbd, runstate
-from drivers.qmp import Monitor, open_monitor
-from guest._lab import Lab
-from transports.errors import CommandFailed, ConnectionLost, LivemigError
+from livemig.drivers import block, image, jobs, migration, nbd, runstate
+from livemig.drivers.qmp import Monitor, open_monitor
+from livemig.guest._lab import Lab
+from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
 
 __all__ = ["LxdOutcome", "run_lxd_equivalent"]
 

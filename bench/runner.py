@@ -37,9 +37,9 @@ from bench.livemig_run import run_livemig
 from bench.lxd import run_lxd_equivalent
 from bench.model import RunRecord, Status, Variant
 from bench.scenarios import DISK_BYTES, Scenario
-from drivers.process import find_qemu_processes
-from guest import GuestImage, ensure_built
-from guest._lab import Lab, migration_lab
+from livemig.drivers.process import find_qemu_processes
+from livemig.guest import GuestImage, ensure_built
+from livemig.guest._lab import Lab, migration_lab
 
 __all__ = ["Config", "Results", "run_bench"]
 

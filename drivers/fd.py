@@ -1,13 +1,13 @@
 """QMP commands for file descriptors passed to QEMU.
 
-Passing one is `drivers.qmp.Monitor.send_fd` (SCM_RIGHTS, then ``getfd`` under a name): the
+Passing one is `livemig.drivers.qmp.Monitor.send_fd` (SCM_RIGHTS, then ``getfd`` under a name): the
 descriptor has to travel on the monitor socket itself. Commands such as ``migrate`` then take it
 as ``fd:<name>``.
 """
 
 from __future__ import annotations
 
-from drivers.qmp import Monitor
+from livemig.drivers.qmp import Monitor
 
 __all__ = ["closefd", "send_fd"]
 

@@ -11,8 +11,8 @@ from typing import Protocol
 
 import trio
 
-from drivers import image
-from drivers.image import ImageFormat
+from livemig.drivers import image
+from livemig.drivers.image import ImageFormat
 
 __all__ = ["Host", "LocalHost"]
 

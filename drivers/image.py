@@ -1,7 +1,8 @@
 """Thin async wrappers over ``qemu-img``.
 
 One function per operation; each runs ``qemu-img`` once with :func:`trio.run_process`, captures
-its output and raises :class:`~transports.errors.ToolError` (with argv and stderr) when it fails.
+its output and raises :class:`~livemig.transports.errors.ToolError` (with argv and stderr) when it
+fails.
 No timeouts: wrap calls in :func:`trio.fail_after`.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from transports.errors import ToolError, UsageError
+from livemig.transports.errors import ToolError, UsageError
 
 __all__ = ["ImageFormat", "ImageInfo", "convert", "copy_to_nbd", "create", "info"]
 

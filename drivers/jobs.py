@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from drivers.qmp import Monitor, json_array, member, optional_member, query
+from livemig.drivers.qmp import Monitor, json_array, member, optional_member, query
 
 __all__ = [
     "BlockJobInfo",

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from transports.errors import ProcessError, UsageError
+from livemig.transports.errors import ProcessError, UsageError
 
 __all__ = [
     "DiskSpec",

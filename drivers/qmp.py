@@ -53,7 +53,7 @@ from qemu.qmp import (
 from qemu.qmp.error import ProtocolError as QMPProtocolError
 from qemu.qmp.message import DeserializationError
 
-from transports.errors import (
+from livemig.transports.errors import (
     CommandFailed,
     ConnectFailed,
     ConnectionLost,

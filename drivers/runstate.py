@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from drivers.qmp import Monitor, member, query
+from livemig.drivers.qmp import Monitor, member, query
 
 __all__ = [
     "QemuVersion",

@@ -1,7 +1,8 @@
 """Pictures of the migration machine, drawn from the table that drives it.
 
 Every rendering builds a fresh ``transitions`` ``GraphMachine`` from
-:func:`fsm.machine.machine_kwargs`, so a picture cannot drift from the code; the committed copies in
+:func:`livemig.fsm.machine.machine_kwargs`, so a picture cannot drift from the code; the committed
+copies in
 ``diagrams/`` are checked against :func:`render` by the tests.
 
 How to read a picture (SVG/dot):
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from transitions.extensions import GraphMachine
 
-from fsm.machine import (
+from livemig.fsm.machine import (
     FORWARD,
     TERMINAL,
     TRANSITIONS,

@@ -34,14 +34,14 @@ from typing import Any
 import attrs
 import trio
 
-from drivers.host import Host
-from drivers.image import ImageFormat
-from drivers.qmp import EventStream, Monitor, QMPEvent
-from fsm.events import Event, StateEntered
-from fsm.machine import TERMINAL, State
-from fsm.runner import Connector
-from fsm.undo import Side
-from transports.errors import (
+from livemig.drivers.host import Host
+from livemig.drivers.image import ImageFormat
+from livemig.drivers.qmp import EventStream, Monitor, QMPEvent
+from livemig.fsm.events import Event, StateEntered
+from livemig.fsm.machine import TERMINAL, State
+from livemig.fsm.runner import Connector
+from livemig.fsm.undo import Side
+from livemig.transports.errors import (
     CommandFailed,
     ConnectionLost,
     MonitorClosed,
@@ -115,7 +115,7 @@ _BESIDE_KINDS = frozenset(
 #: Kinds that an :class:`AtState` fault fires on entering the state, not at an operation.
 _ON_ENTRY_KINDS = frozenset({FaultKind.CANCEL, FaultKind.CRASH})
 
-#: Names of the host operations (:class:`~drivers.host.Host` methods), as :class:`AtCommand`
+#: Names of the host operations (:class:`~livemig.drivers.host.Host` methods), as :class:`AtCommand`
 #: takes them.
 HOST_OPERATIONS = ("make-dir", "create-image", "allocated-bytes", "copy-to-nbd", "remove")
 #: Host operations that write to the work directory (where ``disk-full`` strikes).
@@ -391,7 +391,7 @@ class FaultInjector:
 
 
 class FaultyMonitor:
-    """A :class:`~drivers.qmp.Monitor` whose commands the injector may answer instead."""
+    """A :class:`~livemig.drivers.qmp.Monitor` whose commands the injector may answer instead."""
 
     def __init__(self, inner: Monitor, side: Side, injector: FaultInjector) -> None:
         self._inner, self._side, self._injector = inner, side, injector
@@ -487,7 +487,7 @@ class _FaultyStream(EventStream):
 
 
 class FaultyHost:
-    """A :class:`~drivers.host.Host` whose operations the injector may fail."""
+    """A :class:`~livemig.drivers.host.Host` whose operations the injector may fail."""
 
     def __init__(self, inner: Host, injector: FaultInjector) -> None:
         self._inner, self._injector = inner, injector

@@ -6,7 +6,7 @@ once the run reached a terminal state. Undo steps are pushed *before* the thing 
 created, so the journal never misses something that exists; every undo step is safe to run when
 its thing does not exist.
 
-:func:`fsm.recovery.recover` reads it after a crash.
+:func:`livemig.fsm.recovery.recover` reads it after a crash.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import attrs
 
-from fsm.undo import UndoStep
-from transports.errors import UsageError
+from livemig.fsm.undo import UndoStep
+from livemig.transports.errors import UsageError
 
 __all__ = [
     "JOURNAL_VERSION",

@@ -1,11 +1,12 @@
 """The migration machine as data: states, triggers, guards and revert edges.
 
-This module is pure: no I/O, no clock. The runner (:mod:`fsm.runner`) owns a :class:`Facts`
+This module is pure: no I/O, no clock. The runner (:mod:`livemig.fsm.runner`) owns a :class:`Facts`
 record, performs the action of a trigger through the drivers, records what it observed in the
 facts, then fires the trigger here. A trigger only moves the machine when its guard holds on the
 facts, so an action that did not produce the fact its target state promises cannot advance it.
 
-The same table drives the machine and draws the diagrams (:mod:`fsm.diagram`): the picture cannot
+The same table drives the machine and draws the diagrams (:mod:`livemig.fsm.diagram`): the picture
+cannot
 drift from the code.
 
 Forward path, non-shared storage::
@@ -33,7 +34,7 @@ from typing import Any
 import attrs
 from transitions import Machine, MachineError
 
-from transports.errors import GuardFailed
+from livemig.transports.errors import GuardFailed
 
 __all__ = [
     "FORWARD",
@@ -280,7 +281,7 @@ class MigrationMachine:
     """The legal-order model: a plain synchronous ``transitions.Machine`` over the table.
 
     ``fire`` is the one typed entry point: it returns the new state, or raises
-    :class:`~transports.errors.GuardFailed` when the trigger is not allowed from the current
+    :class:`~livemig.transports.errors.GuardFailed` when the trigger is not allowed from the current
     state or its guard does not hold on the facts.
     """
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import attrs
 from attrs import validators as v
 
-from fsm.machine import StorageMode
-from fsm.policy import ConvergencePolicy, Ladder, Rung, StallRule
-from transports.endpoints import Endpoint, UnixEndpoint, parse_endpoint
-from transports.errors import UsageError
+from livemig.fsm.machine import StorageMode
+from livemig.fsm.policy import ConvergencePolicy, Ladder, Rung, StallRule
+from livemig.transports.endpoints import Endpoint, UnixEndpoint, parse_endpoint
+from livemig.transports.errors import UsageError
 
 __all__ = ["Deadlines", "Plan", "Policy"]
 
@@ -59,7 +59,8 @@ class Policy:
     :param stall_seconds: how long remaining RAM may stop shrinking before the next remedy.
     :param stall_passes: how many passes over RAM it may stop shrinking for, likewise.
 
-    When RAM stops converging, livemig climbs a ladder (:mod:`fsm.policy`): raise the downtime
+    When RAM stops converging, livemig climbs a ladder (:mod:`livemig.fsm.policy`): raise the
+    downtime
     limit step by step to ``max_downtime_ms``, throttle the guest (auto-converge), switch to
     post-copy (if allowed), and finally abort and revert. A completion deadline scaled by the
     guest's RAM aborts a migration that never stalls but never finishes either.

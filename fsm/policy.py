@@ -46,9 +46,9 @@ from typing import Final, TypeVar
 
 import attrs
 
-from drivers.migration import MigrationStats
-from transports.endpoints import Endpoint, UnixEndpoint
-from transports.errors import UsageError
+from livemig.drivers.migration import MigrationStats
+from livemig.transports.endpoints import Endpoint, UnixEndpoint
+from livemig.transports.errors import UsageError
 
 __all__ = [
     "PROGRESS_INTERVAL_S",

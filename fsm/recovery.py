@@ -14,16 +14,16 @@ from typing import Any
 
 import trio
 
-from drivers import migration, runstate
-from drivers.host import Host, LocalHost
-from drivers.qmp import Monitor
-from fsm.events import MigrationResult, Outcome
-from fsm.journal import Journal, find_journals, remove_journal
-from fsm.machine import State
-from fsm.reverter import Liveness, guest_runs, unwind
-from fsm.runner import Connector, asyncio_loop, connect_monitor
-from fsm.undo import Side, UndoStack
-from transports.errors import ConnectionLost, LivemigError, QMPError
+from livemig.drivers import migration, runstate
+from livemig.drivers.host import Host, LocalHost
+from livemig.drivers.qmp import Monitor
+from livemig.fsm.events import MigrationResult, Outcome
+from livemig.fsm.journal import Journal, find_journals, remove_journal
+from livemig.fsm.machine import State
+from livemig.fsm.reverter import Liveness, guest_runs, unwind
+from livemig.fsm.runner import Connector, asyncio_loop, connect_monitor
+from livemig.fsm.undo import Side, UndoStack
+from livemig.transports.errors import ConnectionLost, LivemigError, QMPError
 
 __all__ = ["recover"]
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import trio
 
-from drivers import block, jobs, migration, nbd, runstate
-from drivers.host import Host
-from drivers.qmp import Monitor
-from fsm.machine import State
-from fsm.session import JOB_EVENTS, wait_job
-from fsm.undo import Side, UndoKind, UndoStack, UndoStep
-from transports.errors import (
+from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.drivers.host import Host
+from livemig.drivers.qmp import Monitor
+from livemig.fsm.machine import State
+from livemig.fsm.session import JOB_EVENTS, wait_job
+from livemig.fsm.undo import Side, UndoKind, UndoStack, UndoStep
+from livemig.transports.errors import (
     CommandFailed,
     ConnectFailed,
     ConnectionLost,

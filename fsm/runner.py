@@ -18,18 +18,18 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from drivers import qmp
-from drivers.host import Host, LocalHost
-from drivers.qmp import EventStream, Monitor
-from fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
-from fsm.journal import journal_path, remove_journal
-from fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
-from fsm.plan import Deadlines, Plan
-from fsm.reverter import Liveness, guest_runs, unwind
-from fsm.session import Session
-from fsm.steps import ACTIONS
-from fsm.undo import Side
-from transports.errors import (
+from livemig.drivers import qmp
+from livemig.drivers.host import Host, LocalHost
+from livemig.drivers.qmp import EventStream, Monitor
+from livemig.fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
+from livemig.fsm.journal import journal_path, remove_journal
+from livemig.fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
+from livemig.fsm.plan import Deadlines, Plan
+from livemig.fsm.reverter import Liveness, guest_runs, unwind
+from livemig.fsm.session import Session
+from livemig.fsm.steps import ACTIONS
+from livemig.fsm.undo import Side
+from livemig.transports.errors import (
     ConnectionLost,
     DeadlineExceeded,
     Interrupted,
@@ -61,10 +61,11 @@ async def migrate(
 
     Never raises for a migration fault: the result says ``reverted`` or ``failed`` and why. If
     ``interrupt`` is set while the migration runs, it reverts and ends ``reverted`` with an
-    :class:`~transports.errors.Interrupted` error. If the caller cancels the surrounding scope,
+    :class:`~livemig.transports.errors.Interrupted` error. If the caller cancels the surrounding
+    scope,
     the revert still runs (shielded) before the cancellation goes on.
 
-    :param on_event: called synchronously with every :class:`~fsm.events.Event`.
+    :param on_event: called synchronously with every :class:`~livemig.fsm.events.Event`.
     :param connector: how to open a monitor (tests and fault campaigns pass their own).
     :param host: files and ``qemu-img`` on this machine (fault campaigns pass their own).
     """

@@ -1,8 +1,9 @@
 """The runner's working set for one migration, and the waits its actions share.
 
 A :class:`Session` is the one mutable owner of everything a run touches: the two monitors, the
-facts the guards read, the undo stack, the event sink. Actions (:mod:`fsm.steps`) and the undo
-interpreter (:mod:`fsm.reverter`) receive it; only the runner creates it.
+facts the guards read, the undo stack, the event sink. Actions (:mod:`livemig.fsm.steps`) and the
+undo
+interpreter (:mod:`livemig.fsm.reverter`) receive it; only the runner creates it.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from drivers import jobs
-from drivers.host import Host
-from drivers.qmp import EventStream, Monitor, QMPEvent
-from fsm.events import Event
-from fsm.journal import Journal, write_journal
-from fsm.machine import Facts, State
-from fsm.plan import Plan
-from fsm.policy import ConvergenceTracker
-from fsm.undo import Side, UndoStack, UndoStep
-from transports.endpoints import UnixEndpoint
-from transports.errors import MigrationAborted, StepFailed
+from livemig.drivers import jobs
+from livemig.drivers.host import Host
+from livemig.drivers.qmp import EventStream, Monitor, QMPEvent
+from livemig.fsm.events import Event
+from livemig.fsm.journal import Journal, write_journal
+from livemig.fsm.machine import Facts, State
+from livemig.fsm.plan import Plan
+from livemig.fsm.policy import ConvergenceTracker
+from livemig.fsm.undo import Side, UndoStack, UndoStep
+from livemig.transports.endpoints import UnixEndpoint
+from livemig.transports.errors import MigrationAborted, StepFailed
 
 __all__ = ["Session", "wait_job", "wait_migration"]
 
@@ -79,7 +80,7 @@ class Session:
         return [plan.overlay_path, *sockets]
 
     def write_journal(self) -> None:
-        """Journal where the run stands; see :mod:`fsm.journal`."""
+        """Journal where the run stands; see :mod:`livemig.fsm.journal`."""
         if self.journal_file is None:
             return
         plan = self.plan

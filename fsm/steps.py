@@ -15,11 +15,11 @@ from typing import Any
 
 import trio
 
-from drivers import block, jobs, migration, nbd, runstate
-from drivers.image import ImageFormat
-from fsm.events import Progress, Steered
-from fsm.machine import State, StorageMode, Trigger
-from fsm.policy import (
+from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.drivers.image import ImageFormat
+from livemig.fsm.events import Progress, Steered
+from livemig.fsm.machine import State, StorageMode, Trigger
+from livemig.fsm.policy import (
     PROGRESS_INTERVAL_S,
     Abort,
     Capabilities,
@@ -31,11 +31,11 @@ from fsm.policy import (
     Throttle,
     link_kind,
 )
-from fsm.reverter import Liveness, guest_runs
-from fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
-from fsm.undo import Side, UndoKind, UndoStep
-from transports.endpoints import UnixEndpoint
-from transports.errors import (
+from livemig.fsm.reverter import Liveness, guest_runs
+from livemig.fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
+from livemig.fsm.undo import Side, UndoKind, UndoStep
+from livemig.transports.endpoints import UnixEndpoint
+from livemig.transports.errors import (
     CommandFailed,
     ConvergenceFailed,
     LivemigError,

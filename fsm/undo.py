@@ -2,7 +2,8 @@
 
 Each forward action pushes the undo of what it created *as it creates it* (the saga pattern). A
 step is a frozen value: a kind, the side it acts on and its arguments. Steps are data, not
-closures, so a stack can be written to a journal and read back after a crash; :mod:`fsm.reverter`
+closures, so a stack can be written to a journal and read back after a crash;
+:mod:`livemig.fsm.reverter`
 holds the one interpreter that carries them out.
 """
 

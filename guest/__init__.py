@@ -22,9 +22,9 @@ Host side::
     assert report.ok
 """
 
-from guest._build import GuestImage, default_cache_dir, ensure_built
-from guest._console import Heartbeat, SerialConsole
-from guest._records import (
+from livemig.guest._build import GuestImage, default_cache_dir, ensure_built
+from livemig.guest._console import Heartbeat, SerialConsole
+from livemig.guest._records import (
     RECORD_SIZE,
     Record,
     RecordReport,
@@ -32,7 +32,7 @@ from guest._records import (
     encode_record,
     verify_records,
 )
-from guest._spec import guest_vm_spec, kernel_cmdline
+from livemig.guest._spec import guest_vm_spec, kernel_cmdline
 
 __all__ = [
     "RECORD_SIZE",

@@ -1,4 +1,5 @@
-"""``python -m guest build``: build the test guest into its cache (skipped when up to date)."""
+"""``python -m livemig.guest build``: build the test guest into its cache (skipped when up to
+date)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import sys
 
 import trio
 
-from guest._build import default_cache_dir, ensure_built
-from transports.errors import LivemigError
+from livemig.guest._build import default_cache_dir, ensure_built
+from livemig.transports.errors import LivemigError
 
 
 def main(argv: list[str]) -> int:
     if argv != ["build"]:
-        print("usage: python -m guest build", file=sys.stderr)
+        print("usage: python -m livemig.guest build", file=sys.stderr)
         return 2
     try:
         image = trio.run(ensure_built)

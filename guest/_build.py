@@ -8,7 +8,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from transports.errors import ToolError
+from livemig.transports.errors import ToolError
 
 _BUILD_SCRIPT = Path(__file__).with_name("build.sh")
 

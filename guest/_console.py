@@ -8,8 +8,8 @@ from collections import deque
 import attrs
 import trio
 
-from drivers.process import QemuProcess
-from transports.errors import ProcessError
+from livemig.drivers.process import QemuProcess
+from livemig.transports.errors import ProcessError
 
 _HEARTBEAT = re.compile(r"heartbeat (\d+)")
 _BOOT = re.compile(r"boot ([0-9a-f]{16})")

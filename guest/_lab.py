@@ -18,13 +18,13 @@ from typing import Literal
 import attrs
 import trio
 
-from drivers import block, image, jobs, nbd, runstate
-from drivers.process import QemuProcess, VmSpec, find_qemu_processes, launched
-from drivers.qmp import open_monitor
-from guest._build import GuestImage
-from guest._console import Heartbeat, SerialConsole
-from guest._records import RecordReport, verify_records
-from guest._spec import guest_vm_spec
+from livemig.drivers import block, image, jobs, nbd, runstate
+from livemig.drivers.process import QemuProcess, VmSpec, find_qemu_processes, launched
+from livemig.drivers.qmp import open_monitor
+from livemig.guest._build import GuestImage
+from livemig.guest._console import Heartbeat, SerialConsole
+from livemig.guest._records import RecordReport, verify_records
+from livemig.guest._spec import guest_vm_spec
 
 __all__ = ["Lab", "Storage", "Verdict", "migration_lab"]
 

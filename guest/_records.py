@@ -25,9 +25,9 @@ from pathlib import Path
 import attrs
 import trio
 
-from drivers import image as qemu_img
-from drivers.image import ImageFormat
-from transports.errors import UsageError
+from livemig.drivers import image as qemu_img
+from livemig.drivers.image import ImageFormat
+from livemig.transports.errors import UsageError
 
 RECORD_SIZE = 512
 RECORD_MAGIC = b"LVMGREC1"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from drivers.image import ImageFormat
-from drivers.process import DiskSpec, VmSpec
-from guest._build import GuestImage
-from transports.errors import UsageError
+from livemig.drivers.image import ImageFormat
+from livemig.drivers.process import DiskSpec, VmSpec
+from livemig.guest._build import GuestImage
+from livemig.transports.errors import UsageError
 
 _KERNEL_RESERVE_MIB = 128  # guest RAM left for the kernel and initramfs beside the dirty buffer
 

@@ -14,7 +14,7 @@ internal and may change::
         ...
 """
 
-from fsm.events import (
+from livemig.fsm.events import (
     Event,
     MigrationResult,
     Outcome,
@@ -24,10 +24,10 @@ from fsm.events import (
     Steered,
     Warned,
 )
-from fsm.machine import State, StorageMode
-from fsm.plan import Deadlines, Plan, Policy
-from fsm.runner import Connector, migrate
-from transports.errors import (
+from livemig.fsm.machine import State, StorageMode
+from livemig.fsm.plan import Deadlines, Plan, Policy
+from livemig.fsm.runner import Connector, migrate
+from livemig.transports.errors import (
     CommandFailed,
     ConnectFailed,
     ConnectionLost,

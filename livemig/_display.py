@@ -9,8 +9,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from fsm.events import Event, MigrationResult, Reverting, StateEntered, Steered, Warned
-from fsm.events import Progress as ProgressEvent
+from livemig.fsm.events import Event, MigrationResult, Reverting, StateEntered, Steered, Warned
+from livemig.fsm.events import Progress as ProgressEvent
 
 __all__ = ["HumanDisplay", "JsonLines", "summary_lines"]
 

@@ -23,16 +23,16 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from drivers.host import LocalHost
-from drivers.qmp import Monitor
-from fsm.events import MigrationResult, Outcome
-from fsm.faults import AtState, Fault, FaultInjector, FaultKind, FaultPlan
-from fsm.machine import State, StorageMode
-from fsm.plan import Deadlines, Plan
-from fsm.runner import connect_monitor, migrate
-from fsm.undo import Side
-from guest import GuestImage
-from guest._lab import Lab, migration_lab
+from livemig.drivers.host import LocalHost
+from livemig.drivers.qmp import Monitor
+from livemig.fsm.events import MigrationResult, Outcome
+from livemig.fsm.faults import AtState, Fault, FaultInjector, FaultKind, FaultPlan
+from livemig.fsm.machine import State, StorageMode
+from livemig.fsm.plan import Deadlines, Plan
+from livemig.fsm.runner import connect_monitor, migrate
+from livemig.fsm.undo import Side
+from livemig.guest import GuestImage
+from livemig.guest._lab import Lab, migration_lab
 
 __all__ = ["Case", "CaseReport", "cases", "kill_on_state", "run_case"]
 
@@ -249,7 +249,7 @@ async def _crash_and_recover(lab: Lab, work_dir: Path, case: Case) -> tuple[Migr
     process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
     fired = await kill_on_state(process, case.state.value)
     await process.wait()
-    from fsm.recovery import recover  # noqa: PLC0415 - only this case needs it
+    from livemig.fsm.recovery import recover  # noqa: PLC0415 - only this case needs it
 
     results = await recover(work_dir)
     if len(results) != 1:

@@ -23,13 +23,19 @@ from typing import Any
 
 import trio
 
-from fsm.events import Event, MigrationResult, Outcome
-from fsm.machine import State, StorageMode
-from fsm.plan import Deadlines, Plan, Policy
-from fsm.recovery import recover
-from fsm.runner import migrate
 from livemig._display import HumanDisplay, JsonLines, summary_lines
-from transports.errors import ConnectFailed, Interrupted, LivemigError, PrecheckError, UsageError
+from livemig.fsm.events import Event, MigrationResult, Outcome
+from livemig.fsm.machine import State, StorageMode
+from livemig.fsm.plan import Deadlines, Plan, Policy
+from livemig.fsm.recovery import recover
+from livemig.fsm.runner import migrate
+from livemig.transports.errors import (
+    ConnectFailed,
+    Interrupted,
+    LivemigError,
+    PrecheckError,
+    UsageError,
+)
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REVERTED", "EXIT_USAGE", "main"]
 
@@ -240,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _diagram(args: argparse.Namespace) -> int:
-    from fsm.diagram import render, render_trace  # noqa: PLC0415 - graphviz is only needed here
+    from livemig.fsm.diagram import render, render_trace  # noqa: PLC0415 - graphviz is only needed here
 
     if args.trace is None:
         text = render(args.format)

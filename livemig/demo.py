@@ -13,10 +13,6 @@ from typing import Literal
 import trio
 import trio_asyncio
 
-from fsm.events import MigrationResult, Outcome
-from fsm.plan import Plan
-from guest import ensure_built
-from guest._lab import Verdict, migration_lab
 from livemig._display import HumanDisplay, JsonLines
 from livemig.cli import (
     EXIT_FAILED,
@@ -25,7 +21,11 @@ from livemig.cli import (
     run_interruptible,
     show_result,
 )
-from transports.errors import UsageError
+from livemig.fsm.events import MigrationResult, Outcome
+from livemig.fsm.plan import Plan
+from livemig.guest import ensure_built
+from livemig.guest._lab import Verdict, migration_lab
+from livemig.transports.errors import UsageError
 
 __all__ = ["run_demo"]
 

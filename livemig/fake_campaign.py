@@ -31,10 +31,10 @@ import attrs
 import trio
 import trio.testing
 
-from fsm.events import Outcome
-from fsm.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
-from fsm.machine import State, StorageMode
-from fsm.undo import Side
+from livemig.fsm.events import Outcome
+from livemig.fsm.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
+from livemig.fsm.machine import State, StorageMode
+from livemig.fsm.undo import Side
 from livemig.model.cases import (
     FAULT_STATES,
     OPERATIONS,

@@ -15,9 +15,9 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from fsm.machine import StorageMode
-from guest import ensure_built
 from livemig.campaign import CaseReport, cases, run_case, summary_table
+from livemig.fsm.machine import StorageMode
+from livemig.guest import ensure_built
 
 __all__ = ["run_faults"]
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Runnable before the project is installed into the venv: import it from this checkout.
 sys.path.insert(0, str(ROOT))
 
-from fsm.diagram import write_all  # noqa: E402
+from livemig.fsm.diagram import write_all  # noqa: E402
 
 
 def main() -> None:

@@ -61,5 +61,5 @@ fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
-.venv/bin/python -m guest build
+.venv/bin/python -m livemig.guest build
 echo "setup: done ($(qemu-system-x86_64 --version | head -n 1))"

@@ -16,12 +16,12 @@ import trio
 from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
 
-from drivers import image, migration, runstate
-from drivers.process import DiskSpec, QemuProcess, VmSpec, launched
-from drivers.qmp import open_monitor
-from guest import GuestImage
-from guest._lab import migration_lab
 from livemig.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_REVERTED, EXIT_USAGE, main
+from livemig.drivers import image, migration, runstate
+from livemig.drivers.process import DiskSpec, QemuProcess, VmSpec, launched
+from livemig.drivers.qmp import open_monitor
+from livemig.guest import GuestImage
+from livemig.guest._lab import migration_lab
 
 LIVEMIG = [sys.executable, "-m", "livemig"]
 

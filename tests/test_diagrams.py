@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fsm.diagram import FILENAMES, Format, render, render_trace, write_all
-from fsm.machine import TRANSITIONS, State, Trigger, always
+from livemig.fsm.diagram import FILENAMES, Format, render, render_trace, write_all
+from livemig.fsm.machine import TRANSITIONS, State, Trigger, always
 
 DIAGRAMS = Path(__file__).resolve().parent.parent / "diagrams"
 FORMATS: list[Format] = ["svg", "mermaid", "dot"]

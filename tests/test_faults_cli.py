@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import trio
 
-from fsm.events import Outcome
-from fsm.faults import AtState, Fault, FaultKind, FaultPlan
-from fsm.machine import State, StorageMode
 from livemig import fake_campaign
 from livemig.cli import main
+from livemig.fsm.events import Outcome
+from livemig.fsm.faults import AtState, Fault, FaultKind, FaultPlan
+from livemig.fsm.machine import State, StorageMode
 from livemig.model.invariants import Verdict, check_invariants
 
 FAULTS = ["faults", "--runs", "30", "--seed", "7"]

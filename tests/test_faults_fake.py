@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from support.fault_runs import no_fsync_fixture  # noqa: F401 - autouse: no fsync in fake runs
 
-from fsm.events import Outcome
-from fsm.faults import (
+from livemig.fsm.events import Outcome
+from livemig.fsm.faults import (
     AtCommand,
     AtState,
     Fault,
@@ -23,9 +23,9 @@ from fsm.faults import (
     FaultPlan,
     Where,
 )
-from fsm.machine import State
-from fsm.plan import Deadlines
-from fsm.undo import Side
+from livemig.fsm.machine import State
+from livemig.fsm.plan import Deadlines
+from livemig.fsm.undo import Side
 from livemig.model.cases import (
     FAULT_STATES,
     OPERATIONS,
@@ -37,7 +37,7 @@ from livemig.model.cases import (
 )
 from livemig.model.runs import FaultRun, migrate_with_faults
 from livemig.model.world import Knobs, Storage, fake_world
-from transports.errors import CommandFailed, ConnectionLost, ProtocolError, UsageError
+from livemig.transports.errors import CommandFailed, ConnectionLost, ProtocolError, UsageError
 
 #: Trio seconds any fake run must end within (deadlines included).
 GUARD = 120

@@ -11,13 +11,13 @@ import trio
 import trio.testing
 from support.fault_runs import no_fsync_fixture  # noqa: F401 - autouse: no fsync in fake runs
 
-from drivers import block, jobs, migration, nbd, runstate
-from fsm.events import MigrationResult, Outcome
-from fsm.faults import AtCommand, AtState, Fault, FaultKind
-from fsm.machine import State
-from fsm.plan import Deadlines
-from fsm.session import JOB_EVENTS, wait_job, wait_migration
-from fsm.undo import Side
+from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.fsm.events import MigrationResult, Outcome
+from livemig.fsm.faults import AtCommand, AtState, Fault, FaultKind
+from livemig.fsm.machine import State
+from livemig.fsm.plan import Deadlines
+from livemig.fsm.session import JOB_EVENTS, wait_job, wait_migration
+from livemig.fsm.undo import Side
 from livemig.model.block import Job
 from livemig.model.invariants import check_invariants, reads_only
 from livemig.model.runs import FaultRun, migrate_with_faults

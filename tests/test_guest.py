@@ -15,8 +15,8 @@ from support.guest_fixtures import (  # noqa: F401  (guest_image_fixture provide
     require_qemu,
 )
 
-from drivers import image
-from guest import (
+from livemig.drivers import image
+from livemig.guest import (
     RECORD_SIZE,
     GuestImage,
     Heartbeat,
@@ -29,7 +29,7 @@ from guest import (
     guest_vm_spec,
     verify_records,
 )
-from transports.errors import ProcessError, ToolError, UsageError
+from livemig.transports.errors import ProcessError, ToolError, UsageError
 
 BOOT = 0x1234_5678_9ABC_DEF0
 FAKE_IMAGE = GuestImage(Path("/k/vmlinux"), Path("/k/initrd.img"), "linux-image-x 1")

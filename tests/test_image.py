@@ -1,4 +1,5 @@
-"""drivers.image against the real qemu-img, and copy_to_nbd against a real qemu-nbd export."""
+"""livemig.drivers.image against the real qemu-img, and copy_to_nbd against a real qemu-nbd
+export."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import trio
 from support.guest_fixtures import require_qemu
 
-from drivers import image
-from drivers.image import ImageInfo
-from transports.errors import ToolError, UsageError
+from livemig.drivers import image
+from livemig.drivers.image import ImageInfo
+from livemig.transports.errors import ToolError, UsageError
 
 MIB = 1 << 20
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsm.machine import (
+from livemig.fsm.machine import (
     FORWARD,
     TERMINAL,
     TRANSITIONS,
@@ -23,7 +23,7 @@ from fsm.machine import (
     machine_kwargs,
     next_trigger,
 )
-from transports.errors import GuardFailed
+from livemig.transports.errors import GuardFailed
 
 # What each forward action records in the facts once it has done its work.
 EFFECTS: dict[Trigger, dict[str, object]] = {

@@ -5,10 +5,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from fsm.machine import StorageMode
-from fsm.plan import Deadlines, Plan, Policy
-from transports.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
-from transports.errors import UsageError
+from livemig.fsm.machine import StorageMode
+from livemig.fsm.plan import Deadlines, Plan, Policy
+from livemig.transports.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
+from livemig.transports.errors import UsageError
 
 
 def make(**overrides: object) -> Plan:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.migration import MigrationStats, RamStats
-from fsm.policy import (
+from livemig.drivers.migration import MigrationStats, RamStats
+from livemig.fsm.policy import (
     PROGRESS_INTERVAL_S,
     Abort,
     Action,
@@ -41,8 +41,8 @@ from fsm.policy import (
     migration_bandwidth,
     next_action,
 )
-from transports.endpoints import parse_endpoint
-from transports.errors import UsageError
+from livemig.transports.endpoints import parse_endpoint
+from livemig.transports.errors import UsageError
 
 MiB = 2**20
 GiB = 2**30

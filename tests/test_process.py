@@ -1,4 +1,5 @@
-"""drivers.process: the pure command line, and real QEMU processes started, stopped and killed."""
+"""livemig.drivers.process: the pure command line, and real QEMU processes started, stopped and
+killed."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import pytest
 import trio
 from support.guest_fixtures import require_qemu
 
-from drivers.process import (
+from livemig.drivers.process import (
     DiskSpec,
     VmSpec,
     find_qemu_processes,
     launch,
     launched,
 )
-from transports.errors import ProcessError, UsageError
+from livemig.transports.errors import ProcessError, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -294,7 +295,7 @@ async def test_qemu_dies_with_its_parent(tmp_path: Path) -> None:
         f"""
         import sys, trio
         from pathlib import Path
-        from drivers.process import VmSpec, launch
+        from livemig.drivers.process import VmSpec, launch
 
         async def main():
             spec = VmSpec(name="orphan", qmp_socket=Path({str(tmp_path / "qmp.sock")!r}),

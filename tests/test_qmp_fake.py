@@ -1,4 +1,5 @@
-"""drivers.qmp against the fake QMP server: every fault it can script, on trio's mock clock."""
+"""livemig.drivers.qmp against the fake QMP server: every fault it can script, on trio's mock
+clock."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from support.fake_qmp import (
 )
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
 
-from drivers import qmp
-from drivers.qmp import QMPEvent, connect, open_monitor
-from transports.errors import (
+from livemig.drivers import qmp
+from livemig.drivers.qmp import QMPEvent, connect, open_monitor
+from livemig.transports.errors import (
     CommandFailed,
     ConnectFailed,
     ConnectionLost,

@@ -1,4 +1,5 @@
-"""drivers.qmp and the command-family wrappers against a real QEMU 10 (no guest kernel needed).
+"""livemig.drivers.qmp and the command-family wrappers against a real QEMU 10 (no guest kernel
+needed).
 
 Each test starts its own QEMU with ``-S`` and a tiny raw disk. The QMP socket is bound and
 listening before QEMU starts (QEMU gets it as ``-chardev socket,fd=N,server=on``), so connecting
@@ -21,9 +22,9 @@ import pytest
 import trio
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
 
-from drivers import block, fd, jobs, migration, nbd, runstate
-from drivers.qmp import EventStream, QMPConnection, QMPEvent, connect, open_monitor
-from transports.errors import CommandFailed, ConnectionLost
+from livemig.drivers import block, fd, jobs, migration, nbd, runstate
+from livemig.drivers.qmp import EventStream, QMPConnection, QMPEvent, connect, open_monitor
+from livemig.transports.errors import CommandFailed, ConnectionLost
 
 QEMU = "qemu-system-x86_64"
 pytestmark = [

@@ -10,11 +10,11 @@ import trio
 from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
 
-from fsm.events import Event, Outcome, StateEntered
-from fsm.plan import Plan
-from fsm.runner import migrate
-from guest import GuestImage
-from guest._lab import Storage, migration_lab
+from livemig.fsm.events import Event, Outcome, StateEntered
+from livemig.fsm.plan import Plan
+from livemig.fsm.runner import migrate
+from livemig.guest import GuestImage
+from livemig.guest._lab import Storage, migration_lab
 
 pytestmark = pytest.mark.qemu
 

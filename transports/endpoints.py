@@ -2,7 +2,7 @@
 
 Value objects only: each endpoint knows how to spell itself for the QMP command that needs it
 (``migrate`` takes a URI; ``nbd-server-start`` the legacy socket form; ``blockdev-add`` of an NBD
-client the flat form). Parsing user input raises :class:`~transports.errors.UsageError`.
+client the flat form). Parsing user input raises :class:`~livemig.transports.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from transports.errors import UsageError
+from livemig.transports.errors import UsageError
 
 __all__ = ["Endpoint", "TcpEndpoint", "UnixEndpoint", "parse_endpoint"]
 

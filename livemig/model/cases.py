@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 
-from fsm.events import Outcome
-from fsm.faults import HOST_OPERATIONS, AtCommand, AtState, FaultKind, Where
-from fsm.machine import State
-from fsm.undo import Side
+from livemig.fsm.events import Outcome
+from livemig.fsm.faults import HOST_OPERATIONS, AtCommand, AtState, FaultKind, Where
+from livemig.fsm.machine import State
+from livemig.fsm.undo import Side
 from livemig.model.world import Storage
 
 __all__ = [

@@ -4,7 +4,7 @@ An image holds the sequence numbers of the guest records written to it (each rec
 place on the disk, so an image is just the set of records on it). A socket file is whatever a
 QEMU listens on; the fake, like QEMU, leaves it behind when the listener goes.
 
-`FakeHost` implements `drivers.host.Host` on these files, with no filesystem underneath.
+`FakeHost` implements `livemig.drivers.host.Host` on these files, with no filesystem underneath.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import attrs
 import trio
 
-from drivers.image import ImageFormat
-from transports.errors import ToolError
+from livemig.drivers.image import ImageFormat
+from livemig.transports.errors import ToolError
 
 __all__ = ["RECORD_BYTES", "FakeHost", "ImageFile", "SocketFile"]
 
@@ -51,7 +51,7 @@ NbdResolver = Callable[[str, str], ImageFile | None]
 
 @attrs.define(eq=False)
 class FakeHost:
-    """This machine's files, as the runner sees them through `drivers.host.Host`.
+    """This machine's files, as the runner sees them through `livemig.drivers.host.Host`.
 
     :param copy_seconds: how long copying the base to the target takes (trio time).
     """
@@ -70,7 +70,7 @@ class FakeHost:
         self.files[image.path] = image
         return image
 
-    # -- drivers.host.Host --
+    # -- livemig.drivers.host.Host --
 
     async def make_dir(self, path: Path) -> None:
         await trio.lowlevel.checkpoint()

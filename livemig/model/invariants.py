@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import attrs
 
-from fsm.events import MigrationResult, Outcome
+from livemig.fsm.events import MigrationResult, Outcome
 from livemig.model.block import Node
 from livemig.model.qemu import RECORDS_PER_BOOT, FakeQemu
 from livemig.model.world import FIRST_BOOT, World

@@ -2,7 +2,7 @@
 
 `FakeQemu` is one QEMU: its run state, the guest it holds, its block layer
 (:mod:`livemig.model.block`) and its migration (:mod:`livemig.model.migration`). `FakeMonitor`
-implements `drivers.qmp.Monitor` on it with no socket: commands run at once, in order, and
+implements `livemig.drivers.qmp.Monitor` on it with no socket: commands run at once, in order, and
 events reach every open ``listen`` block. Two of them, a host and a running guest make a
 :class:`livemig.model.world.World`.
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from drivers.qmp import EventStream, QMPEvent
+from livemig.drivers.qmp import EventStream, QMPEvent
 from livemig.model.block import (
     BLOCK_COMMANDS,
     Export,
@@ -35,7 +35,7 @@ from livemig.model.block import (
     pause_jobs_for_stop,
 )
 from livemig.model.migration import CAPABILITIES, MIGRATION_COMMANDS, PARAMETERS, Migration
-from transports.errors import CommandFailed, ConnectionLost, MonitorClosed
+from livemig.transports.errors import CommandFailed, ConnectionLost, MonitorClosed
 
 if TYPE_CHECKING:
     from livemig.model.world import World
@@ -231,7 +231,7 @@ _COMMANDS: Mapping[str, Callable[[FakeQemu, Mapping[str, Any]], Any]] = {
 
 
 class FakeMonitor:
-    """A `drivers.qmp.Monitor` connected to a `FakeQemu`, without a socket."""
+    """A `livemig.drivers.qmp.Monitor` connected to a `FakeQemu`, without a socket."""
 
     def __init__(self, qemu: FakeQemu, name: str) -> None:
         self.qemu = qemu

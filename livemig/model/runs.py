@@ -4,7 +4,8 @@
         run = await migrate_with_faults(world, (Fault("hang", AtState("mirroring")),))
     assert run.verdict.ok, run.explain()
 
-A ``crash`` fault is followed by ``livemig recover`` (:func:`fsm.recovery.recover`) on the same
+A ``crash`` fault is followed by ``livemig recover`` (:func:`livemig.fsm.recovery.recover`) on the
+same
 world, with the journal exactly as the "killed" livemig left it; the run's result is then the
 recovery's.
 """
@@ -20,12 +21,12 @@ from pathlib import Path
 import attrs
 import trio
 
-from fsm.events import Event, MigrationResult, Outcome, StateEntered
-from fsm.faults import Fault, FaultInjector, FaultPlan, Fired
-from fsm.journal import journal_path
-from fsm.plan import Deadlines, Plan, Policy
-from fsm.recovery import recover
-from fsm.runner import migrate
+from livemig.fsm.events import Event, MigrationResult, Outcome, StateEntered
+from livemig.fsm.faults import Fault, FaultInjector, FaultPlan, Fired
+from livemig.fsm.journal import journal_path
+from livemig.fsm.plan import Deadlines, Plan, Policy
+from livemig.fsm.recovery import recover
+from livemig.fsm.runner import migrate
 from livemig.model.invariants import Verdict, check_invariants
 from livemig.model.world import World
 

@@ -28,13 +28,13 @@ from typing import Literal
 import attrs
 import trio
 
-from drivers.qmp import Monitor
-from fsm.undo import Side
+from livemig.drivers.qmp import Monitor
+from livemig.fsm.undo import Side
 from livemig.model.block import Export, Node
 from livemig.model.host import FakeHost, ImageFile
 from livemig.model.migration import peer_died
 from livemig.model.qemu import RECORDS_PER_BOOT, FakeMonitor, FakeQemu, Guest
-from transports.errors import ConnectFailed
+from livemig.transports.errors import ConnectFailed
 
 __all__ = ["DISK_BYTES", "FIRST_BOOT", "Knobs", "Snapshot", "Storage", "World", "fake_world"]
 

@@ -26,9 +26,9 @@ import attrs
 import pytest
 import trio
 
-from drivers import image
-from drivers.process import DEFAULT_QEMU, QemuProcess, VmSpec, launched
-from guest import GuestImage, SerialConsole, ensure_built, guest_vm_spec
+from livemig.drivers import image
+from livemig.drivers.process import DEFAULT_QEMU, QemuProcess, VmSpec, launched
+from livemig.guest import GuestImage, SerialConsole, ensure_built, guest_vm_spec
 
 __all__ = ["RunningGuest", "booted_guest", "guest_image_fixture", "require_qemu"]
 

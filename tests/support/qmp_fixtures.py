@@ -1,4 +1,4 @@
-"""Fixtures for tests that talk QMP through `drivers.qmp`.
+"""Fixtures for tests that talk QMP through `livemig.drivers.qmp`.
 
 The driver runs qemu.qmp on a trio-asyncio loop. pytest-trio runs a trio fixture in the test's
 context only when the test names it in its signature (autouse and ``usefixtures`` fixtures run

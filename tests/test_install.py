@@ -1,0 +1,42 @@
+"""The installed package: only ``livemig`` lands at the top level of site-packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_an_install_adds_only_livemig_at_top_level(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+            "--disable-pip-version-check", "--target", str(target), str(ROOT),
+        ],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    top = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
+    assert top in (["bin", "livemig"], ["livemig"])
+    for folder in ("fsm", "drivers", "transports", "guest"):
+        assert (target / "livemig" / folder / "__init__.py").is_file()
+    probe = (
+        "import importlib.util as u, livemig.fsm.machine, livemig.guest;"
+        "print([n for n in ('fsm', 'drivers', 'transports', 'guest') if u.find_spec(n)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "[]"

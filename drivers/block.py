@@ -14,12 +14,14 @@ import attrs
 from livemig.drivers.qmp import Monitor, json_array, member, optional_member, qmp_arguments, query
 
 __all__ = [
+    "BlockDevice",
     "BlockNode",
     "block_commit",
     "blockdev_add",
     "blockdev_del",
     "blockdev_mirror",
     "blockdev_snapshot",
+    "query_block",
     "query_named_block_nodes",
 ]
 
@@ -62,6 +64,53 @@ class BlockNode:
 
 def _nodes(reply: Any) -> tuple[BlockNode, ...]:
     return tuple(BlockNode.from_qmp(node) for node in json_array(reply))
+
+
+@attrs.frozen
+class BlockDevice:
+    """One block backend a guest device uses (an entry of ``query-block``).
+
+    Unlike ``query-named-block-nodes``, one entry per disk the guest sees, not per node: a
+    format node and its protocol child are one entry.
+
+    :param qdev: the device's QOM path or id (``/machine/peripheral/vda/virtio-backend``).
+    :param node_name: the top node of the medium; ``None`` when there is no medium (an empty
+        CD-ROM drive).
+    :param filename: what the medium reads; ``None`` without a medium.
+    :param read_only: whether the medium is read-only (no medium counts as read-only).
+    """
+
+    qdev: str
+    node_name: str | None
+    filename: str | None
+    read_only: bool
+
+    @classmethod
+    def from_qmp(cls, entry: Any) -> BlockDevice:
+        inserted = optional_member(entry, "inserted", dict)
+        qdev = optional_member(entry, "qdev", str) or member(entry, "device", str)
+        if inserted is None:
+            return cls(qdev=qdev, node_name=None, filename=None, read_only=True)
+        return cls(
+            qdev=qdev,
+            node_name=optional_member(inserted, "node-name", str),
+            filename=member(inserted, "file", str),
+            read_only=member(inserted, "ro", bool),
+        )
+
+    @property
+    def writable(self) -> bool:
+        """Whether the guest can write to it: a medium is inserted and it is not read-only."""
+        return self.node_name is not None and not self.read_only
+
+
+def _devices(reply: Any) -> tuple[BlockDevice, ...]:
+    return tuple(BlockDevice.from_qmp(entry) for entry in json_array(reply))
+
+
+async def query_block(monitor: Monitor) -> tuple[BlockDevice, ...]:
+    """Every block backend of a guest device (``query-block``)."""
+    return await query(monitor, "query-block", _devices)
 
 
 async def query_named_block_nodes(monitor: Monitor) -> tuple[BlockNode, ...]:

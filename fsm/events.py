@@ -114,21 +114,30 @@ Event = StateEntered | Progress | Reverting | Steered | Warned
 
 
 class Outcome(enum.StrEnum):
+    """How a run ended."""
+
+    #: The guest runs on the target only.
     FINALIZED = "finalized"
+    #: The guest runs on the source only, with every write it made; the undo stack ran.
     REVERTED = "reverted"
+    #: Needs attention: an undo step failed, or a fault came after the point of no return.
     FAILED = "failed"
+    #: Bad input, found before anything was touched: nothing was attempted, nothing undone.
+    #: ``states`` never leaves ``idle`` (or ``connected``).
+    REFUSED = "refused"
 
 
 @attrs.frozen
 class MigrationResult:
     """How a migration ended.
 
-    :param outcome: the terminal state.
+    :param outcome: the terminal state, or ``refused`` when none was entered.
     :param states: every state entered, in order.
     :param error: why it did not finalize (``None`` when it did).
     :param error_type: the error's class name, for programs.
     :param failed_in: the state the fault happened in.
     :param undo_failures: undo steps that failed (only when ``outcome`` is failed).
+    :param interrupted: the operator stopped it (a signal or a cancel), not a fault.
     """
 
     outcome: Outcome
@@ -143,6 +152,7 @@ class MigrationResult:
     warnings: tuple[str, ...] = ()
     undo_failures: tuple[str, ...] = ()
     phases_ms: tuple[tuple[str, float], ...] = ()
+    interrupted: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self, recurse=False)

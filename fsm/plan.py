@@ -6,6 +6,7 @@ socket paths under the work directory) and change it with :func:`attrs.evolve`.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -101,7 +102,8 @@ class Policy:
 class Deadlines:
     """Seconds each wait may take before the migration reverts. Every wait has one."""
 
-    connect: float = attrs.field(default=10.0, validator=_positive)
+    #: Opening a monitor, greeting included (QEMU greets at once: a silent socket is no monitor).
+    connect: float = attrs.field(default=5.0, validator=_positive)
     command: float = attrs.field(default=30.0, validator=_positive)
     base_copy: float = attrs.field(default=900.0, validator=_positive)
     mirror_ready: float = attrs.field(default=300.0, validator=_positive)
@@ -166,6 +168,11 @@ class Plan:
         except ValueError as err:
             choices = ", ".join(m.value for m in StorageMode)
             raise UsageError(f"storage must be one of {choices}, not {storage!r}") from err
+        if os.path.realpath(source_qmp) == os.path.realpath(target_qmp):
+            raise UsageError(
+                f"the source and target QMP sockets are the same ({source_qmp}): the target "
+                "must be a second QEMU"
+            )
         work = Path(work_dir).absolute()
         rid = run_id or secrets.token_hex(4)
         if not re.fullmatch(r"[a-z0-9]{1,16}", rid):

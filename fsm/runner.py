@@ -31,11 +31,13 @@ from livemig.fsm.session import Session
 from livemig.fsm.steps import ACTIONS
 from livemig.fsm.undo import Side
 from livemig.transports.errors import (
+    ConnectFailed,
     ConnectionLost,
     DeadlineExceeded,
     Interrupted,
     LivemigError,
     StepFailed,
+    UsageError,
 )
 
 __all__ = ["Connector", "asyncio_loop", "connect_monitor", "migrate"]
@@ -103,6 +105,7 @@ class _Runner:
         self.entered_at: dict[str, float] = {}
         self.failures: tuple[str, ...] = ()
         self.failed_in: str | None = None
+        self.refused = False
 
     def emit(self, event: Event) -> None:
         try:
@@ -123,16 +126,17 @@ class _Runner:
                 exits=exits,
                 host=self.host,
             )
-            # A mkdir is one metadata syscall: done inline, not in a worker thread. A thread
-            # hop here let a test's autojump clock leap past every deadline while the thread
-            # ran (a busy machine made a fake run time out).
-            os.makedirs(self.plan.work_dir, exist_ok=True)
             session.journal_file = journal_path(self.plan.work_dir, self.plan.run_id)
             session.undo.on_push = session.write_journal
             self._enter(session, State.IDLE)
             error = await self._forward(session, interrupt)
             if error is not None:
                 self.failed_in = session.state.value
+                if _refused(error, session):
+                    # Bad input, seen before anything was touched: nothing to undo, nothing
+                    # journalled, no terminal state entered.
+                    self.refused = True
+                    return self._result(session, error)
                 await self._back(session, error)
             if self.machine.current is not State.FAILED:
                 # A failed run keeps its journal: ``livemig recover`` can try again later.
@@ -147,6 +151,7 @@ class _Runner:
             async with trio.open_nursery() as nursery:
                 if interrupt is not None:
                     nursery.start_soon(_cancel_on, interrupt, nursery.cancel_scope)
+                _check_work_dir(self.plan.work_dir)
                 await self._connect(session)
                 while (
                     trigger := next_trigger(
@@ -174,15 +179,14 @@ class _Runner:
 
     async def _connect(self, session: Session) -> None:
         plan = self.plan
-        with _deadline(plan.deadlines.connect, "connecting to the monitors", State.IDLE):
-            for name, endpoint in (("source", plan.source_qmp), ("target", plan.target_qmp)):
-                monitor = _Resilient(self.connector, endpoint.path, name, plan.deadlines, session)
-                await monitor.open()
-                session.exits.push_async_callback(_close, monitor)
-                if name == "source":
-                    session.source = monitor
-                else:
-                    session.target = monitor
+        for name, endpoint in (("source", plan.source_qmp), ("target", plan.target_qmp)):
+            monitor = _Resilient(self.connector, endpoint.path, name, plan.deadlines, session)
+            await monitor.open()
+            session.exits.push_async_callback(_close, monitor)
+            if name == "source":
+                session.source = monitor
+            else:
+                session.target = monitor
 
     async def _step(self, session: Session, trigger: Trigger) -> None:
         action = ACTIONS[trigger]
@@ -259,7 +263,7 @@ class _Runner:
 
     def _result(self, session: Session, error: BaseException | None) -> MigrationResult:
         total = session.now_ms()
-        outcome = Outcome(self.machine.current.value)
+        outcome = Outcome.REFUSED if self.refused else Outcome(self.machine.current.value)
         return MigrationResult(
             outcome=outcome,
             states=tuple(self.states),
@@ -273,7 +277,31 @@ class _Runner:
             warnings=tuple(session.warnings),
             undo_failures=self.failures,
             phases_ms=tuple(_phases(self.states, self.entered_at, total)),
+            interrupted=isinstance(error, Interrupted),
         )
+
+
+def _refused(error: BaseException, session: Session) -> bool:
+    """Whether ``error`` refuses the run: bad input (a :class:`UsageError`, or a monitor that
+    cannot be reached) found before the first undo step was pushed, so nothing was touched."""
+    return isinstance(error, UsageError | ConnectFailed) and len(session.undo) == 0
+
+
+def _check_work_dir(work_dir: Path) -> None:
+    """The work dir exists (it is created if need be) and this process can write to it.
+
+    Inline syscalls, not a worker thread: a mkdir and an access check are metadata calls, and a
+    thread hop here let a test's autojump clock leap past every deadline while the thread ran
+    (a busy machine made a fake run time out).
+
+    :raise UsageError: when it cannot be created or written; nothing is left in it.
+    """
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"work dir {work_dir} cannot be created: {err.strerror}") from err
+    if not os.access(work_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"work dir {work_dir} is not writable")
 
 
 def _phases(
@@ -336,7 +364,19 @@ class _Resilient:
         self._dropped: Monitor | None = None
 
     async def open(self) -> None:
-        self._inner = await self._connector(self._path, self.name)
+        """The first connection: a socket that accepts but does not greet is bad input.
+
+        :raise ConnectFailed: when the greeting does not come within the connect deadline.
+        """
+        seconds = self._deadlines.connect
+        try:
+            with trio.fail_after(seconds):
+                self._inner = await self._connector(self._path, self.name)
+        except trio.TooSlowError as err:
+            raise ConnectFailed(
+                f"{self._path} gave no QMP greeting within {seconds:g} s: is it a QEMU monitor?",
+                monitor=self.name,
+            ) from err
 
     async def _current(self) -> Monitor:
         if self._inner is not None:

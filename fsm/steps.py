@@ -48,6 +48,10 @@ __all__ = ["ACTIONS"]
 SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
 #: Target capabilities: events for MIGRATION, and no disk activation before ``cont``.
 TARGET_CAPABILITIES = ("events", "late-block-activate")
+#: What each side must offer. Without ``events`` no ``MIGRATION`` event is sent (every wait
+#: for a status would never end); without ``pause-before-switchover`` the source does not stop
+#: for the mirror to be completed while the guest is paused.
+REQUIRED_CAPABILITIES = {"source": ("events", "pause-before-switchover"), "target": ("events",)}
 #: ``max-bandwidth`` meaning "no cap": QEMU takes bytes/s as int64; this is 1 TiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -85,6 +89,11 @@ async def connect(session: Session) -> None:
     if await jobs.query_jobs(src):
         raise PrecheckError("the source has block jobs running; wait for them to end")
     await _check_disks(session)
+    await _check_other_disks(session)
+    for side, monitor in (("source", src), ("target", dst)):
+        caps = await migration.query_capabilities(monitor)
+        if missing := [c for c in REQUIRED_CAPABILITIES[side] if c not in caps]:
+            raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
     session.facts.prechecks_passed = True
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
@@ -132,6 +141,44 @@ async def _check_disks(session: Session) -> None:
     session.target_image = dst.filename
 
 
+async def _check_other_disks(session: Session) -> None:
+    """Refuse a VM with writable disks livemig would not carry over.
+
+    Only ``--disk`` is copied (non-shared): any other writable disk would be left behind, and
+    the guest would come up on the target with that disk's writes lost. With shared storage,
+    the other disks are fine when the target opens the same files. Read-only media and empty
+    drives do not count. ``query-block`` lists one entry per device, so the protocol and format
+    nodes of one disk are one disk here.
+    """
+    plan = session.plan
+    others = [
+        d
+        for d in await block.query_block(session.source)
+        if d.writable and d.node_name != plan.disk_node
+    ]
+    if not others:
+        return
+    if plan.storage is StorageMode.NON_SHARED:
+        names = ", ".join(f"{d.node_name} ({d.filename})" for d in others)
+        raise PrecheckError(
+            f"the source has writable disks besides {plan.disk_node!r} that livemig does not "
+            f"copy: {names}; detach them or make them read-only"
+        )
+    target = {d.qdev: d for d in await block.query_block(session.target)}
+    for disk in others:
+        there = target.get(disk.qdev)
+        if there is None or there.filename is None or disk.filename is None:
+            raise PrecheckError(
+                f"storage is shared but the target has no disk for {disk.qdev} "
+                f"({disk.node_name}, {disk.filename})"
+            )
+        if not _same_path(disk.filename, there.filename):
+            raise PrecheckError(
+                f"storage is shared but disk {disk.node_name!r} is {disk.filename} on the source "
+                f"and {there.filename} on the target"
+            )
+
+
 def _same_path(a: str, b: str) -> bool:
     """Whether two QEMU filenames name one file (both QEMUs run on this host's view of it)."""
     return os.path.realpath(a) == os.path.realpath(b)
@@ -143,9 +190,6 @@ async def set_capabilities(session: Session) -> None:
     src_caps = await migration.query_capabilities(session.source)
     dst_caps = await migration.query_capabilities(session.target)
     wanted_src = list(SOURCE_CAPABILITIES) + (["auto-converge"] if policy.auto_converge else [])
-    missing = [c for c in ("events", "pause-before-switchover") if c not in src_caps]
-    if missing:
-        raise PrecheckError(f"the source QEMU lacks migration capabilities {missing}")
     src_new = {c: True for c in wanted_src if c in src_caps}
     dst_new = {c: True for c in TARGET_CAPABILITIES if c in dst_caps}
     if policy.postcopy and "postcopy-ram" in src_caps and "postcopy-ram" in dst_caps:

@@ -62,6 +62,8 @@ class HumanDisplay:
 
     def __call__(self, event: Event) -> None:
         match event:
+            case StateEntered(state="idle"):
+                pass  # every run starts there: a refused run prints only its error line
             case StateEntered(state=state, at_ms=at):
                 self.console.print(f"[cyan]{at / 1000:7.2f}s[/]  {state}")
             case ProgressEvent() if event.ram_total:

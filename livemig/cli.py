@@ -25,17 +25,11 @@ import trio
 
 from livemig._display import HumanDisplay, JsonLines, summary_lines
 from livemig.fsm.events import Event, MigrationResult, Outcome
-from livemig.fsm.machine import State, StorageMode
+from livemig.fsm.machine import StorageMode
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
-from livemig.transports.errors import (
-    ConnectFailed,
-    Interrupted,
-    LivemigError,
-    PrecheckError,
-    UsageError,
-)
+from livemig.transports.errors import LivemigError, UsageError
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REVERTED", "EXIT_USAGE", "main"]
 
@@ -205,20 +199,17 @@ def policy_from(args: argparse.Namespace) -> tuple[Policy, Deadlines]:
 
 
 def exit_code(result: MigrationResult) -> int:
-    """The documented exit code of a result."""
-    if result.outcome is Outcome.FINALIZED:
-        return EXIT_OK
-    if result.outcome is Outcome.FAILED:
-        return EXIT_FAILED
-    if result.error_type == Interrupted.__name__:
-        return EXIT_INTERRUPTED
-    if result.failed_in == State.IDLE.value and result.error_type in _UNTOUCHED:
-        return EXIT_USAGE
-    return EXIT_REVERTED
-
-
-#: Faults in ``idle`` that mean the input was wrong; nothing had been touched yet.
-_UNTOUCHED = frozenset({PrecheckError.__name__, ConnectFailed.__name__, UsageError.__name__})
+    """The documented exit code of a result, chosen by its outcome (and, for a revert, by
+    whether the operator asked for it)."""
+    match result.outcome:
+        case Outcome.FINALIZED:
+            return EXIT_OK
+        case Outcome.REFUSED:
+            return EXIT_USAGE
+        case Outcome.FAILED:
+            return EXIT_FAILED
+        case Outcome.REVERTED:
+            return EXIT_INTERRUPTED if result.interrupted else EXIT_REVERTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,9 +322,13 @@ def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
 
 
 def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> None:
+    """The result line (JSON) or summary (human). A refusal is one error line on stderr, as
+    for any other bad input, beside its JSON result."""
     if isinstance(display, JsonLines):
         display.line(result.to_json())
-    else:
+    if result.outcome is Outcome.REFUSED:
+        print(f"livemig: error: {result.error}", file=sys.stderr)
+    elif isinstance(display, HumanDisplay):
         for line in summary_lines(result):
             display.console.print(line)
 

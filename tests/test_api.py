@@ -37,4 +37,5 @@ def test_the_documented_example_builds_a_plan() -> None:
         livemig.Outcome.FINALIZED,
         livemig.Outcome.REVERTED,
         livemig.Outcome.FAILED,
+        livemig.Outcome.REFUSED,
     }

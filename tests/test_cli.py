@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -87,13 +88,14 @@ def bare(
     memory: int = 128,
     incoming: bool = False,
     machine: str = "q35",
+    extra: tuple[DiskSpec, ...] = (),
 ) -> VmSpec:
     return VmSpec(
         name=name,
         qmp_socket=tmp / f"{name}.qmp",
         memory_mib=memory,
         machine=machine,
-        disks=(DiskSpec(path=disk),),
+        disks=(DiskSpec(path=disk), *extra),
         serial="none",
         incoming="defer" if incoming else None,
         paused=incoming,
@@ -108,13 +110,23 @@ async def pair(
     target_memory: int = 128,
     incoming: bool = True,
     target_machine: str = "q35",
+    data_disk: bool | None = None,
 ) -> AsyncIterator[tuple[QemuProcess, QemuProcess]]:
+    """Two QEMUs; ``data_disk`` gives both a second disk (``True``: writable)."""
     src_disk, dst_disk = tmp / "src.raw", tmp / ("src.raw" if shared else "dst.raw")
     await image.create(src_disk, "raw", 8 << 20)
     if not shared:
         await image.create(dst_disk, "raw", 8 << 20)
+    extra: tuple[DiskSpec, ...] = ()
+    if data_disk is not None:
+        await image.create(tmp / "data.raw", "raw", 4 << 20)
+        extra = (
+            DiskSpec(
+                path=tmp / "data.raw", node_name="data", device_id="vdb", read_only=not data_disk
+            ),
+        )
     async with (
-        launched(bare("src", tmp, src_disk), work_dir=tmp) as src,
+        launched(bare("src", tmp, src_disk, extra=extra), work_dir=tmp) as src,
         launched(
             bare(
                 "dst",
@@ -123,6 +135,7 @@ async def pair(
                 memory=target_memory,
                 incoming=incoming,
                 machine=target_machine,
+                extra=extra,
             ),
             work_dir=tmp,
         ) as dst,
@@ -166,6 +179,13 @@ async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
         ),
         ({"target_memory": 256}, "non-shared", "RAM differs", "inmigrate"),
         ({"target_machine": "pc"}, "non-shared", "machine types differ", "inmigrate"),
+        # Only --disk is copied: a second writable disk would reach the target never copied.
+        (
+            {"data_disk": True},
+            "non-shared",
+            "writable disks besides 'root' that livemig does not copy: data",
+            "inmigrate",
+        ),
     ],
 )
 async def test_bad_input_exits_2_and_touches_nothing(
@@ -200,9 +220,71 @@ async def test_wrong_disk_node_exits_2(aio_loop: object, tmp_path: Path) -> None
             assert done.returncode == EXIT_USAGE
             result = json.loads(done.stdout.splitlines()[-1])
             assert result["event"] == "result"
-            assert result["outcome"] == "reverted"
+            assert result["outcome"] == "refused"
+            assert result["states"] == ["idle"]
             assert "no block node 'vdb'" in result["error"]
             await untouched(src, dst, target_status="inmigrate")
+
+
+@pytest.mark.qemu
+async def test_a_socket_that_does_not_speak_qmp_is_refused(
+    aio_loop: object, tmp_path: Path
+) -> None:
+    with trio.fail_after(60):
+        async with pair(tmp_path) as (src, dst):
+            silent = tmp_path / "silent.sock"
+            listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            await listener.bind(str(silent))
+            listener.listen(4)
+            with listener:
+                started = trio.current_time()
+                done = await cli(
+                    "migrate", "--source-qmp", src.spec.qmp_socket, "--target-qmp", silent,
+                    "--storage", "non-shared", "--json", "--work-dir", tmp_path / "work",
+                )  # fmt: skip
+                took = trio.current_time() - started
+            assert done.returncode == EXIT_USAGE, done.stderr
+            result = json.loads(done.stdout.splitlines()[-1])
+            assert result["outcome"] == "refused"
+            assert "gave no QMP greeting" in result["error"]
+            assert b"Traceback" not in done.stderr
+            assert took < 30  # the 5 s connect deadline, not a revert
+            await untouched(src, dst, target_status="inmigrate")
+            assert not list((tmp_path / "work").iterdir())
+
+
+def _listening(path: Path) -> socket.socket:
+    """A bound unix socket that never answers: there, but no monitor."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+def test_the_same_monitor_twice_is_refused(tmp_path: Path) -> None:
+    with _listening(tmp_path / "one.qmp"):
+        result = run_cli(
+            "migrate", "--source-qmp", tmp_path / "one.qmp", "--target-qmp", tmp_path / "one.qmp",
+            "--storage", "shared", "--work-dir", tmp_path / "work",
+        )  # fmt: skip
+    assert result.returncode == EXIT_USAGE
+    assert "the source and target QMP sockets are the same" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_work_dir_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with _listening(tmp_path / "a.qmp"), _listening(tmp_path / "b.qmp"):
+        result = run_cli(
+            "migrate", "--source-qmp", tmp_path / "a.qmp", "--target-qmp", tmp_path / "b.qmp",
+            "--storage", "shared", "--work-dir", tmp_path / "file" / "work", "--json",
+        )  # fmt: skip
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "cannot be created" in result.stderr
+    assert "Traceback" not in result.stderr
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["outcome"] == "refused"
 
 
 # --- whole migrations through the CLI on the real guest ---------------------------------------

@@ -384,7 +384,9 @@ async def test_a_job_left_by_someone_else_stops_livemig_before_it_touches_anythi
             run = await migrate_with_faults(world)
             touched = [c.name for c in world.source.log if not reads_only(c.name)]
     assert run.result.error_type == "PrecheckError", run.explain()
-    assert run.result.states == ("idle", "reverted")
+    # Bad input before anything was touched is refused: no revert, no terminal state.
+    assert run.result.outcome is Outcome.REFUSED
+    assert run.result.states == ("idle",)
     assert touched == []
 
 

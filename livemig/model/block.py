@@ -242,6 +242,16 @@ def _query_named_block_nodes(qemu: FakeQemu, args: Mapping[str, Any]) -> list[di
     return [n.to_qmp() for n in qemu.nodes.values()]
 
 
+def _query_block(qemu: FakeQemu, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The one disk device, on its active layer (what QEMU 10 says for ``-blockdev`` disks)."""
+    del args
+    node = qemu.device
+    inserted = {"node-name": node.name, "drv": node.driver, "file": node.filename, "ro": False}
+    inserted["ro"] = node.read_only
+    qdev = "/machine/peripheral/vda/virtio-backend"
+    return [{"device": "", "qdev": qdev, "type": "unknown", "inserted": inserted}]
+
+
 # -- jobs ----------------------------------------------------------------------------------------
 
 
@@ -503,6 +513,7 @@ BLOCK_COMMANDS: Mapping[str, Handler] = {
     "blockdev-del": _blockdev_del,
     "blockdev-snapshot": _blockdev_snapshot,
     "query-named-block-nodes": _query_named_block_nodes,
+    "query-block": _query_block,
     "blockdev-mirror": _blockdev_mirror,
     "block-commit": _block_commit,
     "job-complete": _job_complete,

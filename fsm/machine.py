@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from transitions import Machine, MachineError
 
 from livemig.transports.errors import GuardFailed
+
+if TYPE_CHECKING:
+    from transitions import Machine
 
 __all__ = [
     "FORWARD",
@@ -286,7 +288,10 @@ class MigrationMachine:
     """
 
     def __init__(self) -> None:
-        self._machine = Machine(model=self, **machine_kwargs())
+        # transitions costs ~10 ms to import; only a running migration needs it, not ``--help``.
+        from transitions import Machine  # noqa: PLC0415
+
+        self._machine: Machine = Machine(model=self, **machine_kwargs())
 
     @property
     def current(self) -> State:
@@ -297,6 +302,8 @@ class MigrationMachine:
         return allows(self.current, trigger, facts)
 
     def fire(self, trigger: Trigger, facts: Facts) -> State:
+        from transitions import MachineError  # noqa: PLC0415 - see __init__
+
         before = self.current
         try:
             moved = self._machine.events[trigger.value].trigger(self, facts)

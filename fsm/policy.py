@@ -42,13 +42,16 @@ import ipaddress
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import attrs
 
-from livemig.drivers.migration import MigrationStats
 from livemig.transports.endpoints import Endpoint, UnixEndpoint
 from livemig.transports.errors import UsageError
+
+if TYPE_CHECKING:
+    # Only annotations: importing the driver pulls in trio and qemu.qmp (~190 ms).
+    from livemig.drivers.migration import MigrationStats
 
 __all__ = [
     "PROGRESS_INTERVAL_S",

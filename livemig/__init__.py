@@ -14,39 +14,45 @@ internal and may change::
         ...
 """
 
-from livemig.fsm.events import (
-    Event,
-    MigrationResult,
-    Outcome,
-    Progress,
-    Reverting,
-    StateEntered,
-    Steered,
-    Warned,
-)
-from livemig.fsm.machine import State, StorageMode
-from livemig.fsm.plan import Deadlines, Plan, Policy
-from livemig.fsm.runner import Connector, migrate
-from livemig.transports.errors import (
-    CommandFailed,
-    ConnectFailed,
-    ConnectionLost,
-    ConvergenceFailed,
-    DeadlineExceeded,
-    GuardFailed,
-    Interrupted,
-    LivemigError,
-    MigrationAborted,
-    MigrationError,
-    MonitorClosed,
-    PrecheckError,
-    ProcessError,
-    ProtocolError,
-    QMPError,
-    StepFailed,
-    ToolError,
-    UsageError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from livemig.fsm.events import (
+        Event,
+        MigrationResult,
+        Outcome,
+        Progress,
+        Reverting,
+        StateEntered,
+        Steered,
+        Warned,
+    )
+    from livemig.fsm.machine import State, StorageMode
+    from livemig.fsm.plan import Deadlines, Plan, Policy
+    from livemig.fsm.runner import Connector, migrate
+    from livemig.transports.errors import (
+        CommandFailed,
+        ConnectFailed,
+        ConnectionLost,
+        ConvergenceFailed,
+        DeadlineExceeded,
+        GuardFailed,
+        Interrupted,
+        LivemigError,
+        MigrationAborted,
+        MigrationError,
+        MonitorClosed,
+        PrecheckError,
+        ProcessError,
+        ProtocolError,
+        QMPError,
+        StepFailed,
+        ToolError,
+        UsageError,
+    )
 
 __all__ = [
     "CommandFailed",
@@ -83,3 +89,55 @@ __all__ = [
     "Warned",
     "migrate",
 ]
+
+#: Where each export lives. Imported on first use, so ``import livemig.cli`` (``livemig --help``)
+#: does not pay for trio, qemu.qmp and transitions; ``TYPE_CHECKING`` above keeps mypy exact.
+_EXPORTS: dict[str, str] = {
+    "Event": "livemig.fsm.events",
+    "MigrationResult": "livemig.fsm.events",
+    "Outcome": "livemig.fsm.events",
+    "Progress": "livemig.fsm.events",
+    "Reverting": "livemig.fsm.events",
+    "StateEntered": "livemig.fsm.events",
+    "Steered": "livemig.fsm.events",
+    "Warned": "livemig.fsm.events",
+    "State": "livemig.fsm.machine",
+    "StorageMode": "livemig.fsm.machine",
+    "Deadlines": "livemig.fsm.plan",
+    "Plan": "livemig.fsm.plan",
+    "Policy": "livemig.fsm.plan",
+    "Connector": "livemig.fsm.runner",
+    "migrate": "livemig.fsm.runner",
+    "CommandFailed": "livemig.transports.errors",
+    "ConnectFailed": "livemig.transports.errors",
+    "ConnectionLost": "livemig.transports.errors",
+    "ConvergenceFailed": "livemig.transports.errors",
+    "DeadlineExceeded": "livemig.transports.errors",
+    "GuardFailed": "livemig.transports.errors",
+    "Interrupted": "livemig.transports.errors",
+    "LivemigError": "livemig.transports.errors",
+    "MigrationAborted": "livemig.transports.errors",
+    "MigrationError": "livemig.transports.errors",
+    "MonitorClosed": "livemig.transports.errors",
+    "PrecheckError": "livemig.transports.errors",
+    "ProcessError": "livemig.transports.errors",
+    "ProtocolError": "livemig.transports.errors",
+    "QMPError": "livemig.transports.errors",
+    "StepFailed": "livemig.transports.errors",
+    "ToolError": "livemig.transports.errors",
+    "UsageError": "livemig.transports.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -19,17 +19,19 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
-
-from livemig._display import HumanDisplay, JsonLines, summary_lines
 from livemig.fsm.events import Event, MigrationResult, Outcome
 from livemig.fsm.machine import StorageMode
-from livemig.fsm.plan import Deadlines, Plan, Policy
-from livemig.fsm.recovery import recover
-from livemig.fsm.runner import migrate
 from livemig.transports.errors import LivemigError, UsageError
+
+if TYPE_CHECKING:
+    # Building the parser (``--help``) needs none of these; each command imports what it runs
+    # (trio, qemu.qmp, rich) in its own function, which keeps start-up under 150 ms.
+    import trio
+
+    from livemig._display import HumanDisplay, JsonLines
+    from livemig.fsm.plan import Deadlines, Plan, Policy
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REVERTED", "EXIT_USAGE", "main"]
 
@@ -188,6 +190,8 @@ def _nonnegative_int(text: str) -> int:
 
 
 def policy_from(args: argparse.Namespace) -> tuple[Policy, Deadlines]:
+    from livemig.fsm.plan import Deadlines, Policy  # noqa: PLC0415 - not needed for --help
+
     policy = Policy(
         max_bandwidth=args.max_bandwidth * 2**20 if args.max_bandwidth else None,
         downtime_limit_ms=args.downtime_limit,
@@ -277,6 +281,8 @@ def _migrate_command(args: argparse.Namespace) -> int:
     for what, path in (("source", args.source_qmp), ("target", args.target_qmp)):
         if not path.is_socket():
             raise UsageError(f"{what} QMP socket {path} does not exist or is not a socket")
+    from livemig.fsm.plan import Plan  # noqa: PLC0415 - not needed for --help
+
     policy, deadlines = policy_from(args)
     plan = Plan.create(
         source_qmp=args.source_qmp,
@@ -302,6 +308,11 @@ def default_work_dir() -> Path:
 def _recover_command(args: argparse.Namespace) -> int:
     if not args.work_dir.is_dir():
         raise UsageError(f"work dir {args.work_dir} does not exist")
+    import trio  # noqa: PLC0415 - not needed for --help
+
+    from livemig._display import HumanDisplay, JsonLines  # noqa: PLC0415 - rich
+    from livemig.fsm.recovery import recover  # noqa: PLC0415 - pulls in the drivers
+
     results = trio.run(recover, args.work_dir)
     display: JsonLines | HumanDisplay = JsonLines() if args.json else HumanDisplay()
     if not results and isinstance(display, HumanDisplay):
@@ -314,6 +325,10 @@ def _recover_command(args: argparse.Namespace) -> int:
 
 def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
     """Run one migration under SIGINT/SIGTERM handling, showing it as the caller asked."""
+    import trio  # noqa: PLC0415 - not needed for --help
+
+    from livemig._display import HumanDisplay, JsonLines  # noqa: PLC0415 - rich
+
     display: JsonLines | HumanDisplay = JsonLines() if as_json else HumanDisplay()
     with display:
         result = trio.run(run_interruptible, plan, display)
@@ -322,6 +337,8 @@ def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
 
 
 def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> None:
+    from livemig._display import JsonLines, summary_lines  # noqa: PLC0415 - rich
+
     """The result line (JSON) or summary (human). A refusal is one error line on stderr, as
     for any other bad input, beside its JSON result."""
     if isinstance(display, JsonLines):
@@ -335,6 +352,10 @@ def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> N
 
 async def run_interruptible(plan: Plan, on_event: Callable[[Event], None]) -> MigrationResult:
     """Migrate; SIGINT or SIGTERM meanwhile makes it revert cleanly (the result says so)."""
+    import trio  # noqa: PLC0415 - not needed for --help
+
+    from livemig.fsm.runner import migrate  # noqa: PLC0415 - pulls in the drivers
+
     interrupt = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, interrupt)
@@ -346,6 +367,8 @@ async def run_interruptible(plan: Plan, on_event: Callable[[Event], None]) -> Mi
 async def _watch_signals(interrupt: trio.Event) -> None:
     # A second signal while reverting is ignored on purpose: stopping half-way through a
     # revert is what loses guests.
+    import trio  # noqa: PLC0415 - not needed for --help
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             interrupt.set()

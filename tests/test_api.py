@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import livemig
 
@@ -39,3 +41,17 @@ def test_the_documented_example_builds_a_plan() -> None:
         livemig.Outcome.FAILED,
         livemig.Outcome.REFUSED,
     }
+
+
+def test_the_cli_imports_no_engine_for_help() -> None:
+    # ``livemig --help`` stays fast because building the parser loads none of the engine's heavy
+    # dependencies; each command imports what it runs.
+    probe = (
+        "import sys, livemig.cli; livemig.cli.build_parser();"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'trio', 'trio_asyncio', 'qemu', 'rich', 'transitions', 'graphviz', 'hypothesis'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"

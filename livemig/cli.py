@@ -337,7 +337,7 @@ def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
 
 
 def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> None:
-    from livemig._display import JsonLines, summary_lines  # noqa: PLC0415 - rich
+    from livemig._display import HumanDisplay, JsonLines, summary_lines  # noqa: PLC0415 - rich
 
     """The result line (JSON) or summary (human). A refusal is one error line on stderr, as
     for any other bad input, beside its JSON result."""

@@ -123,7 +123,7 @@ class Outcome(enum.StrEnum):
     #: Needs attention: an undo step failed, or a fault came after the point of no return.
     FAILED = "failed"
     #: Bad input, found before anything was touched: nothing was attempted, nothing undone.
-    #: ``states`` never leaves ``idle`` (or ``connected``).
+    #: ``states`` is ``["idle"]``.
     REFUSED = "refused"
 
 

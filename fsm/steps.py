@@ -51,7 +51,7 @@ TARGET_CAPABILITIES = ("events", "late-block-activate")
 #: What each side must offer. Without ``events`` no ``MIGRATION`` event is sent (every wait
 #: for a status would never end); without ``pause-before-switchover`` the source does not stop
 #: for the mirror to be completed while the guest is paused.
-REQUIRED_CAPABILITIES = {"source": ("events", "pause-before-switchover"), "target": ("events",)}
+REQUIRED_CAPABILITIES = {"source": SOURCE_CAPABILITIES, "target": ("events",)}
 #: ``max-bandwidth`` meaning "no cap": QEMU takes bytes/s as int64; this is 1 TiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
 

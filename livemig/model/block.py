@@ -246,8 +246,12 @@ def _query_block(qemu: FakeQemu, args: Mapping[str, Any]) -> list[dict[str, Any]
     """The one disk device, on its active layer (what QEMU 10 says for ``-blockdev`` disks)."""
     del args
     node = qemu.device
-    inserted = {"node-name": node.name, "drv": node.driver, "file": node.filename, "ro": False}
-    inserted["ro"] = node.read_only
+    inserted = {
+        "node-name": node.name,
+        "drv": node.driver,
+        "file": node.filename,
+        "ro": node.read_only,
+    }
     qdev = "/machine/peripheral/vda/virtio-backend"
     return [{"device": "", "qdev": qdev, "type": "unknown", "inserted": inserted}]
 

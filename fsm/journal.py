@@ -1,10 +1,17 @@
 """The run's journal: what a crashed livemig needs to get the guest back to safety.
 
-The runner writes it to the work directory whenever the state or the undo stack changes —
-atomically (a temporary file, ``fsync``, ``rename``, ``fsync`` of the directory) — and removes it
-once the run reached a terminal state. Undo steps are pushed *before* the thing they undo is
-created, so the journal never misses something that exists; every undo step is safe to run when
-its thing does not exist.
+The runner hands it to a :class:`JournalSink` after every undo push, on every state entry once
+something was touched (but ``pre-switchover``: the guest is paused there, and the journal of
+``state-transfer`` already holds all a recovery needs), and at the point of no return of
+post-copy; it removes it once the run reached a terminal state other than ``failed``. Undo steps
+are pushed *before* the thing they undo is created, and the runner awaits each write, so the
+journal never misses something that exists; every undo step is safe to run when its thing does
+not exist.
+
+Two sinks: :class:`FileJournal`, the default, keeps it in the work dir, written atomically and
+durably (a temporary file, ``fsync``, ``rename``, ``fsync`` of the directory) in a worker thread,
+so no ``fsync`` blocks the event loop; :class:`MemoryJournal` keeps it in memory, for the fake
+world, whose runs must do no real I/O under a mock clock.
 
 :func:`livemig.fsm.recovery.recover` reads it after a crash.
 """
@@ -15,16 +22,20 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
+import trio
 
 from livemig.fsm.undo import UndoStep
 from livemig.transports.errors import UsageError
 
 __all__ = [
     "JOURNAL_VERSION",
+    "FileJournal",
     "Journal",
+    "JournalSink",
+    "MemoryJournal",
     "find_journals",
     "journal_path",
     "remove_journal",
@@ -88,6 +99,57 @@ class Journal:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"journal is damaged: {err}") from err
+
+
+class JournalSink(Protocol):
+    """Where a run's journal is kept, one per run id."""
+
+    async def write(self, journal: Journal) -> None:
+        """Replace the journal of ``journal.run_id``; kept for good once this returns."""
+
+    async def remove(self, run_id: str) -> None:
+        """Forget the journal of ``run_id``, if there is one."""
+
+    async def read(self) -> list[Journal]:
+        """Every journal kept, oldest first.
+
+        :raise UsageError: when one cannot be read.
+        """
+
+
+@attrs.define
+class FileJournal:
+    """Journals in ``work_dir`` (``lm-<run id>-journal.json``), each write atomic and durable,
+    done in a worker thread."""
+
+    work_dir: Path
+
+    async def write(self, journal: Journal) -> None:
+        await trio.to_thread.run_sync(
+            write_journal, journal_path(self.work_dir, journal.run_id), journal
+        )
+
+    async def remove(self, run_id: str) -> None:
+        await trio.to_thread.run_sync(remove_journal, journal_path(self.work_dir, run_id))
+
+    async def read(self) -> list[Journal]:
+        return [journal for _, journal in find_journals(self.work_dir)]
+
+
+@attrs.define
+class MemoryJournal:
+    """Journals in memory: for runs that must do no real I/O (the fake world)."""
+
+    journals: dict[str, Journal] = attrs.field(factory=dict)
+
+    async def write(self, journal: Journal) -> None:
+        self.journals[journal.run_id] = journal
+
+    async def remove(self, run_id: str) -> None:
+        self.journals.pop(run_id, None)
+
+    async def read(self) -> list[Journal]:
+        return list(self.journals.values())
 
 
 def journal_path(work_dir: Path, run_id: str) -> Path:

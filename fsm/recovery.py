@@ -18,7 +18,7 @@ from livemig.drivers import migration, runstate
 from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import Monitor
 from livemig.fsm.events import MigrationResult, Outcome
-from livemig.fsm.journal import Journal, find_journals, remove_journal
+from livemig.fsm.journal import FileJournal, Journal, JournalSink
 from livemig.fsm.machine import State
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
 from livemig.fsm.runner import Connector, asyncio_loop, connect_monitor
@@ -34,18 +34,26 @@ _POLL = 0.05
 
 
 async def recover(
-    work_dir: Path, *, connector: Connector = connect_monitor, host: Host | None = None
+    work_dir: Path,
+    *,
+    connector: Connector = connect_monitor,
+    host: Host | None = None,
+    journal: JournalSink | None = None,
 ) -> list[MigrationResult]:
     """Recover every run journalled in ``work_dir``; an empty list when there is none.
 
+    :param journal: where the runs were journalled (default: a
+        :class:`~livemig.fsm.journal.FileJournal` in ``work_dir``); a recovered run's journal
+        is removed, a failed one's kept.
     :raise UsageError: when a journal cannot be read.
     """
+    sink = journal if journal is not None else FileJournal(work_dir)
     results = []
     async with asyncio_loop():
-        for path, journal in find_journals(work_dir):
-            result = await _recover_one(journal, connector, host or LocalHost())
+        for kept in await sink.read():
+            result = await _recover_one(kept, connector, host or LocalHost())
             if result.outcome is not Outcome.FAILED:
-                remove_journal(path)
+                await sink.remove(kept.run_id)
             results.append(result)
     return results
 

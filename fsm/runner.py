@@ -23,7 +23,7 @@ from livemig.drivers import qmp
 from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import EventStream, Monitor
 from livemig.fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
-from livemig.fsm.journal import journal_path, remove_journal
+from livemig.fsm.journal import FileJournal, JournalSink
 from livemig.fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
@@ -59,6 +59,7 @@ async def migrate(
     connector: Connector = connect_monitor,
     host: Host | None = None,
     interrupt: trio.Event | None = None,
+    journal: JournalSink | None = None,
 ) -> MigrationResult:
     """Migrate the guest as ``plan`` says, and report how it ended.
 
@@ -71,9 +72,12 @@ async def migrate(
     :param on_event: called synchronously with every :class:`~livemig.fsm.events.Event`.
     :param connector: how to open a monitor (tests and fault campaigns pass their own).
     :param host: files and ``qemu-img`` on this machine (fault campaigns pass their own).
+    :param journal: where the run is journalled for ``livemig recover`` (default: a
+        :class:`~livemig.fsm.journal.FileJournal` in the plan's work dir).
     """
     async with asyncio_loop():
         runner = _Runner(plan, on_event or _ignore, connector, host or LocalHost())
+        runner.journal = journal if journal is not None else FileJournal(plan.work_dir)
         return await runner.run(interrupt)
 
 
@@ -106,6 +110,7 @@ class _Runner:
         self.failures: tuple[str, ...] = ()
         self.failed_in: str | None = None
         self.refused = False
+        self.journal: JournalSink | None = None
 
     def emit(self, event: Event) -> None:
         try:
@@ -126,9 +131,8 @@ class _Runner:
                 exits=exits,
                 host=self.host,
             )
-            session.journal_file = journal_path(self.plan.work_dir, self.plan.run_id)
-            session.undo.on_push = session.write_journal
-            self._enter(session, State.IDLE)
+            session.journal = self.journal
+            await self._enter(session, State.IDLE)
             error = await self._forward(session, interrupt)
             if error is not None:
                 self.failed_in = session.state.value
@@ -138,9 +142,10 @@ class _Runner:
                     self.refused = True
                     return self._result(session, error)
                 await self._back(session, error)
-            if self.machine.current is not State.FAILED:
+            if self.journal is not None and self.machine.current is not State.FAILED:
                 # A failed run keeps its journal: ``livemig recover`` can try again later.
-                remove_journal(session.journal_file)
+                with trio.CancelScope(shield=True):
+                    await self.journal.remove(self.plan.run_id)
             return self._result(session, error)
 
     async def _forward(
@@ -193,13 +198,15 @@ class _Runner:
         seconds = _action_deadline(trigger, self.plan.deadlines)
         with _deadline(seconds, trigger.value, session.state):
             await action(session)
-        self._enter(session, self.machine.fire(trigger, self.facts))
+        await self._enter(session, self.machine.fire(trigger, self.facts))
 
-    def _enter(self, session: Session, state: State) -> None:
+    async def _enter(self, session: Session, state: State) -> None:
         now = session.now_ms()
         session.state = state
         self.states.append(state.value)
         self.entered_at[state.value] = now
+        if state not in _UNJOURNALLED and len(session.undo) > 0:
+            await session.write_journal()
         self.emit(StateEntered(state.value, now))
 
     async def _back(self, session: Session, error: BaseException) -> None:
@@ -242,10 +249,12 @@ class _Runner:
                 ]
             self.failures = tuple(failures)
             self.facts.undo_clean = not failures
+            if len(session.undo) > 0:
+                await session.write_journal()  # the steps that failed, for ``livemig recover``
             trigger = (
                 Trigger.REVERT if self.machine.allows(Trigger.REVERT, self.facts) else Trigger.FAIL
             )
-            self._enter(session, self.machine.fire(trigger, self.facts))
+            await self._enter(session, self.machine.fire(trigger, self.facts))
 
     async def _source_safe(self, session: Session, *, touched: bool) -> list[str]:
         """``reverted`` promises the guest is safe on the source: look before saying so.
@@ -279,6 +288,12 @@ class _Runner:
             phases_ms=tuple(_phases(self.states, self.entered_at, total)),
             interrupted=isinstance(error, Interrupted),
         )
+
+
+#: States entered without a journal write: the terminal ones (the runner keeps or removes the
+#: journal as it was), and ``pre-switchover``, where the guest is paused and every millisecond is
+#: downtime.
+_UNJOURNALLED = frozenset({State.PRE_SWITCHOVER, State.FINALIZED, State.REVERTED, State.FAILED})
 
 
 def _refused(error: BaseException, session: Session) -> bool:

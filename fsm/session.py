@@ -20,7 +20,7 @@ from livemig.drivers import jobs
 from livemig.drivers.host import Host
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent
 from livemig.fsm.events import Event
-from livemig.fsm.journal import Journal, write_journal
+from livemig.fsm.journal import Journal, JournalSink
 from livemig.fsm.machine import Facts, State
 from livemig.fsm.plan import Plan
 from livemig.fsm.policy import ConvergenceTracker
@@ -71,7 +71,7 @@ class Session:
     #: The convergence policy's state while RAM streams (set with the capabilities).
     convergence: ConvergenceTracker | None = None
     #: Where the run is journalled (``None``: not journalled).
-    journal_file: Path | None = None
+    journal: JournalSink | None = None
 
     def run_files(self) -> list[Path]:
         """Files this run may create: the overlay and the unix sockets of the target."""
@@ -79,9 +79,9 @@ class Session:
         sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
         return [plan.overlay_path, *sockets]
 
-    def write_journal(self) -> None:
+    async def write_journal(self) -> None:
         """Journal where the run stands; see :mod:`livemig.fsm.journal`."""
-        if self.journal_file is None:
+        if self.journal is None:
             return
         plan = self.plan
         journal = Journal(
@@ -96,7 +96,7 @@ class Session:
             postcopy_committed=self.facts.postcopy_committed,
             stop_source=plan.policy.stop_source,
         )
-        write_journal(self.journal_file, journal)
+        await self.journal.write(journal)
 
     def monitor(self, side: Side) -> Monitor:
         return self.source if side is Side.SOURCE else self.target
@@ -104,8 +104,10 @@ class Session:
     def now_ms(self) -> float:
         return (trio.current_time() - self.started_at) * 1000.0
 
-    def push_undo(self, step: UndoStep) -> None:
+    async def push_undo(self, step: UndoStep) -> None:
+        """Push ``step`` and journal the stack, before the thing it undoes is created."""
         self.undo.push(step)
+        await self.write_journal()
 
     def fail(self, message: str) -> StepFailed:
         return StepFailed(message, state=self.state.value)

@@ -98,8 +98,8 @@ async def connect(session: Session) -> None:
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
     # was touched, and a failed precheck leaves both QEMUs exactly as they were.
-    session.push_undo(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
-    session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
+    await session.push_undo(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
+    await session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
 
 
 async def _check_disks(session: Session) -> None:
@@ -206,7 +206,7 @@ async def set_capabilities(session: Session) -> None:
     if multifd:
         channels = {"multifd-channels": policy.multifd_channels}
         await migration.set_parameters(session.target, channels)
-    session.push_undo(
+    await session.push_undo(
         UndoStep(
             UndoKind.RESTORE_CAPABILITIES,
             Side.SOURCE,
@@ -236,7 +236,7 @@ async def set_capabilities(session: Session) -> None:
         params["multifd-channels"] = policy.multifd_channels
     # The convergence ladder may change these later; the undo puts all of them back.
     restored = (*params, "cpu-throttle-initial", "cpu-throttle-increment")
-    session.push_undo(
+    await session.push_undo(
         UndoStep(
             UndoKind.RESTORE_PARAMETERS,
             Side.SOURCE,
@@ -256,13 +256,15 @@ async def snapshot(session: Session) -> None:
     await session.host.make_dir(plan.work_dir)
     # Only once the overlay node is gone: while the guest still writes to it (its merge
     # failed), removing the file would lose every write since the snapshot.
-    session.push_undo(
+    await session.push_undo(
         UndoStep(
             UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(overlay), "node": plan.overlay_node}
         )
     )
     await session.host.create_image(overlay, "qcow2", session.base_size)
-    session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.overlay_node}))
+    await session.push_undo(
+        UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.overlay_node})
+    )
     await block.blockdev_add(
         session.source,
         {
@@ -272,7 +274,7 @@ async def snapshot(session: Session) -> None:
             "backing": None,
         },
     )
-    session.push_undo(
+    await session.push_undo(
         UndoStep(
             UndoKind.MERGE_OVERLAY,
             Side.SOURCE,
@@ -288,12 +290,16 @@ async def mirror(session: Session) -> None:
     plan, src, dst = session.plan, session.source, session.target
     assert session.base_image is not None
     if isinstance(plan.nbd, UnixEndpoint):
-        session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(plan.nbd.path)}))
-    session.push_undo(UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET))
+        await session.push_undo(
+            UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(plan.nbd.path)})
+        )
+    await session.push_undo(UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET))
     if not isinstance(plan.nbd, UnixEndpoint):
         raise session.fail("the disk copy needs a unix NBD endpoint on this host")
     await nbd.nbd_server_start(dst, plan.nbd.path)
-    session.push_undo(UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": plan.export_id}))
+    await session.push_undo(
+        UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": plan.export_id})
+    )
     await nbd.block_export_add(
         dst,
         export_id=plan.export_id,
@@ -304,7 +310,7 @@ async def mirror(session: Session) -> None:
 
     await _copy_base(session, plan.nbd.path)
 
-    session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.nbd_node}))
+    await session.push_undo(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": plan.nbd_node}))
     await block.blockdev_add(
         src,
         {
@@ -315,7 +321,9 @@ async def mirror(session: Session) -> None:
         },
     )
     async with src.listen(*JOB_EVENTS) as stream:
-        session.push_undo(UndoStep(UndoKind.CANCEL_JOB, Side.SOURCE, {"job": plan.mirror_job}))
+        await session.push_undo(
+            UndoStep(UndoKind.CANCEL_JOB, Side.SOURCE, {"job": plan.mirror_job})
+        )
         await block.blockdev_mirror(
             src, job_id=plan.mirror_job, device=plan.overlay_node, target=plan.nbd_node, sync="top"
         )
@@ -377,9 +385,9 @@ async def transfer_state(session: Session) -> None:
     )
     if isinstance(plan.migrate_uri, UnixEndpoint):
         path = str(plan.migrate_uri.path)
-        session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": path}))
+        await session.push_undo(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": path}))
     await migration.migrate_incoming(session.target, plan.migrate_uri.uri)
-    session.push_undo(UndoStep(UndoKind.CANCEL_MIGRATION, Side.SOURCE))
+    await session.push_undo(UndoStep(UndoKind.CANCEL_MIGRATION, Side.SOURCE))
     await migration.migrate(session.source, plan.migrate_uri.uri)
     session.facts.migration_status = "setup"
 
@@ -491,7 +499,7 @@ async def switch_over_postcopy(session: Session) -> None:
     assert session.target_migration is not None
     await _complete_mirror(session)
     session.facts.postcopy_committed = True
-    session.write_journal()
+    await session.write_journal()
     await migration.migrate_continue(session.source, "pre-switchover")
     await wait_migration(
         session.target_migration, {"postcopy-active"}, state=session.state, side="target"

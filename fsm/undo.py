@@ -10,7 +10,7 @@ holds the one interpreter that carries them out.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -70,20 +70,16 @@ class UndoStep:
 
 @attrs.define
 class UndoStack:
-    """Last in, first out. The runner is its only owner.
-
-    :param on_push: called after every push: the runner journals the stack there, durably,
-        before the thing the step undoes is created. Pops and discards are not journalled at
-        once: a step left in the journal for something already gone is harmless to run.
+    """Last in, first out. The runner is its only owner; it journals the stack after every push
+    (:meth:`livemig.fsm.session.Session.push_undo`), before the thing the step undoes is
+    created. Pops and discards are not journalled at once: a step left in the journal for
+    something already gone is harmless to run.
     """
 
     _steps: list[UndoStep] = attrs.field(factory=list, alias="steps")
-    on_push: Callable[[], None] | None = None
 
     def push(self, step: UndoStep) -> None:
         self._steps.append(step)
-        if self.on_push is not None:
-            self.on_push()
 
     def discard(self, kind: UndoKind, side: Side) -> None:
         """Drop every pending step of ``kind`` on ``side``: what it would undo is already gone."""

@@ -43,7 +43,7 @@ from livemig.model.cases import (
     expected,
     table,
 )
-from livemig.model.runs import FaultRun, migrate_with_faults, without_fsync
+from livemig.model.runs import FaultRun, migrate_with_faults
 from livemig.model.world import Storage, fake_world
 
 __all__ = [
@@ -282,7 +282,7 @@ def run_fake_campaign(
         storage, plan = _random_plan(rng, cases)
         todo.append(("random", storage, plan, frozenset()))
     reports: list[PlanReport] = []
-    with without_fsync(), _quiet_logs():
+    with _quiet_logs():
         for number, (source, storage, plan, outcomes) in enumerate(todo, 1):
             reports.append(run_plan(storage, plan, outcomes, number=number, source=source))
             if number % PROGRESS_EVERY == 0 or number == len(todo):
@@ -344,7 +344,6 @@ def run_plan(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="livemig-fake-") as tmp:
         work = Path(tmp).absolute()
-        _seed_trio_scheduler(plan.seed)
         run: FaultRun | None = None
         error: str | None = None
         try:
@@ -435,16 +434,6 @@ def _describe(err: BaseException) -> str:
 
 def _storage(mode: StorageMode) -> Storage:
     return "shared" if mode is StorageMode.SHARED else "non-shared"
-
-
-def _seed_trio_scheduler(seed: int) -> None:
-    """Trio runs the tasks woken at one instant in an order it draws from a module-level random
-    generator; seeding it makes a run of one plan repeat exactly. (Trio's own Hypothesis plugin
-    seeds the same generator. Should it move, runs stay correct, only not bit-for-bit
-    repeatable; the campaign's tests would say so.)"""
-    generator = getattr(getattr(trio._core, "_run", None), "_r", None)
-    if isinstance(generator, random.Random):
-        generator.seed(seed)
 
 
 @contextmanager

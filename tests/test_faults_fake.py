@@ -11,7 +11,6 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-from support.fault_runs import no_fsync_fixture  # noqa: F401 - autouse: no fsync in fake runs
 
 from livemig.fsm.events import Outcome
 from livemig.fsm.faults import (

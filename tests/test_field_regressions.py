@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from support.fault_runs import no_fsync_fixture  # noqa: F401 - autouse: no fsync in fake runs
 
 from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.fsm.events import MigrationResult, Outcome

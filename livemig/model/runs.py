@@ -5,25 +5,21 @@
     assert run.verdict.ok, run.explain()
 
 A ``crash`` fault is followed by ``livemig recover`` (:func:`livemig.fsm.recovery.recover`) on the
-same
-world, with the journal exactly as the "killed" livemig left it; the run's result is then the
-recovery's.
+same world, with the journal exactly as the "killed" livemig left it; the run's result is then
+the recovery's. The journal is a :class:`~livemig.fsm.journal.MemoryJournal`: a fake run does no
+real I/O.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import attrs
 import trio
 
 from livemig.fsm.events import Event, MigrationResult, Outcome, StateEntered
 from livemig.fsm.faults import Fault, FaultInjector, FaultPlan, Fired
-from livemig.fsm.journal import journal_path
+from livemig.fsm.journal import Journal, MemoryJournal
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
@@ -35,7 +31,6 @@ __all__ = [
     "FaultRun",
     "migrate_with_faults",
     "plan_for",
-    "without_fsync",
 ]
 
 #: Deadlines scaled to the fake, whose every step takes milliseconds.
@@ -51,27 +46,6 @@ FAST_DEADLINES = Deadlines(
 #: Trio seconds the world keeps running after the migration ended, before the checks: late
 #: effects (a target that starts by itself, a job that still ends) show by then.
 SETTLE = 0.2
-
-
-@contextmanager
-def without_fsync() -> Iterator[None]:
-    """``os.fsync`` does nothing inside the block (in the whole process: run nothing that needs
-    durability meanwhile).
-
-    The runner journals every step with ``fsync``, which costs a fake run ten times its time;
-    durability is not what fake campaigns test (the journal's own tests and the real campaign
-    do).
-    """
-    real = os.fsync
-
-    def no_fsync(fd: object) -> None:
-        del fd
-
-    os.fsync = no_fsync
-    try:
-        yield
-    finally:
-        os.fsync = real
 
 
 @attrs.frozen
@@ -127,17 +101,14 @@ def _untouched(died: MigrationResult) -> MigrationResult:
 class _Journal:
     """The journal as it was when livemig "died"; put back once the dead run has returned."""
 
-    path: Path
-    kept: bytes | None = None
+    sink: MemoryJournal
+    kept: dict[str, Journal] = attrs.field(factory=dict)
 
     def keep(self) -> None:
-        self.kept = self.path.read_bytes() if self.path.exists() else None
+        self.kept = dict(self.sink.journals)
 
     def put_back(self) -> None:
-        if self.kept is None:
-            self.path.unlink(missing_ok=True)
-        else:
-            self.path.write_bytes(self.kept)
+        self.sink.journals = dict(self.kept)
 
 
 async def migrate_with_faults(
@@ -155,7 +126,7 @@ async def migrate_with_faults(
     """
     plan_of_faults = faults if isinstance(faults, FaultPlan) else FaultPlan(faults)
     plan = plan_for(world, run_id=run_id, deadlines=deadlines)
-    journal = _Journal(journal_path(plan.work_dir, plan.run_id))
+    journal = _Journal(MemoryJournal())
     injector = FaultInjector(
         plan_of_faults, kill=world.kill, cut_nbd=world.cut_nbd, on_crash=journal.keep
     )
@@ -172,12 +143,16 @@ async def migrate_with_faults(
         connector=injector.connector(world.connect),
         host=injector.host(world.host),
         interrupt=injector.interrupt,
+        journal=journal.sink,
     )
     if injector.crashed:
         journal.put_back()
         during = FaultInjector(FaultPlan(recovery_faults), kill=world.kill, cut_nbd=world.cut_nbd)
         recovered = await recover(
-            world.work_dir, connector=during.connector(world.connect), host=during.host(world.host)
+            world.work_dir,
+            connector=during.connector(world.connect),
+            host=during.host(world.host),
+            journal=journal.sink,
         )
         # No journal: livemig died before it touched anything, and there is nothing to do.
         result = recovered[0] if recovered else _untouched(result)

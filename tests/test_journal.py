@@ -1,0 +1,148 @@
+"""The journal sinks, and when the runner writes to them (on fake QEMUs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from livemig.fsm.faults import AtState, Fault, FaultKind
+from livemig.fsm.journal import FileJournal, Journal, MemoryJournal, journal_path
+from livemig.fsm.machine import State
+from livemig.fsm.runner import migrate
+from livemig.fsm.undo import Side, UndoKind, UndoStep
+from livemig.model.runs import migrate_with_faults, plan_for
+from livemig.model.world import Knobs, Storage, fake_world
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def a_journal(run_id: str = "r1", state: str = "snapshotted") -> Journal:
+    return Journal(
+        run_id=run_id,
+        source_qmp="s.qmp",
+        target_qmp="t.qmp",
+        storage="non-shared",
+        state=state,
+        undo=(UndoStep(UndoKind.QUIT, Side.TARGET),),
+        files=("overlay.qcow2",),
+    )
+
+
+async def test_a_file_journal_is_written_read_and_removed(tmp_path: Path) -> None:
+    sink = FileJournal(tmp_path)
+    await sink.write(a_journal("r1"))
+    await sink.write(a_journal("r1", state="mirroring"))
+    path = journal_path(tmp_path, "r1")
+    assert path.exists()
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert await sink.read() == [a_journal("r1", state="mirroring")]
+    await sink.remove("r1")
+    await sink.remove("r1")  # twice: nothing left is no error
+    assert await sink.read() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_memory_journal_keeps_one_journal_per_run() -> None:
+    sink = MemoryJournal()
+    await sink.write(a_journal("r1"))
+    await sink.write(a_journal("r2"))
+    await sink.write(a_journal("r1", state="mirroring"))
+    assert [(j.run_id, j.state) for j in await sink.read()] == [
+        ("r1", "mirroring"),
+        ("r2", "snapshotted"),
+    ]
+    await sink.remove("r1")
+    assert [j.run_id for j in await sink.read()] == ["r2"]
+
+
+@attrs.define
+class Recording(MemoryJournal):
+    """Every write, in order."""
+
+    written: list[Journal] = attrs.field(factory=list)
+
+    async def write(self, journal: Journal) -> None:
+        self.written.append(journal)
+        await super().write(journal)
+
+
+@pytest.mark.parametrize("storage", ["non-shared", "shared"])
+async def test_a_run_journals_every_state_once_touched_but_the_paused_one(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, storage: Storage
+) -> None:
+    sink = Recording()
+    async with fake_world(tmp_path, storage=storage) as world:
+        result = await migrate(
+            plan_for(world), connector=world.connect, host=world.host, journal=sink
+        )
+    assert result.outcome.value == "finalized", result.error
+    states = [j.state for j in sink.written]
+    entered = [s for s in result.states if s not in ("idle", "connected")]
+    # Every state entered after the first undo push (in connect) is journalled on entry but
+    # pre-switchover (the guest is paused there) and the terminal one.
+    for state in entered:
+        if state in (State.PRE_SWITCHOVER.value, State.FINALIZED.value):
+            assert state not in states
+        else:
+            assert state in states, (state, states)
+    assert "connected" in states
+    # Nothing of the run is left in the sink, or on disk.
+    assert await sink.read() == []
+    assert not list(tmp_path.glob("lm-*-journal.json*"))
+
+
+async def test_a_reverted_run_removes_its_journal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sink = Recording()
+    async with fake_world(tmp_path, knobs=Knobs(mirror_ready_after=None)) as world:
+        result = await migrate(
+            plan_for(world), connector=world.connect, host=world.host, journal=sink
+        )
+    assert result.outcome.value == "reverted", result.error
+    # The stack as it stood when the mirror was started is what a crash then would recover.
+    last = sink.written[-1]
+    assert last.state == "snapshotted"
+    assert UndoKind.CANCEL_JOB in {step.kind for step in last.undo}
+    assert await sink.read() == []
+
+
+async def test_a_refused_run_never_journals(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sink = Recording()
+    async with fake_world(tmp_path) as world:
+        await world.kill(Side.TARGET)
+        result = await migrate(
+            plan_for(world), connector=world.connect, host=world.host, journal=sink
+        )
+    assert result.outcome.value == "refused", result.error
+    assert sink.written == []
+
+
+@pytest.mark.parametrize("crash_in", [State.MIRRORING, State.STATE_TRANSFER])
+async def test_a_fake_run_starts_no_thread_even_through_a_crash_and_recovery(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_in: State,
+) -> None:
+    """A worker thread under the autojump clock lets virtual time leap past every deadline
+    while it runs (a busy machine then makes a seeded run end otherwise): fake runs must not
+    start one (the journal is in memory)."""
+
+    def no_thread(*args: object, **kwargs: object) -> object:
+        raise AssertionError(f"a fake run started a worker thread: {args}")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+    async with fake_world(tmp_path) as world:
+        run = await migrate_with_faults(world, (Fault(FaultKind.CRASH, AtState(crash_in)),))
+    assert run.recovered
+    assert run.verdict.ok, run.explain()
+    assert run.result.outcome.value == "reverted"
+    assert not list(tmp_path.glob("lm-*-journal.json*"))

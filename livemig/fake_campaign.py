@@ -6,8 +6,11 @@ per storage mode), then ``runs`` random fault plans of one to three faults drawn
 ``random.Random(seed)``: a first fault where it applies (so every pair gets its turn), then up to
 two more anywhere (at commands, during the revert, on either side). Every plan runs on fresh fake
 QEMUs in a trio run of its own on a mock clock, the safety invariants
-(:mod:`livemig.model.invariants`) are checked after it, and trio's scheduler is seeded with the
-plan's seed: a plan replays exactly (:func:`run_plan`), and a seed gives the same campaign.
+(:mod:`livemig.model.invariants`) are checked after it. A run does no real I/O and starts no
+thread while its mock clock runs (the journal is a :class:`~livemig.fsm.journal.MemoryJournal`),
+and the fake's timings (:class:`~livemig.model.world.Knobs`) keep independent things off the same
+instant, so a run does not depend on the machine's load nor on the order trio runs tasks woken
+together: a plan replays exactly (:func:`run_plan`), and a seed gives the same campaign.
 
 What a systematic run must do besides: its fault strikes, in its state, and the outcome is the
 one a correct livemig ends in. A random plan may not reach every fault's point (it is reported

@@ -227,6 +227,23 @@ async def test_wrong_disk_node_exits_2(aio_loop: object, tmp_path: Path) -> None
 
 
 @pytest.mark.qemu
+async def test_a_read_only_second_disk_is_not_refused(aio_loop: object, tmp_path: Path) -> None:
+    """Only writable disks livemig would not copy are refused: a read-only one (an installer
+    ISO, a config drive) holds no writes to lose, and the target opens its own copy."""
+    with trio.fail_after(120):
+        async with pair(tmp_path, data_disk=False) as (src, dst):
+            done = await cli(
+                "migrate", "--source-qmp", src.spec.qmp_socket, "--target-qmp", dst.spec.qmp_socket,
+                "--storage", "non-shared", "--work-dir", tmp_path / "work", "--json",
+            )  # fmt: skip
+            assert done.returncode == EXIT_OK, done.stdout.decode() + done.stderr.decode()
+            result = json.loads(done.stdout.splitlines()[-1])
+            assert result["outcome"] == "finalized"
+            async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
+                assert (await runstate.query_status(m)).running
+
+
+@pytest.mark.qemu
 async def test_a_socket_that_does_not_speak_qmp_is_refused(
     aio_loop: object, tmp_path: Path
 ) -> None:

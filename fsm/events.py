@@ -138,6 +138,11 @@ class MigrationResult:
     :param failed_in: the state the fault happened in.
     :param undo_failures: undo steps that failed (only when ``outcome`` is failed).
     :param interrupted: the operator stopped it (a signal or a cancel), not a fault.
+    :param switchover: the guest's downtime window as livemig lived it: ``(ms, what)`` from the
+        moment the source's ``pre-switchover`` event reached livemig (0) to the target's
+        ``cont`` answered — every QMP command sent (``→``) and answered (``←``), every event
+        waited for. The first entry, when QEMU's own timestamp allows, is negative: when the
+        source emitted the event (the guest paused). Empty when the run never got there.
     """
 
     outcome: Outcome
@@ -153,9 +158,11 @@ class MigrationResult:
     undo_failures: tuple[str, ...] = ()
     phases_ms: tuple[tuple[str, float], ...] = ()
     interrupted: bool = False
+    switchover: tuple[tuple[float, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self, recurse=False)
+        out["switchover"] = [[round(ms, 2), what] for ms, what in self.switchover]
         out["outcome"] = self.outcome.value
         out["states"] = list(self.states)
         out["warnings"] = list(self.warnings)

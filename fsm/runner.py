@@ -271,6 +271,7 @@ class _Runner:
         return [f"the source guest is not safe after the revert: its QEMU {liveness.value}"]
 
     def _result(self, session: Session, error: BaseException | None) -> MigrationResult:
+        session.close_window()  # still open when the switchover failed
         total = session.now_ms()
         outcome = Outcome.REFUSED if self.refused else Outcome(self.machine.current.value)
         return MigrationResult(
@@ -287,6 +288,7 @@ class _Runner:
             undo_failures=self.failures,
             phases_ms=tuple(_phases(self.states, self.entered_at, total)),
             interrupted=isinstance(error, Interrupted),
+            switchover=session.switchover,
         )
 
 
@@ -413,12 +415,20 @@ class _Resilient:
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         monitor = await self._current()
+        mark = self._session.mark
         with _deadline(self._deadlines.command, f"{self.name} {command}", self._session.state):
+            mark(f"→ {self.name} {command}")
             try:
-                return await monitor.execute(command, arguments)
+                reply = await monitor.execute(command, arguments)
             except ConnectionLost:
                 self._lost(monitor)
+                mark(f"✗ {self.name} {command}")
                 raise
+            except BaseException:
+                mark(f"✗ {self.name} {command}")
+                raise
+            mark(f"← {self.name} {command}")
+            return reply
 
     def listen(self, *names: str) -> AbstractAsyncContextManager[EventStream]:
         return self._listen(names)

@@ -8,6 +8,7 @@ interpreter (:mod:`livemig.fsm.reverter`) receive it; only the runner creates it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Container
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -72,6 +73,10 @@ class Session:
     convergence: ConvergenceTracker | None = None
     #: Where the run is journalled (``None``: not journalled).
     journal: JournalSink | None = None
+    #: The switchover window, while it is open: ``(ms since the run started, what)``.
+    window: list[tuple[float, str]] | None = None
+    #: The window once closed (the target's ``cont`` answered), for the result.
+    switchover: tuple[tuple[float, str], ...] = ()
 
     def run_files(self) -> list[Path]:
         """Files this run may create: the overlay and the unix sockets of the target."""
@@ -97,6 +102,27 @@ class Session:
             stop_source=plan.policy.stop_source,
         )
         await self.journal.write(journal)
+
+    def open_window(self, paused: QMPEvent) -> None:
+        """The source paused the guest (its ``pre-switchover`` event is ``paused``): from now on
+        every millisecond is downtime; record what happens until :meth:`close_window`."""
+        self.window = [(self.now_ms(), "source pre-switchover event received")]
+        lag_ms = (time.time() - paused.timestamp) * 1000.0  # QEMU stamps events on the host clock
+        if 0.0 <= lag_ms < 10_000.0:
+            self.window.insert(0, (self.now_ms() - lag_ms, "source emitted pre-switchover"))
+
+    def mark(self, what: str) -> None:
+        """Note ``what`` in the switchover window, if it is open."""
+        if self.window is not None:
+            self.window.append((self.now_ms(), what))
+
+    def close_window(self) -> None:
+        if self.window is None:
+            return
+        self.mark("window closed")
+        origin = next(ms for ms, what in self.window if what.endswith("received"))
+        self.switchover = tuple((ms - origin, what) for ms, what in self.window)
+        self.window = None
 
     def monitor(self, side: Side) -> Monitor:
         return self.source if side is Side.SOURCE else self.target
@@ -179,12 +205,20 @@ async def wait_migration(
 
     :raise MigrationAborted: when the migration fails or is cancelled first.
     """
+    event = await wait_migration_event(stream, until, state=state, side=side)
+    return str(event.data.get("status"))
+
+
+async def wait_migration_event(
+    stream: EventStream, until: Container[str], *, state: State, side: str
+) -> QMPEvent:
+    """:func:`wait_migration`, returning the event itself."""
     async for event in stream:
         if event.name != "MIGRATION":
             continue
         status = str(event.data.get("status"))
         if status in until:
-            return status
+            return event
         if status in MIGRATION_DEAD_ENDS:
             raise MigrationAborted(f"{side} migration {status}", state=state.value)
     raise MigrationAborted(f"{side} migration event stream ended", state=state.value)

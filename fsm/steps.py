@@ -32,7 +32,14 @@ from livemig.fsm.policy import (
     link_kind,
 )
 from livemig.fsm.reverter import Liveness, guest_runs
-from livemig.fsm.session import JOB_EVENTS, Session, plain, wait_job, wait_migration
+from livemig.fsm.session import (
+    JOB_EVENTS,
+    Session,
+    plain,
+    wait_job,
+    wait_migration,
+    wait_migration_event,
+)
 from livemig.fsm.undo import Side, UndoKind, UndoStep
 from livemig.transports.endpoints import UnixEndpoint
 from livemig.transports.errors import (
@@ -401,11 +408,12 @@ async def await_switchover(session: Session) -> None:
     assert session.source_migration is not None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_steer, session)
-        status = await wait_migration(
+        paused = await wait_migration_event(
             session.source_migration, {"pre-switchover"}, state=session.state, side="source"
         )
+        session.open_window(paused)
         nursery.cancel_scope.cancel()
-    session.facts.migration_status = status
+    session.facts.migration_status = str(paused.data.get("status"))
 
 
 async def _steer(session: Session) -> None:
@@ -483,8 +491,10 @@ async def finalize(session: Session) -> None:
     await wait_migration(
         session.target_migration, {"completed"}, state=session.state, side="target"
     )
+    session.mark("target completed event received")
     session.facts.migration_status = "completed"
     await _resume_target(session)
+    session.close_window()
     await _read_statistics(session, source_completed=False)
     await _clean_up_source(session)
 
@@ -504,8 +514,10 @@ async def switch_over_postcopy(session: Session) -> None:
     await wait_migration(
         session.target_migration, {"postcopy-active"}, state=session.state, side="target"
     )
+    session.mark("target postcopy-active event received")
     session.facts.migration_status = "postcopy-active"
     await runstate.cont(session.target)
+    session.close_window()
     session.facts.target_resumed = True
     session.undo.discard(UndoKind.QUIT, Side.TARGET)
 
@@ -558,6 +570,7 @@ async def _complete_mirror(session: Session) -> None:
     async with src.listen(*JOB_EVENTS) as stream:
         await jobs.block_job_cancel(src, plan.mirror_job, force=False)
         await wait_job(stream, src, plan.mirror_job, until="gone", state=session.state)
+        session.mark("mirror gone")
     session.undo.discard(UndoKind.CANCEL_JOB, Side.SOURCE)
     await _stop_nbd_server(session)
 

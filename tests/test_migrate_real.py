@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,13 @@ async def test_live_migration_keeps_every_write(
     assert verdict.records.checked > 0
     assert result.downtime_ms is not None
     assert result.ram_bytes
+    # The downtime window, as livemig lived it: QEMU's own stamp of the pause comes first (a
+    # moment before livemig received the event), and the target's cont closes it.
+    whats = [what for _, what in result.switchover]
+    assert whats[0] == "source emitted pre-switchover", result.switchover
+    assert -1000.0 < result.switchover[0][0] <= 0.0
+    assert whats[-2:] == ["← target cont", "window closed"]
+    print(json.dumps(result.to_json()["switchover"]))
 
 
 async def test_guest_dirtying_flat_out_converges_under_the_default_policy(

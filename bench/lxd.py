@@ -21,7 +21,7 @@ revert is the benchmark's, not LXD's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import trio
 
 from livemig.drivers import block, image, jobs, migration, nbd, runstate
 from livemig.drivers.qmp import Monitor, open_monitor
+from livemig.drivers.status import JobStatus, MigrationStatus, RunState
 from livemig.guest._lab import Lab
 from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
 
@@ -39,7 +40,6 @@ __all__ = ["LxdOutcome", "run_lxd_equivalent"]
 PRE_SWITCHOVER_POLL_S = 1.0
 #: How often the bench looks at jobs and statuses outside that loop.
 _POLL_S = 0.05
-_SENDING = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"})
 _DISK = "root"
 _OVERLAY = "lxd-overlay"
 _NBD_NODE = "lxd-nbd"
@@ -146,9 +146,9 @@ async def _forward(
         stats = await migration.query_migrate(src)
         out.polls += 1
         out.last_poll = _sample(stats)
-        if stats.status == "pre-switchover":
+        if stats.status is MigrationStatus.PRE_SWITCHOVER:
             break
-        if stats.status in ("failed", "cancelled", "completed"):
+        if stats.status.ended:
             raise LivemigError(f"migration {stats.status}: {stats.error_desc}")
         await trio.sleep(PRE_SWITCHOVER_POLL_S)
     mark("pre-switchover")
@@ -181,7 +181,9 @@ async def _disk(lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOut
         },
     )
     await block.blockdev_mirror(src, job_id=_MIRROR, device=_OVERLAY, target=_NBD_NODE, sync="top")
-    await _until(lambda: _job_status(src, _MIRROR), {"ready"}, fail={None, "concluded"})
+    await _until(
+        lambda: _job_status(src, _MIRROR), {JobStatus.READY}, fail={None, JobStatus.CONCLUDED}
+    )
 
 
 async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
@@ -190,9 +192,10 @@ async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) ->
         out.disk_bytes = (out.disk_bytes or 0) + mirrored.get(_MIRROR, 0)
         await jobs.block_job_cancel(src, _MIRROR, force=False)
         await _until(lambda: _job_status(src, _MIRROR), {None})
-    await migration.migrate_continue(src, "pre-switchover")
-    await _until(lambda: _migration_status(src), {"completed"}, fail={"failed", "cancelled"})
-    await _until(lambda: _migration_status(dst), {"completed"}, fail={"failed", "cancelled"})
+    await migration.migrate_continue(src, MigrationStatus.PRE_SWITCHOVER)
+    done, dead_ends = {MigrationStatus.COMPLETED}, {s for s in MigrationStatus if s.dead_end}
+    await _until(lambda: _migration_status(src), done, fail=dead_ends)
+    await _until(lambda: _migration_status(dst), done, fail=dead_ends)
     stats = await migration.query_migrate(src)
     out.downtime_ms = stats.downtime_ms
     out.ram_bytes = stats.ram.transferred if stats.ram else None
@@ -222,16 +225,17 @@ async def _revert(src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome) ->
 
 
 async def _cancel_migration(src: Monitor) -> None:
-    if (await migration.query_migrate(src)).status in _SENDING:
+    if (await migration.query_migrate(src)).status.sending:
         await migration.migrate_cancel(src)
-    await _until(lambda: _migration_status(src), None, stop=lambda s: s not in _SENDING)
+    while (await migration.query_migrate(src)).status.sending:  # noqa: ASYNC110
+        await trio.sleep(_POLL_S)
 
 
 async def _cancel_job(src: Monitor, job: str) -> None:
     status = await _job_status(src, job)
     if status is None:
         return
-    if status == "concluded":
+    if status is JobStatus.CONCLUDED:
         await jobs.job_dismiss(src, job)
     else:
         await jobs.block_job_cancel(src, job, force=True)
@@ -245,7 +249,7 @@ async def _del_node(src: Monitor, node: str) -> None:
 
 async def _resume(src: Monitor) -> None:
     status = await runstate.query_status(src)
-    while status.status == "finish-migrate":
+    while status.status is RunState.FINISH_MIGRATE:
         await trio.sleep(_POLL_S)
         status = await runstate.query_status(src)
     if not status.running:
@@ -258,7 +262,9 @@ async def _merge_overlay(src: Monitor) -> None:
     if overlay is None or base is None or overlay.backing_file != base.filename:
         return
     await block.block_commit(src, job_id=_COMMIT, device=_OVERLAY)
-    await _until(lambda: _job_status(src, _COMMIT), {"ready"}, fail={None, "concluded"})
+    await _until(
+        lambda: _job_status(src, _COMMIT), {JobStatus.READY}, fail={None, JobStatus.CONCLUDED}
+    )
     await jobs.job_complete(src, _COMMIT)
     await _until(lambda: _job_status(src, _COMMIT), {None})
 
@@ -268,25 +274,24 @@ async def _quit(dst: Monitor) -> None:
         await runstate.quit(dst)
 
 
-async def _job_status(m: Monitor, job: str) -> str | None:
+async def _job_status(m: Monitor, job: str) -> JobStatus | None:
     return {j.id: j.status for j in await jobs.query_jobs(m)}.get(job)
 
 
-async def _migration_status(m: Monitor) -> str:
+async def _migration_status(m: Monitor) -> MigrationStatus:
     return (await migration.query_migrate(m)).status
 
 
 async def _until(
     probe: Callable[[], Awaitable[str | None]],
-    done: set[str | None] | None,
+    done: Container[str | None],
     *,
-    fail: set[str | None] | frozenset[str | None] = frozenset(),
-    stop: Callable[[str | None], bool] | None = None,
+    fail: Container[str | None] = frozenset(),
 ) -> None:
-    """Poll ``probe`` until it returns one of ``done`` (or ``stop`` says so)."""
+    """Poll ``probe`` until it returns one of ``done``."""
     while True:
         value = await probe()
-        if (done is not None and value in done) or (stop is not None and stop(value)):
+        if value in done:
             return
         if value in fail:
             raise LivemigError(f"unexpected status {value!r}")

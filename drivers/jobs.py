@@ -13,10 +13,12 @@ from typing import Any
 import attrs
 
 from livemig.drivers.qmp import Monitor, json_array, member, optional_member, query
+from livemig.drivers.status import JobStatus
 
 __all__ = [
     "BlockJobInfo",
     "JobInfo",
+    "JobStatus",
     "block_job_cancel",
     "job_cancel",
     "job_complete",
@@ -32,8 +34,7 @@ class JobInfo:
 
     :param id: the job id.
     :param type: ``mirror``, ``commit``, ``stream``, ``backup``, …
-    :param status: ``created``, ``running``, ``paused``, ``ready``, ``standby``, ``waiting``,
-        ``pending``, ``aborting``, ``concluded``, ``null``.
+    :param status: where the job stands.
     :param current_progress: work done, in an arbitrary unit (bytes for block jobs)…
     :param total_progress: …out of this much, which may still grow.
     :param error: why it failed, once concluded with an error.
@@ -41,7 +42,7 @@ class JobInfo:
 
     id: str
     type: str
-    status: str
+    status: JobStatus
     current_progress: int
     total_progress: int
     error: str | None
@@ -51,7 +52,7 @@ class JobInfo:
         return cls(
             id=member(job, "id", str),
             type=member(job, "type", str),
-            status=member(job, "status", str),
+            status=JobStatus.parse(member(job, "status", str)),
             current_progress=member(job, "current-progress", int),
             total_progress=member(job, "total-progress", int),
             error=optional_member(job, "error", str),
@@ -71,7 +72,7 @@ class BlockJobInfo:
 
     device: str
     type: str
-    status: str
+    status: JobStatus
     ready: bool
     offset: int
     len: int
@@ -85,7 +86,7 @@ class BlockJobInfo:
         return cls(
             device=member(job, "device", str),
             type=member(job, "type", str),
-            status=member(job, "status", str),
+            status=JobStatus.parse(member(job, "status", str)),
             ready=member(job, "ready", bool),
             offset=member(job, "offset", int),
             len=member(job, "len", int),

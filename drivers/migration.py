@@ -13,9 +13,11 @@ from typing import Any
 import attrs
 
 from livemig.drivers.qmp import Monitor, json_array, json_object, member, optional_member, query
+from livemig.drivers.status import MigrationStatus
 
 __all__ = [
     "MigrationStats",
+    "MigrationStatus",
     "RamStats",
     "migrate",
     "migrate_cancel",
@@ -82,9 +84,8 @@ class MigrationStats:
     """The answer to ``query-migrate``. QEMU leaves out what does not apply yet, so every member
     but ``status`` may be ``None``.
 
-    :param status: ``none`` (no migration yet: QEMU then answers ``{}``), ``setup``, ``active``,
-        ``pre-switchover``, ``device``, ``postcopy-active``, ``completed``, ``failed``,
-        ``cancelling``, ``cancelled``, …
+    :param status: where the migration stands; `MigrationStatus.NONE` when none has started
+        (QEMU then answers ``{}``).
     :param total_time_ms: since the start; the final total once completed.
     :param downtime_ms: the guest's measured pause, once completed.
     :param expected_downtime_ms: QEMU's estimate while active.
@@ -94,7 +95,7 @@ class MigrationStats:
     :param ram: the RAM stream's numbers.
     """
 
-    status: str
+    status: MigrationStatus
     total_time_ms: int | None = None
     downtime_ms: int | None = None
     expected_downtime_ms: int | None = None
@@ -107,7 +108,7 @@ class MigrationStats:
     def from_qmp(cls, reply: Any) -> MigrationStats:
         ram = optional_member(reply, "ram", dict)
         return cls(
-            status=optional_member(reply, "status", str) or "none",
+            status=MigrationStatus.parse(optional_member(reply, "status", str) or "none"),
             total_time_ms=optional_member(reply, "total-time", int),
             downtime_ms=optional_member(reply, "downtime", int),
             expected_downtime_ms=optional_member(reply, "expected-downtime", int),
@@ -169,7 +170,9 @@ async def migrate_cancel(monitor: Monitor) -> None:
     await monitor.execute("migrate_cancel")
 
 
-async def migrate_continue(monitor: Monitor, state: str = "pre-switchover") -> None:
+async def migrate_continue(
+    monitor: Monitor, state: MigrationStatus = MigrationStatus.PRE_SWITCHOVER
+) -> None:
     """``migrate-continue``: go on from the pause that ``pause-before-switchover`` made;
     ``state`` is the status the migration is expected to be in."""
     await monitor.execute("migrate-continue", {"state": state})

@@ -10,9 +10,11 @@ from typing import Any
 import attrs
 
 from livemig.drivers.qmp import Monitor, member, query
+from livemig.drivers.status import RunState
 
 __all__ = [
     "QemuVersion",
+    "RunState",
     "RunStatus",
     "cont",
     "query_machine",
@@ -28,17 +30,19 @@ __all__ = [
 class RunStatus:
     """The answer to ``query-status``.
 
-    :param status: QEMU's run state (``running``, ``paused``, ``prelaunch``, ``inmigrate``,
-        ``postmigrate``, ``finish-migrate``, ``shutdown``, …).
+    :param status: QEMU's run state.
     :param running: whether the guest's CPUs run.
     """
 
-    status: str
+    status: RunState
     running: bool
 
     @classmethod
     def from_qmp(cls, reply: Any) -> RunStatus:
-        return cls(status=member(reply, "status", str), running=member(reply, "running", bool))
+        return cls(
+            status=RunState.parse(member(reply, "status", str)),
+            running=member(reply, "running", bool),
+        )
 
 
 @attrs.frozen(order=True)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from livemig.drivers.status import MigrationStatus
 from livemig.transports.errors import GuardFailed
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ class Facts:
     overlay_active: bool = False
     mirror_ready: bool = False
     #: Last migration status QEMU reported on the source (``None`` before ``migrate``).
-    migration_status: str | None = None
+    migration_status: MigrationStatus | None = None
     #: The target has been resumed (``cont``): the point of no return is behind us.
     target_resumed: bool = False
     #: Post-copy was started (``migrate-start-postcopy``): the switchover will go through
@@ -160,17 +161,21 @@ def mirror_ready_transfer_started(facts: Facts) -> bool:
 
 
 def status_pre_switchover(facts: Facts) -> bool:
-    return facts.migration_status == "pre-switchover"
+    return facts.migration_status is MigrationStatus.PRE_SWITCHOVER
 
 
 def switched_over(facts: Facts) -> bool:
     """The migration completed and the target runs the guest."""
-    return facts.migration_status == "completed" and facts.target_resumed
+    return facts.migration_status is MigrationStatus.COMPLETED and facts.target_resumed
 
 
 def postcopy_running(facts: Facts) -> bool:
     """Post-copy is active and the target runs the guest."""
-    return facts.postcopy and facts.migration_status == "postcopy-active" and facts.target_resumed
+    return (
+        facts.postcopy
+        and facts.migration_status is MigrationStatus.POSTCOPY_ACTIVE
+        and facts.target_resumed
+    )
 
 
 def revertible(facts: Facts) -> bool:
@@ -179,7 +184,12 @@ def revertible(facts: Facts) -> bool:
 
 
 def _transfer_started(facts: Facts) -> bool:
-    return facts.migration_status not in (None, "none", "failed", "cancelled", "cancelling")
+    status = facts.migration_status
+    return (
+        status is not None
+        and status not in (MigrationStatus.NONE, MigrationStatus.CANCELLING)
+        and not status.dead_end
+    )
 
 
 Guard = Callable[[Facts], bool]

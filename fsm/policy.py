@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import attrs
 
+from livemig.drivers.status import MigrationStatus
 from livemig.transports.endpoints import Endpoint, UnixEndpoint
 from livemig.transports.errors import UsageError
 
@@ -246,7 +247,7 @@ class ProgressSample:
         ``active``). That filter matters: in ``pre-switchover`` the source is paused and
         ``remaining`` stands still, which must not read as a stall."""
         ram = stats.ram
-        if stats.status != "active" or ram is None:
+        if stats.status is not MigrationStatus.ACTIVE or ram is None:
             return None
         dirty = None
         if ram.dirty_pages_rate is not None:

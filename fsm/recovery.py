@@ -17,6 +17,7 @@ import trio
 from livemig.drivers import migration, runstate
 from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import Monitor
+from livemig.drivers.status import MigrationStatus
 from livemig.fsm.events import MigrationResult, Outcome
 from livemig.fsm.journal import FileJournal, Journal, JournalSink
 from livemig.fsm.machine import State
@@ -147,14 +148,27 @@ async def _finish_postcopy(
             if await _liveness(target) is not Liveness.RUNS:
                 await runstate.cont(target)
             while source is not None:
-                status = (await migration.query_migrate(source)).status
-                if status not in ("postcopy-active", "postcopy-paused", "pre-switchover", "device"):
+                if not _serving_pages((await migration.query_migrate(source)).status):
                     break
                 await trio.sleep(_POLL)
     except (QMPError, trio.TooSlowError) as err:
         problems.append(f"could not finish post-copy: {err}")
         return False
     return True
+
+
+def _serving_pages(status: MigrationStatus) -> bool:
+    """Whether a source whose post-copy was committed may still hold pages the target lacks.
+
+    A status this livemig does not know counts: waiting it out until the deadline fails the
+    recovery and keeps the journal, while quitting a source that still serves pages loses the
+    guest.
+    """
+    return status.postcopy or status in (
+        MigrationStatus.PRE_SWITCHOVER,
+        MigrationStatus.DEVICE,
+        MigrationStatus.UNKNOWN,
+    )
 
 
 async def _revert(

@@ -18,6 +18,7 @@ import trio
 from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.drivers.host import Host
 from livemig.drivers.qmp import Monitor
+from livemig.drivers.status import JobStatus, MigrationStatus, RunState
 from livemig.fsm.machine import State
 from livemig.fsm.session import JOB_EVENTS, wait_job
 from livemig.fsm.undo import Side, UndoKind, UndoStack, UndoStep
@@ -36,12 +37,6 @@ __all__ = ["Liveness", "guest_runs", "run_undo", "unwind"]
 
 log = logging.getLogger("livemig.revert")
 
-#: Migration statuses in which the source is still sending.
-_SENDING = frozenset(
-    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "colo"}
-)
-#: Job statuses in which a job is already on its way out by itself (QEMU refuses ``cancel``).
-_ENDING = frozenset({"aborting", "null"})
 #: How many times an undo step is tried before its failure is recorded.
 _ATTEMPTS = 4
 #: How often to look while waiting for QEMU to settle after a cancel.
@@ -121,7 +116,7 @@ async def _quit_target(target: Monitor, source: Monitor, state: State) -> None:
     guest, so first make sure the source runs the guest; if the source is gone for good, the
     target runs it instead. (The fault campaign found a revert, after the source died, that
     quit the only complete copy.)"""
-    if (await migration.query_migrate(target)).status == "completed":
+    if (await migration.query_migrate(target)).status is MigrationStatus.COMPLETED:
         match await guest_runs(source):
             case Liveness.STOPPED:
                 await _resume(source)
@@ -195,9 +190,9 @@ async def _cancel_job(m: Monitor, job: str, *, state: State) -> None:
         if job not in present:
             return
         status = present[job].status
-        if status == "concluded":
+        if status is JobStatus.CONCLUDED:
             await jobs.job_dismiss(m, job)
-        elif status not in _ENDING:
+        elif not status.ending:
             await _force_cancel(m, job)
         # A job already aborting ends by itself; QEMU refuses to cancel it (the fault campaign
         # found this: a mirror whose NBD target exited with the cancelled migration).
@@ -210,18 +205,17 @@ async def _force_cancel(m: Monitor, job: str) -> None:
     except CommandFailed:
         # It may have started to end by itself since we looked: then waiting is enough.
         now = {j.id: j.status for j in await jobs.query_jobs(m)}.get(job)
-        if now == "concluded":
+        if now is JobStatus.CONCLUDED:
             await jobs.job_dismiss(m, job)
-        elif now is not None and now not in _ENDING:
+        elif now is not None and not now.ending:
             raise
 
 
 async def _cancel_migration(m: Monitor) -> None:
-    status = (await migration.query_migrate(m)).status
-    if status in _SENDING:
+    if (await migration.query_migrate(m)).status.sending:
         await migration.migrate_cancel(m)
     # QEMU emits no event when a cancel settles unless the events capability is on, so look.
-    while (await migration.query_migrate(m)).status in _SENDING:  # noqa: ASYNC110
+    while (await migration.query_migrate(m)).status.sending:  # noqa: ASYNC110
         await trio.sleep(_SETTLE_POLL)
 
 
@@ -231,7 +225,7 @@ async def _resume(m: Monitor) -> None:
         status = await runstate.query_status(m)
         if status.running:
             return
-        if status.status != "finish-migrate":
+        if status.status is not RunState.FINISH_MIGRATE:
             break
         await trio.sleep(_SETTLE_POLL)
     await runstate.cont(m)

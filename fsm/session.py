@@ -20,6 +20,7 @@ import trio
 from livemig.drivers import jobs
 from livemig.drivers.host import Host
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent
+from livemig.drivers.status import JobStatus, MigrationStatus
 from livemig.fsm.events import Event
 from livemig.fsm.journal import Journal, JournalSink
 from livemig.fsm.machine import Facts, State
@@ -39,8 +40,6 @@ JOB_EVENTS = (
     "BLOCK_JOB_CANCELLED",
     "BLOCK_JOB_ERROR",
 )
-#: Migration statuses after which nothing more will happen on that side.
-MIGRATION_DEAD_ENDS = frozenset({"failed", "cancelled"})
 
 
 @attrs.define
@@ -163,63 +162,75 @@ async def wait_job(
         if until == "gone":
             return
         raise StepFailed(f"job {job_id} does not exist", state=state.value)
-    if until == "ready" and job.status == "ready":
+    if until == "ready" and job.status is JobStatus.READY:
         return
     async for event in stream:
-        status = _job_status(event, job_id)
-        if status is None:
+        if not _about_job(event, job_id):
             continue
         error = event.data.get("error") if event.name != "JOB_STATUS_CHANGE" else None
         if errors_fatal and (event.name == "BLOCK_JOB_ERROR" or error):
             detail = error or event.data.get("operation") or "I/O error"
             raise StepFailed(f"job {job_id}: {event.name}: {detail}", state=state.value)
-        if until == "ready" and status == "ready":
+        status = _job_status(event)
+        if status is None:
+            continue
+        if until == "ready" and status is JobStatus.READY:
             return
-        if until == "ready" and status in ("aborting", "concluded", "null"):
+        if until == "ready" and status.ending:
             raise StepFailed(
                 f"job {job_id} ended ({status}) before it was ready", state=state.value
             )
-        if until == "gone" and status == "null":
+        if until == "gone" and status is JobStatus.NULL:
             return
     raise StepFailed(f"event stream ended while waiting for job {job_id}", state=state.value)
 
 
-def _job_status(event: QMPEvent, job_id: str) -> str | None:
-    data = event.data
-    if event.name == "JOB_STATUS_CHANGE":
-        return str(data["status"]) if data.get("id") == job_id else None
-    if data.get("device") != job_id:
-        return None
-    return {
-        "BLOCK_JOB_READY": "ready",
-        "BLOCK_JOB_COMPLETED": "concluded",
-        "BLOCK_JOB_CANCELLED": "concluded",
-        "BLOCK_JOB_ERROR": "error",
-    }.get(event.name)
+def _about_job(event: QMPEvent, job_id: str) -> bool:
+    """Whether ``event`` is one of :data:`JOB_EVENTS` about job ``job_id``."""
+    key = "id" if event.name == "JOB_STATUS_CHANGE" else "device"
+    return event.name in JOB_EVENTS and event.data.get(key) == job_id
+
+
+#: The status each older ``BLOCK_JOB_*`` event means (``BLOCK_JOB_ERROR`` tells none).
+_BLOCK_JOB_EVENT_STATUS = {
+    "BLOCK_JOB_READY": JobStatus.READY,
+    "BLOCK_JOB_COMPLETED": JobStatus.CONCLUDED,
+    "BLOCK_JOB_CANCELLED": JobStatus.CONCLUDED,
+}
+
+
+def _job_status(event: QMPEvent) -> JobStatus | None:
+    """The job status ``event`` reports; ``None`` when it tells none."""
+    if event.name != "JOB_STATUS_CHANGE":
+        return _BLOCK_JOB_EVENT_STATUS.get(event.name)
+    word = event.data.get("status")
+    return JobStatus.parse(word) if isinstance(word, str) else None
 
 
 async def wait_migration(
-    stream: EventStream, until: Container[str], *, state: State, side: str
-) -> str:
+    stream: EventStream, until: Container[MigrationStatus], *, state: State, side: str
+) -> MigrationStatus:
     """Wait for a ``MIGRATION`` event whose status is in ``until``; return that status.
+    Statuses this livemig does not know are waited past.
 
     :raise MigrationAborted: when the migration fails or is cancelled first.
     """
     event = await wait_migration_event(stream, until, state=state, side=side)
-    return str(event.data.get("status"))
+    return MigrationStatus.parse(str(event.data.get("status")))
 
 
 async def wait_migration_event(
-    stream: EventStream, until: Container[str], *, state: State, side: str
+    stream: EventStream, until: Container[MigrationStatus], *, state: State, side: str
 ) -> QMPEvent:
     """:func:`wait_migration`, returning the event itself."""
     async for event in stream:
-        if event.name != "MIGRATION":
+        word = event.data.get("status")
+        if event.name != "MIGRATION" or not isinstance(word, str):
             continue
-        status = str(event.data.get("status"))
+        status = MigrationStatus.parse(word)
         if status in until:
             return event
-        if status in MIGRATION_DEAD_ENDS:
+        if status.dead_end:
             raise MigrationAborted(f"{side} migration {status}", state=state.value)
     raise MigrationAborted(f"{side} migration event stream ended", state=state.value)
 

@@ -17,6 +17,7 @@ import trio
 
 from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.drivers.image import ImageFormat
+from livemig.drivers.status import MigrationStatus, RunState
 from livemig.fsm.events import Progress, Steered
 from livemig.fsm.machine import State, StorageMode, Trigger
 from livemig.fsm.policy import (
@@ -70,7 +71,7 @@ async def connect(session: Session) -> None:
     if not src_status.running:
         raise PrecheckError(f"source guest is not running (status {src_status.status})")
     dst_status = await runstate.query_status(dst)
-    if dst_status.status != "inmigrate":
+    if dst_status.status is not RunState.INMIGRATE:
         raise PrecheckError(
             f"target is not waiting for an incoming migration (status {dst_status.status}); "
             "start it with -incoming defer"
@@ -85,13 +86,7 @@ async def connect(session: Session) -> None:
     src_machine, dst_machine = await runstate.query_machine(src), await runstate.query_machine(dst)
     if src_machine != dst_machine:
         raise PrecheckError(f"machine types differ: source {src_machine}, target {dst_machine}")
-    if (await migration.query_migrate(src)).status not in (
-        None,
-        "none",
-        "completed",
-        "cancelled",
-        "failed",
-    ):
+    if (await migration.query_migrate(src)).status.in_progress:
         raise PrecheckError("the source already has a migration in progress")
     if await jobs.query_jobs(src):
         raise PrecheckError("the source has block jobs running; wait for them to end")
@@ -396,7 +391,7 @@ async def transfer_state(session: Session) -> None:
     await migration.migrate_incoming(session.target, plan.migrate_uri.uri)
     await session.push_undo(UndoStep(UndoKind.CANCEL_MIGRATION, Side.SOURCE))
     await migration.migrate(session.source, plan.migrate_uri.uri)
-    session.facts.migration_status = "setup"
+    session.facts.migration_status = MigrationStatus.SETUP
 
 
 async def await_switchover(session: Session) -> None:
@@ -409,11 +404,14 @@ async def await_switchover(session: Session) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_steer, session)
         paused = await wait_migration_event(
-            session.source_migration, {"pre-switchover"}, state=session.state, side="source"
+            session.source_migration,
+            {MigrationStatus.PRE_SWITCHOVER},
+            state=session.state,
+            side="source",
         )
         session.open_window(paused)
         nursery.cancel_scope.cancel()
-    session.facts.migration_status = str(paused.data.get("status"))
+    session.facts.migration_status = MigrationStatus.PRE_SWITCHOVER
 
 
 async def _steer(session: Session) -> None:
@@ -475,24 +473,30 @@ async def finalize(session: Session) -> None:
     if session.state is State.POSTCOPY:
         # The source serves the pages the target still lacks until both say completed.
         await wait_migration(
-            session.target_migration, {"completed"}, state=session.state, side="target"
+            session.target_migration,
+            {MigrationStatus.COMPLETED},
+            state=session.state,
+            side="target",
         )
         await wait_migration(
-            session.source_migration, {"completed"}, state=session.state, side="source"
+            session.source_migration,
+            {MigrationStatus.COMPLETED},
+            state=session.state,
+            side="source",
         )
-        session.facts.migration_status = "completed"
+        session.facts.migration_status = MigrationStatus.COMPLETED
         await _read_statistics(session, source_completed=True)
         await _clean_up_source(session)
         return
     # Everything from here to the target's cont is guest downtime: only what must happen.
     await _complete_mirror(session)
-    await migration.migrate_continue(session.source, "pre-switchover")
+    await migration.migrate_continue(session.source, MigrationStatus.PRE_SWITCHOVER)
     # The target completes once it has loaded the whole guest: the source has sent it all.
     await wait_migration(
-        session.target_migration, {"completed"}, state=session.state, side="target"
+        session.target_migration, {MigrationStatus.COMPLETED}, state=session.state, side="target"
     )
     session.mark("target completed event received")
-    session.facts.migration_status = "completed"
+    session.facts.migration_status = MigrationStatus.COMPLETED
     await _resume_target(session)
     session.close_window()
     await _read_statistics(session, source_completed=False)
@@ -510,12 +514,15 @@ async def switch_over_postcopy(session: Session) -> None:
     await _complete_mirror(session)
     session.facts.postcopy_committed = True
     await session.write_journal()
-    await migration.migrate_continue(session.source, "pre-switchover")
+    await migration.migrate_continue(session.source, MigrationStatus.PRE_SWITCHOVER)
     await wait_migration(
-        session.target_migration, {"postcopy-active"}, state=session.state, side="target"
+        session.target_migration,
+        {MigrationStatus.POSTCOPY_ACTIVE},
+        state=session.state,
+        side="target",
     )
     session.mark("target postcopy-active event received")
-    session.facts.migration_status = "postcopy-active"
+    session.facts.migration_status = MigrationStatus.POSTCOPY_ACTIVE
     await runstate.cont(session.target)
     session.close_window()
     session.facts.target_resumed = True
@@ -533,7 +540,10 @@ async def _read_statistics(session: Session, *, source_completed: bool) -> None:
     try:
         if not source_completed:
             await wait_migration(
-                session.source_migration, {"completed"}, state=session.state, side="source"
+                session.source_migration,
+                {MigrationStatus.COMPLETED},
+                state=session.state,
+                side="source",
             )
         stats = await migration.query_migrate(session.source)
     except LivemigError as err:

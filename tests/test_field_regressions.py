@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.drivers.status import JobStatus, MigrationStatus
 from livemig.fsm.events import MigrationResult, Outcome
 from livemig.fsm.faults import AtCommand, AtState, Fault, FaultKind
 from livemig.fsm.machine import State
@@ -82,12 +83,15 @@ async def _hand_migrate(world: World, *, cancel_mirror: str) -> MigrationResult:
             await cancel()
         await migration.migrate_incoming(dst, uri)
         await migration.migrate(src, uri)
-        await wait_migration(src_events, {"pre-switchover"}, state=State.STATE_TRANSFER, side="s")
+        await wait_migration(
+            src_events, {MigrationStatus.PRE_SWITCHOVER}, state=State.STATE_TRANSFER, side="s"
+        )
         if cancel_mirror == "at pre-switchover":
             await cancel()
         await migration.migrate_continue(src)
-        await wait_migration(src_events, {"completed"}, state=State.PRE_SWITCHOVER, side="s")
-        await wait_migration(dst_events, {"completed"}, state=State.PRE_SWITCHOVER, side="t")
+        done = {MigrationStatus.COMPLETED}
+        await wait_migration(src_events, done, state=State.PRE_SWITCHOVER, side="s")
+        await wait_migration(dst_events, done, state=State.PRE_SWITCHOVER, side="t")
     await nbd.nbd_server_stop(dst)
     await runstate.cont(dst)
     await runstate.quit(src)
@@ -379,7 +383,7 @@ async def test_a_job_left_by_someone_else_stops_livemig_before_it_touches_anythi
     with trio.fail_after(GUARD):
         async with fake_world(tmp_path) as world:
             root = world.source.nodes["root"]
-            world.source.jobs["old"] = Job("old", "mirror", "concluded", root, root)
+            world.source.jobs["old"] = Job("old", "mirror", JobStatus.CONCLUDED, root, root)
             run = await migrate_with_faults(world)
             touched = [c.name for c in world.source.log if not reads_only(c.name)]
     assert run.result.error_type == "PrecheckError", run.explain()

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from livemig.drivers.status import MigrationStatus
 from livemig.fsm.machine import (
     FORWARD,
     TERMINAL,
@@ -31,12 +32,12 @@ EFFECTS: dict[Trigger, dict[str, object]] = {
     Trigger.SET_CAPABILITIES: {"capabilities_set": True},
     Trigger.SNAPSHOT: {"overlay_active": True},
     Trigger.MIRROR: {"mirror_ready": True},
-    Trigger.TRANSFER_STATE: {"migration_status": "active"},
-    Trigger.AWAIT_SWITCHOVER: {"migration_status": "pre-switchover"},
-    Trigger.FINALIZE: {"migration_status": "completed", "target_resumed": True},
+    Trigger.TRANSFER_STATE: {"migration_status": MigrationStatus.ACTIVE},
+    Trigger.AWAIT_SWITCHOVER: {"migration_status": MigrationStatus.PRE_SWITCHOVER},
+    Trigger.FINALIZE: {"migration_status": MigrationStatus.COMPLETED, "target_resumed": True},
     Trigger.SWITCH_OVER_POSTCOPY: {
         "postcopy_committed": True,
-        "migration_status": "postcopy-active",
+        "migration_status": MigrationStatus.POSTCOPY_ACTIVE,
         "target_resumed": True,
     },
 }
@@ -172,8 +173,17 @@ def test_branch_guard_checks_storage_mode(
     assert machine.current is state
 
 
-@pytest.mark.parametrize("status", [None, "none", "failed", "cancelled", "cancelling"])
-def test_transfer_state_needs_a_started_migration(status: str | None) -> None:
+@pytest.mark.parametrize(
+    "status",
+    [
+        None,
+        MigrationStatus.NONE,
+        MigrationStatus.FAILED,
+        MigrationStatus.CANCELLED,
+        MigrationStatus.CANCELLING,
+    ],
+)
+def test_transfer_state_needs_a_started_migration(status: MigrationStatus | None) -> None:
     machine, facts = machine_at(State.MIRRORING)
     facts.migration_status = status
     assert not machine.allows(Trigger.TRANSFER_STATE, facts)
@@ -235,7 +245,7 @@ def test_revert_is_refused_at_pre_switchover_once_the_target_resumed() -> None:
         machine.fire(Trigger.REVERT, facts)
     assert machine.current is State.PRE_SWITCHOVER
     # Past the point of no return the machine only rolls forward (or records a failure).
-    facts.migration_status = "completed"
+    facts.migration_status = MigrationStatus.COMPLETED
     assert machine.allows(Trigger.FINALIZE, facts)
     assert machine.allows(Trigger.FAIL, facts)
 
@@ -283,17 +293,7 @@ def test_auto_transitions_are_off() -> None:
 # the end, every trigger the trivial model forbids from the current state is fired as well and
 # must be refused: each step probes every forbidden move under the facts of the moment.
 
-STATUSES = [
-    None,
-    "none",
-    "setup",
-    "active",
-    "pre-switchover",
-    "postcopy-active",
-    "completed",
-    "failed",
-    "cancelled",
-]
+STATUSES = [None, *MigrationStatus]
 FLAGS = [
     "prechecks_passed",
     "capabilities_set",

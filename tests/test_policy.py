@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.drivers.migration import MigrationStats, RamStats
+from livemig.drivers.status import MigrationStatus
 from livemig.fsm.policy import (
     PROGRESS_INTERVAL_S,
     Abort,
@@ -414,11 +415,11 @@ def test_a_sample_that_does_not_advance_time_is_ignored() -> None:
 @pytest.mark.parametrize(
     ("status", "ram", "expected"),
     [
-        ("setup", None, None),
-        ("active", None, None),
-        ("pre-switchover", RamStats(transferred=5, remaining=1, total=9), None),
+        (MigrationStatus.SETUP, None, None),
+        (MigrationStatus.ACTIVE, None, None),
+        (MigrationStatus.PRE_SWITCHOVER, RamStats(transferred=5, remaining=1, total=9), None),
         (
-            "active",
+            MigrationStatus.ACTIVE,
             RamStats(
                 transferred=5, remaining=1, total=9, dirty_pages_rate=10, dirty_sync_count=3
             ),
@@ -429,7 +430,9 @@ def test_a_sample_that_does_not_advance_time_is_ignored() -> None:
         ),
     ],
 )  # fmt: skip
-def test_sample_from_stats(status: str, ram: RamStats | None, expected: ProgressSample) -> None:
+def test_sample_from_stats(
+    status: MigrationStatus, ram: RamStats | None, expected: ProgressSample
+) -> None:
     stats = MigrationStats(
         status=status, ram=ram, expected_downtime_ms=7, cpu_throttle_percentage=20
     )

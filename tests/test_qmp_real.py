@@ -24,6 +24,7 @@ from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_
 
 from livemig.drivers import block, fd, jobs, migration, nbd, runstate
 from livemig.drivers.qmp import EventStream, QMPConnection, QMPEvent, connect, open_monitor
+from livemig.drivers.status import MigrationStatus, RunState
 from livemig.transports.errors import CommandFailed, ConnectionLost
 
 QEMU = "qemu-system-x86_64"
@@ -99,7 +100,9 @@ async def test_identity_and_run_state(aio_loop: object, tmp_path: Path) -> None:
             running_qemu(tmp_path) as qemu,
             open_monitor(qemu.qmp_path, name="vm") as monitor,
         ):
-            assert await runstate.query_status(monitor) == runstate.RunStatus("prelaunch", False)
+            assert await runstate.query_status(monitor) == runstate.RunStatus(
+                RunState.PRELAUNCH, False
+            )
             version = await runstate.query_version(monitor)
             assert version >= runstate.QemuVersion(10, 0, 0)
             assert (
@@ -118,7 +121,9 @@ async def test_stop_and_cont_emit_events_in_order(aio_loop: object, tmp_path: Pa
             await runstate.cont(monitor)
             assert (await runstate.query_status(monitor)).status == "running"
             await runstate.stop(monitor)
-            assert await runstate.query_status(monitor) == runstate.RunStatus("paused", False)
+            assert await runstate.query_status(monitor) == runstate.RunStatus(
+                RunState.PAUSED, False
+            )
             await runstate.cont(monitor)
             received = [await events.receive() for _ in range(3)]
     assert [e.name for e in received] == ["RESUME", "STOP", "RESUME"]
@@ -271,7 +276,9 @@ async def test_capabilities_and_parameters(aio_loop: object, tmp_path: Path) -> 
             )
             parameters = await migration.query_parameters(monitor)
             assert (parameters["downtime-limit"], parameters["max-bandwidth"]) == (500, 1 << 30)
-            assert await migration.query_migrate(monitor) == migration.MigrationStats("none")
+            assert await migration.query_migrate(monitor) == migration.MigrationStats(
+                MigrationStatus.NONE
+            )
 
 
 async def test_migration_pauses_before_switchover_then_completes(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from livemig.drivers.status import JobStatus
 from livemig.model.host import ImageFile, SocketFile
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class Node:
 class Job:
     id: str
     type: str
-    status: str
+    status: JobStatus
     #: The node the job reads (a mirror's source, a commit's top).
     node: Node
     #: Where it writes (a mirror's NBD node, a commit's base).
@@ -96,12 +97,17 @@ class Job:
 
     @property
     def ready(self) -> bool:
-        return self.status in ("ready", "standby")
+        return self.status in (JobStatus.READY, JobStatus.STANDBY)
 
     @property
     def live(self) -> bool:
         """Still working (not cancelled, completing or ended)."""
-        return self.status in ("created", "running", "ready", "standby")
+        return self.status in (
+            JobStatus.CREATED,
+            JobStatus.RUNNING,
+            JobStatus.READY,
+            JobStatus.STANDBY,
+        )
 
     def to_query_jobs(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -265,16 +271,16 @@ def _new_job(qemu: FakeQemu, job_id: str, kind: str, node: Node, target: Node) -
     for other in qemu.jobs.values():
         if {id(node), id(target)} & {id(other.node), id(other.target)}:
             raise QemuError(f"Node '{node.name}' is busy: block device is in use by block job")
-    job = Job(job_id, kind, "created", node, target)
+    job = Job(job_id, kind, JobStatus.CREATED, node, target)
     qemu.jobs[job_id] = job
-    qemu.job_status(job, "created")
+    qemu.job_status(job, JobStatus.CREATED)
     qemu.world.after(0, lambda: _start(qemu, job))
     return job
 
 
 def _start(qemu: FakeQemu, job: Job) -> None:
-    if qemu.jobs.get(job.id) is job and job.status == "created":
-        qemu.job_status(job, "running")
+    if qemu.jobs.get(job.id) is job and job.status is JobStatus.CREATED:
+        qemu.job_status(job, JobStatus.RUNNING)
 
 
 def _blockdev_mirror(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,7 +296,7 @@ def _blockdev_mirror(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
 
 def _mirror_synced(qemu: FakeQemu, job: Job) -> None:
     """The bulk copy is done: the target holds everything the overlay holds; ready."""
-    if qemu.jobs.get(job.id) is not job or job.status != "running":
+    if qemu.jobs.get(job.id) is not job or job.status is not JobStatus.RUNNING:
         return
     assert job.node.image is not None
     if not _copy_to_target(qemu, job, job.node.image.records):
@@ -299,7 +305,7 @@ def _mirror_synced(qemu: FakeQemu, job: Job) -> None:
 
 
 def _become_ready(qemu: FakeQemu, job: Job) -> None:
-    qemu.job_status(job, "ready")
+    qemu.job_status(job, JobStatus.READY)
     qemu.emit("BLOCK_JOB_READY", job.event_data())
 
 
@@ -324,7 +330,7 @@ def _copy_to_target(qemu: FakeQemu, job: Job, records: set[int]) -> bool:
 def _fail(qemu: FakeQemu, job: Job, error: str) -> None:
     qemu.emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": "write", "action": "report"})
     job.error = error
-    qemu.job_status(job, "aborting")
+    qemu.job_status(job, JobStatus.ABORTING)
     delay = qemu.world.knobs.job_abort_seconds
     qemu.world.after(delay, lambda: _conclude(qemu, job, "BLOCK_JOB_COMPLETED"))
 
@@ -336,19 +342,19 @@ def _conclude(qemu: FakeQemu, job: Job, event: str) -> None:
     if job.error is not None:
         data["error"] = job.error
     qemu.emit(event, data)
-    qemu.job_status(job, "concluded")
-    qemu.job_status(job, "null")  # auto-dismiss
+    qemu.job_status(job, JobStatus.CONCLUDED)
+    qemu.job_status(job, JobStatus.NULL)  # auto-dismiss
     del qemu.jobs[job.id]
 
 
 def _finish(qemu: FakeQemu, job: Job, then: Callable[[], None]) -> None:
     """The success path of a job's end: waiting, pending, ``then``, completed, gone."""
-    qemu.job_status(job, "waiting")
+    qemu.job_status(job, JobStatus.WAITING)
 
     def end() -> None:
-        if qemu.jobs.get(job.id) is not job or job.status != "waiting":
+        if qemu.jobs.get(job.id) is not job or job.status is not JobStatus.WAITING:
             return  # cancelled meanwhile
-        qemu.job_status(job, "pending")
+        qemu.job_status(job, JobStatus.PENDING)
         then()
         _conclude(qemu, job, "BLOCK_JOB_COMPLETED")
 
@@ -367,15 +373,16 @@ def _block_commit(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _commit_synced(qemu: FakeQemu, job: Job) -> None:
-    if qemu.jobs.get(job.id) is job and job.status == "running":
+    if qemu.jobs.get(job.id) is job and job.status is JobStatus.RUNNING:
         _become_ready(qemu, job)
 
 
-def _job(qemu: FakeQemu, job_id: str, verb: str, allowed: tuple[str, ...]) -> Job:
+def _job(qemu: FakeQemu, job_id: str, verb: str, allowed: Callable[[Job], bool]) -> Job:
+    """The job a ``verb`` command names, if QEMU's job verb table lets it take that verb now."""
     job = qemu.jobs.get(job_id)
     if job is None:
         raise QemuError(f"Block job '{job_id}' not found", "DeviceNotActive")
-    if job.status not in allowed:
+    if not allowed(job):
         raise QemuError(
             f"Job '{job_id}' in state '{job.status}' cannot accept command verb '{verb}'"
         )
@@ -383,7 +390,7 @@ def _job(qemu: FakeQemu, job_id: str, verb: str, allowed: tuple[str, ...]) -> Jo
 
 
 def _job_complete(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    job = _job(qemu, str(args["id"]), "complete", ("ready", "standby"))
+    job = _job(qemu, str(args["id"]), "complete", lambda j: j.ready)
     if job.type != "commit":
         raise QemuError("the fake does not model a mirror pivot")
 
@@ -398,12 +405,12 @@ def _job_complete(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-#: Where QEMU's job verb table accepts ``cancel``.
-_CANCELLABLE = ("created", "running", "paused", "ready", "standby", "waiting", "pending")
+def _cancellable(job: Job) -> bool:
+    return job.status.cancellable
 
 
 def _block_job_cancel(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    job = _job(qemu, str(args["device"]), "cancel", _CANCELLABLE)
+    job = _job(qemu, str(args["device"]), "cancel", _cancellable)
     if job.ready and not args.get("force", False):
         # A ready mirror cancelled softly completes without a pivot: the target is consistent.
         _finish(qemu, job, lambda: None)
@@ -413,19 +420,19 @@ def _block_job_cancel(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _job_cancel(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    _abort(qemu, _job(qemu, str(args["id"]), "cancel", _CANCELLABLE))
+    _abort(qemu, _job(qemu, str(args["id"]), "cancel", _cancellable))
     return {}
 
 
 def _abort(qemu: FakeQemu, job: Job) -> None:
-    qemu.job_status(job, "aborting")
+    qemu.job_status(job, JobStatus.ABORTING)
     delay = qemu.world.knobs.job_abort_seconds
     qemu.world.after(delay, lambda: _conclude(qemu, job, "BLOCK_JOB_CANCELLED"))
 
 
 def _job_dismiss(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    job = _job(qemu, str(args["id"]), "dismiss", ("concluded",))
-    qemu.job_status(job, "null")
+    job = _job(qemu, str(args["id"]), "dismiss", lambda j: j.status is JobStatus.CONCLUDED)
+    qemu.job_status(job, JobStatus.NULL)
     del qemu.jobs[job.id]
     return {}
 
@@ -443,9 +450,9 @@ def _query_block_jobs(qemu: FakeQemu, args: Mapping[str, Any]) -> list[dict[str,
 def pause_jobs_for_stop(qemu: FakeQemu) -> None:
     """The guest stopped: a ready job goes standby, then ready again (as measured)."""
     for job in list(qemu.jobs.values()):
-        if job.status == "ready":
-            qemu.job_status(job, "standby")
-            qemu.job_status(job, "ready")
+        if job.status is JobStatus.READY:
+            qemu.job_status(job, JobStatus.STANDBY)
+            qemu.job_status(job, JobStatus.READY)
 
 
 # -- the NBD server ------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def disk_records(world: World, qemu: FakeQemu) -> set[int]:
 
 
 def check_invariants(world: World, result: MigrationResult, *, stop_source: bool = True) -> Verdict:
-    running = [q for q in world.qemus() if q.alive and q.runstate == "running"]
+    running = [q for q in world.qemus() if q.alive and q.runstate.running]
     safety = _split_brain(world, running)
     survivor = running[0] if len(running) == 1 else None
     if not world.guest_killed:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from livemig.drivers.status import MigrationStatus, RunState
 from livemig.model.block import QemuError
 from livemig.model.host import SocketFile
 
@@ -43,8 +44,6 @@ PARAMETERS: Mapping[str, Any] = {
     "cpu-throttle-increment": 10,
     "multifd-channels": 2,
 }
-#: Statuses of an outgoing migration that is still going.
-SENDING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling"})
 RAM_BYTES = 512 * 1024 * 1024
 #: How fast RAM is sent, and dirtied again, by a busy guest.
 SEND_BYTES_PER_S = 1024 * 1024 * 1024
@@ -57,7 +56,7 @@ PLATEAU_BYTES = 96 * 1024 * 1024
 class Migration:
     """One side's view of the migration (outgoing on the source, incoming on the target)."""
 
-    status: str = "none"
+    status: MigrationStatus = MigrationStatus.NONE
     uri: str | None = None
     peer: FakeQemu | None = None
     #: The source guest ran when the migration started (so a failed one resumes it).
@@ -65,18 +64,18 @@ class Migration:
     started_at: float = 0.0
 
 
-def _set_status(qemu: FakeQemu, status: str) -> None:
+def _set_status(qemu: FakeQemu, status: MigrationStatus) -> None:
     qemu.migration.status = status
     if qemu.capabilities["events"]:
         qemu.emit("MIGRATION", {"status": status})
 
 
-def _later(qemu: FakeQemu, delay: float, expect: str, then: Callable[[], None]) -> None:
+def _later(qemu: FakeQemu, delay: float, expect: MigrationStatus, then: Callable[[], None]) -> None:
     """Run ``then`` after ``delay`` if the migration is still in status ``expect`` by then."""
     migration = qemu.migration
 
     def step() -> None:
-        if qemu.alive and qemu.migration is migration and migration.status == expect:
+        if qemu.alive and qemu.migration is migration and migration.status is expect:
             then()
 
     qemu.world.after(delay, step)
@@ -88,7 +87,7 @@ def _query_capabilities(qemu: FakeQemu, args: Mapping[str, Any]) -> list[dict[st
 
 
 def _set_capabilities(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    if qemu.migration.status in SENDING:
+    if qemu.migration.status.sending:
         raise QemuError("There's a migration process in progress")
     wanted = {str(c["capability"]): bool(c["state"]) for c in args["capabilities"]}
     if unknown := [c for c in wanted if c not in qemu.capabilities]:
@@ -110,7 +109,7 @@ def _set_parameters(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _migrate_incoming(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    if qemu.runstate != "inmigrate" or qemu.migration.status != "none":
+    if qemu.runstate is not RunState.INMIGRATE or qemu.migration.status is not MigrationStatus.NONE:
         raise QemuError("'-incoming' was not specified on the command line")
     uri = str(args["uri"])
     if not uri.startswith("unix:"):
@@ -118,26 +117,28 @@ def _migrate_incoming(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]
     qemu.migration = Migration(uri=uri)
     path = uri.removeprefix("unix:")
     qemu.world.host.files[path] = SocketFile(path, qemu.name)
-    _set_status(qemu, "setup")
+    _set_status(qemu, MigrationStatus.SETUP)
     return {}
 
 
 def _migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    if qemu.migration.status in SENDING:
+    if qemu.migration.status.sending:
         raise QemuError("There's a migration process in progress")
-    if qemu.runstate == "inmigrate":
+    if qemu.runstate is RunState.INMIGRATE:
         raise QemuError("Guest is waiting for an incoming migration")
     uri = str(args["uri"])
     peer = qemu.world.incoming_on(uri)
     qemu.migration = Migration(
-        uri=uri, peer=peer, was_running=qemu.runstate == "running", started_at=qemu.world.now()
+        uri=uri, peer=peer, was_running=qemu.runstate.running, started_at=qemu.world.now()
     )
-    _set_status(qemu, "setup")
+    _set_status(qemu, MigrationStatus.SETUP)
     if peer is None:  # the connection is made after the reply; its failure ends the migration
-        _later(qemu, 0.0051, "setup", lambda: _set_status(qemu, "failed"))
+        _later(
+            qemu, 0.0051, MigrationStatus.SETUP, lambda: _set_status(qemu, MigrationStatus.FAILED)
+        )
         return {}
     peer.migration.peer = qemu
-    _later(qemu, 0.0107, "setup", lambda: _activate(qemu, peer))
+    _later(qemu, 0.0107, MigrationStatus.SETUP, lambda: _activate(qemu, peer))
     return {}
 
 
@@ -145,33 +146,33 @@ def _activate(source: FakeQemu, target: FakeQemu) -> None:
     if not target.alive:
         _fail_outgoing(source)
         return
-    _set_status(target, "active")
-    _set_status(source, "active")
+    _set_status(target, MigrationStatus.ACTIVE)
+    _set_status(source, MigrationStatus.ACTIVE)
     delay = source.world.knobs.converge_after
     if delay is not None:
-        _later(source, delay, "active", lambda: _converged(source))
+        _later(source, delay, MigrationStatus.ACTIVE, lambda: _converged(source))
 
 
 def _converged(source: FakeQemu) -> None:
     """RAM converged: the guest stops for the last pass."""
-    source.stop_guest("finish-migrate")
+    source.stop_guest(RunState.FINISH_MIGRATE)
     if source.capabilities["pause-before-switchover"]:
-        _set_status(source, "pre-switchover")
+        _set_status(source, MigrationStatus.PRE_SWITCHOVER)
     else:
         _switch_over(source)
 
 
 def _migrate_continue(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    expected = str(args["state"])
-    if qemu.migration.status != expected or expected != "pre-switchover":
+    expected, status = str(args["state"]), qemu.migration.status
+    if status is not MigrationStatus.PRE_SWITCHOVER or expected != status:
         raise QemuError(f"Migration not in expected state: {qemu.migration.status}")
     _switch_over(qemu)
     return {}
 
 
 def _switch_over(source: FakeQemu) -> None:
-    _set_status(source, "device")
-    _later(source, 0.0053, "device", lambda: _complete(source))
+    _set_status(source, MigrationStatus.DEVICE)
+    _later(source, 0.0053, MigrationStatus.DEVICE, lambda: _complete(source))
 
 
 def _complete(source: FakeQemu) -> None:
@@ -180,58 +181,60 @@ def _complete(source: FakeQemu) -> None:
         _fail_outgoing(source)
         return
     target.guest = None if source.guest is None else attrs.evolve(source.guest)
-    _set_status(source, "completed")
-    source.runstate = "postmigrate"
+    _set_status(source, MigrationStatus.COMPLETED)
+    source.runstate = RunState.POSTMIGRATE
     for node in source.nodes.values():
         node.active = False
-    _set_status(target, "completed")
+    _set_status(target, MigrationStatus.COMPLETED)
     if target.autostart:
         target.start_guest()
     else:
-        target.runstate = "paused"
+        target.runstate = RunState.PAUSED
 
 
 def _migrate_cancel(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     del args
-    if qemu.migration.status not in SENDING - {"cancelling"}:
+    status = qemu.migration.status
+    if not status.sending or status is MigrationStatus.CANCELLING:
         return {}  # nothing to cancel: QEMU says nothing either
-    _set_status(qemu, "cancelling")
+    _set_status(qemu, MigrationStatus.CANCELLING)
     peer = qemu.migration.peer
 
     def cancelled() -> None:
-        _set_status(qemu, "cancelled")
+        _set_status(qemu, MigrationStatus.CANCELLED)
         _resume_after_failure(qemu)
-        if peer is not None and peer.alive and peer.migration.status == "active":
+        if peer is not None and peer.alive and peer.migration.status is MigrationStatus.ACTIVE:
             _incoming_failed(peer)
 
-    _later(qemu, 0.0017, "cancelling", cancelled)
+    _later(qemu, 0.0017, MigrationStatus.CANCELLING, cancelled)
     return {}
 
 
 def _fail_outgoing(source: FakeQemu) -> None:
-    _set_status(source, "failed")
+    _set_status(source, MigrationStatus.FAILED)
     _resume_after_failure(source)
 
 
 def _resume_after_failure(source: FakeQemu) -> None:
-    if source.runstate == "finish-migrate" and source.migration.was_running:
+    if source.runstate is RunState.FINISH_MIGRATE and source.migration.was_running:
         source.start_guest()
-    elif source.runstate == "finish-migrate":
-        source.runstate = "paused"
+    elif source.runstate is RunState.FINISH_MIGRATE:
+        source.runstate = RunState.PAUSED
 
 
 def _incoming_failed(target: FakeQemu) -> None:
     """The stream broke: the incoming QEMU fails the load and exits (``exit-on-error``)."""
-    _set_status(target, "failed")
+    _set_status(target, MigrationStatus.FAILED)
     target.die("load of migration failed")
 
 
 def peer_died(qemu: FakeQemu) -> None:
     """``qemu``'s migration peer died: the stream is broken."""
     status = qemu.migration.status
-    if qemu.runstate == "inmigrate" and status == "active":
+    incoming = qemu.runstate is RunState.INMIGRATE
+    if incoming and status is MigrationStatus.ACTIVE:
         _incoming_failed(qemu)
-    elif qemu.runstate != "inmigrate" and status in SENDING:
+    elif not incoming and status.sending:
         _fail_outgoing(qemu)
 
 
@@ -240,14 +243,14 @@ def _query_migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     converges drains its first pass, then stalls on a plateau of redirtied pages."""
     del args
     migration = qemu.migration
-    if migration.status == "none":
+    if migration.status is MigrationStatus.NONE:
         return {}
     out: dict[str, Any] = {"status": migration.status}
-    if qemu.runstate == "inmigrate" or migration.peer is None:
+    if qemu.runstate is RunState.INMIGRATE or migration.peer is None:
         return out
     elapsed = qemu.world.now() - migration.started_at
     converge = qemu.world.knobs.converge_after
-    if migration.status == "completed":
+    if migration.status is MigrationStatus.COMPLETED:
         remaining = 0
     elif converge is None:
         remaining = max(PLATEAU_BYTES, RAM_BYTES - int(elapsed * SEND_BYTES_PER_S))
@@ -262,7 +265,7 @@ def _query_migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
         "dirty-pages-rate": DIRTY_PAGES_PER_S,
         "page-size": 4096,
     }
-    if migration.status == "completed":
+    if migration.status is MigrationStatus.COMPLETED:
         out["downtime"] = 7
     else:
         out["expected-downtime"] = remaining * 1000 // SEND_BYTES_PER_S

@@ -25,6 +25,7 @@ import attrs
 import trio
 
 from livemig.drivers.qmp import EventStream, QMPEvent
+from livemig.drivers.status import JobStatus, RunState
 from livemig.model.block import (
     BLOCK_COMMANDS,
     Export,
@@ -52,7 +53,7 @@ class Command:
 
     name: str
     arguments: Mapping[str, Any]
-    runstate: str
+    runstate: RunState
 
 
 @attrs.define
@@ -72,7 +73,7 @@ class FakeQemu:
     world: World
     name: str
     qmp: Path
-    runstate: str
+    runstate: RunState
     nodes: dict[str, Node]
     #: The node the guest's disk device is attached to (the active layer).
     device: Node
@@ -116,20 +117,20 @@ class FakeQemu:
         for monitor in self.monitors:
             monitor.deliver(event)
 
-    def job_status(self, job: Job, status: str) -> None:
+    def job_status(self, job: Job, status: JobStatus) -> None:
         job.status = status
         self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": status})
 
     # -- the guest --
 
     def start_guest(self) -> None:
-        self.runstate = "running"
+        self.runstate = RunState.RUNNING
         for node in self.nodes.values():
             node.active = True
         self.emit("RESUME")
 
-    def stop_guest(self, runstate: str) -> None:
-        was_running = self.runstate == "running"
+    def stop_guest(self, runstate: RunState) -> None:
+        was_running = self.runstate.running
         self.runstate = runstate
         if was_running:
             self.emit("STOP")
@@ -153,7 +154,7 @@ class FakeQemu:
             return
         self.alive = False
         self.exit_reason = reason
-        self.runstate = "shutdown"
+        self.runstate = RunState.SHUTDOWN
         self.jobs.clear()
         self.exports.clear()
         self.nbd_server = None
@@ -167,26 +168,26 @@ class FakeQemu:
 
 def _query_status(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     del args
-    return {"status": qemu.runstate, "running": qemu.runstate == "running", "singlestep": False}
+    return {"status": qemu.runstate, "running": qemu.runstate.running, "singlestep": False}
 
 
 def _cont(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     del args
-    if qemu.runstate == "inmigrate":
+    if qemu.runstate is RunState.INMIGRATE:
         qemu.autostart = True  # as QEMU does: run once the incoming migration completes
-    elif qemu.runstate == "finish-migrate":
+    elif qemu.runstate is RunState.FINISH_MIGRATE:
         raise QemuError("the fake does not model cont during finish-migrate")
-    elif qemu.runstate != "running":
+    elif not qemu.runstate.running:
         qemu.start_guest()
     return {}
 
 
 def _stop(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     del args
-    if qemu.runstate == "inmigrate":
+    if qemu.runstate is RunState.INMIGRATE:
         qemu.autostart = False
-    elif qemu.runstate == "running":
-        qemu.stop_guest("paused")
+    elif qemu.runstate.running:
+        qemu.stop_guest(RunState.PAUSED)
     return {}
 
 

@@ -29,6 +29,7 @@ import attrs
 import trio
 
 from livemig.drivers.qmp import Monitor
+from livemig.drivers.status import MigrationStatus, RunState
 from livemig.fsm.undo import Side
 from livemig.model.block import Export, Node
 from livemig.model.host import FakeHost, ImageFile
@@ -102,15 +103,15 @@ class World:
         self.host.add_image(source_disk, "raw", DISK_BYTES)
         if self.storage == "non-shared":
             self.host.add_image(self.work_dir / "target.raw", "raw", DISK_BYTES)
-        self.source = self._qemu("source", source_disk, "running")
+        self.source = self._qemu("source", source_disk, RunState.RUNNING)
         self.source.guest = Guest(FIRST_BOOT)
         self.target = self.new_target()
         self.initial_files = frozenset(self.host.files)
 
-    def _qemu(self, name: str, disk: Path, runstate: str) -> FakeQemu:
+    def _qemu(self, name: str, disk: Path, runstate: RunState) -> FakeQemu:
         image = self.host.image(disk)
         assert image is not None
-        active = runstate != "inmigrate"  # an incoming QEMU opens its images inactive
+        active = runstate is not RunState.INMIGRATE  # an incoming QEMU opens its images inactive
         file = Node("root-file", "file", image.path, image.size, image=image, active=active)
         root = Node("root", "raw", image.path, image.size, image=image, file=file, active=active)
         qemu = FakeQemu(
@@ -132,7 +133,7 @@ class World:
     def new_target(self) -> FakeQemu:
         """Start a (new) target QEMU: ``-S -incoming defer`` on the target's disk."""
         disk = "source.raw" if self.storage == "shared" else "target.raw"
-        self.target = self._qemu("target", self.work_dir / disk, "inmigrate")
+        self.target = self._qemu("target", self.work_dir / disk, RunState.INMIGRATE)
         return self.target
 
     def qemus(self) -> tuple[FakeQemu, FakeQemu]:
@@ -159,7 +160,7 @@ class World:
         while True:
             await trio.sleep(self.knobs.tick)
             for qemu in self.qemus():
-                if qemu.alive and qemu.runstate == "running":
+                if qemu.alive and qemu.runstate.running:
                     qemu.write_record()
 
     # -- what the QEMUs ask of their surroundings --
@@ -180,8 +181,9 @@ class World:
 
     def incoming_on(self, uri: str) -> FakeQemu | None:
         for qemu in self.qemus():
-            listening = qemu.migration.uri == uri and qemu.migration.status == "setup"
-            if qemu.alive and qemu.runstate == "inmigrate" and listening:
+            migration = qemu.migration
+            listening = migration.uri == uri and migration.status is MigrationStatus.SETUP
+            if qemu.alive and qemu.runstate is RunState.INMIGRATE and listening:
                 return qemu
         return None
 
@@ -244,7 +246,7 @@ class World:
             return q.alive and g is not None and g.boot == FIRST_BOOT and g.last >= latest
 
         others = [q for q in self.qemus() if q is not qemu and current(q)]
-        return current(qemu) and (qemu.runstate == "running" or not others)
+        return current(qemu) and (qemu.runstate.running or not others)
 
     async def cut_nbd(self) -> None:
         """Cut the NBD link between the QEMUs, for good."""

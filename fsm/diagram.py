@@ -33,11 +33,12 @@ from livemig.fsm.machine import (
     FORWARD,
     TERMINAL,
     TRANSITIONS,
+    Facts,
     State,
     StorageMode,
     Trigger,
+    forward_trigger,
     machine_kwargs,
-    next_trigger,
 )
 
 __all__ = ["FILENAMES", "TITLE", "Format", "render", "render_trace", "write_all"]
@@ -105,7 +106,7 @@ def _edge_kinds() -> dict[tuple[str, str], str]:
     main_path = set()
     state = State.IDLE
     for _ in State:  # one step per state at most
-        trigger = next_trigger(state, StorageMode.NON_SHARED)
+        trigger = forward_trigger(state, Facts(storage=StorageMode.NON_SHARED))
         if trigger is None:
             break
         (edge,) = (e for e in FORWARD if e.source is state and e.trigger is trigger)

@@ -13,16 +13,23 @@ Forward path, non-shared storage::
 
     idle -connect-> connected -set_capabilities-> capabilities-set -snapshot-> snapshotted
       -mirror-> mirroring -transfer_state-> state-transfer -await_switchover-> pre-switchover
-      -finalize-> finalized
+      -switch_over-> switched-over -finalize-> finalized
 
 Shared storage skips ``snapshotted`` and ``mirroring``: ``capabilities-set -transfer_state->``.
 When the plan allows post-copy and RAM does not converge, the switchover goes
 ``pre-switchover -switch_over_postcopy-> post-copy -finalize-> finalized``.
 
+The table decides the order: each forward edge has a precondition (``when``) besides its guard,
+and from every non-terminal state exactly one forward edge's precondition holds
+(:func:`forward_trigger`): storage mode picks the branch at ``capabilities-set``, a started
+post-copy the one at ``pre-switchover``. The runner performs that edge's action, records what
+it observed, and fires it; the guard then checks the observation.
+
 Every non-terminal state has a ``fail`` edge to ``failed`` (an undo step failed, or a fault came
-after the point of no return), and every one but ``post-copy`` a ``revert`` edge to
-``reverted`` (all undo steps succeeded). The point of no return is the target's ``cont`` — or,
-with post-copy, the ``migrate-continue`` into it: from there a revert is refused.
+after the point of no return). The point of no return is a state: ``switched-over`` (the
+target's ``cont`` was answered: the guest runs there) or ``post-copy`` (the ``migrate-continue``
+into it was sent: neither side alone holds the whole guest). Every state before them has a
+``revert`` edge to ``reverted`` (all undo steps succeeded); they have none.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORWARD",
+    "NO_RETURN",
     "TERMINAL",
     "TRANSITIONS",
     "Edge",
@@ -50,7 +58,7 @@ __all__ = [
     "StorageMode",
     "Trigger",
     "allows",
-    "next_trigger",
+    "forward_trigger",
 ]
 
 
@@ -70,6 +78,9 @@ class State(enum.StrEnum):
     STATE_TRANSFER = "state-transfer"
     #: RAM converged (or post-copy was asked for); the source guest is paused before switchover.
     PRE_SWITCHOVER = "pre-switchover"
+    #: The point of no return: the target completed the migration and runs the guest (its
+    #: ``cont`` was answered); the source is still there, paused, to be stopped.
+    SWITCHED_OVER = "switched-over"
     #: The target runs the guest and pulls the RAM it still lacks from the source. No revert is
     #: possible any more: neither side alone has the whole guest until post-copy completes.
     POSTCOPY = "post-copy"
@@ -93,6 +104,7 @@ class Trigger(enum.StrEnum):
     MIRROR = "mirror"
     TRANSFER_STATE = "transfer_state"
     AWAIT_SWITCHOVER = "await_switchover"
+    SWITCH_OVER = "switch_over"
     FINALIZE = "finalize"
     SWITCH_OVER_POSTCOPY = "switch_over_postcopy"
     REVERT = "revert"
@@ -131,6 +143,9 @@ class Facts:
     postcopy_committed: bool = False
     #: Every undo step that was needed ran without error.
     undo_clean: bool = True
+    #: After the switchover, the run let go of the source: it was quit (or left paused, as the
+    #: plan asked), and the run's files were removed or reported.
+    source_released: bool = False
 
 
 # Guards: pure predicates over the facts. Their names are what the diagram prints.
@@ -169,6 +184,11 @@ def switched_over(facts: Facts) -> bool:
     return facts.migration_status is MigrationStatus.COMPLETED and facts.target_resumed
 
 
+def source_released(facts: Facts) -> bool:
+    """Switched over, and the source let go of."""
+    return switched_over(facts) and facts.source_released
+
+
 def postcopy_running(facts: Facts) -> bool:
     """Post-copy is active and the target runs the guest."""
     return (
@@ -176,6 +196,23 @@ def postcopy_running(facts: Facts) -> bool:
         and facts.migration_status is MigrationStatus.POSTCOPY_ACTIVE
         and facts.target_resumed
     )
+
+
+def non_shared(facts: Facts) -> bool:
+    return facts.storage is StorageMode.NON_SHARED
+
+
+def shared(facts: Facts) -> bool:
+    return facts.storage is StorageMode.SHARED
+
+
+def postcopy_started(facts: Facts) -> bool:
+    return facts.postcopy
+
+
+def precopy(facts: Facts) -> bool:
+    """Post-copy was not started: the switchover is the pre-copy one."""
+    return not facts.postcopy
 
 
 def revertible(facts: Facts) -> bool:
@@ -195,26 +232,44 @@ def _transfer_started(facts: Facts) -> bool:
 Guard = Callable[[Facts], bool]
 
 
+def always(facts: Facts) -> bool:
+    """No guard: the edge is drawn and fired without a condition."""
+    del facts
+    return True
+
+
 @attrs.frozen
 class Edge:
-    """One edge of the table: ``trigger`` moves ``source`` to ``dest`` when ``guard`` holds."""
+    """One edge of the table: ``trigger`` moves ``source`` to ``dest`` when ``guard`` holds.
+
+    :param when: the precondition that picks this edge among the forward edges of ``source``
+        (read before the action runs; checked again, with ``guard``, when it is fired).
+    """
 
     trigger: Trigger
     source: State
     dest: State
     guard: Guard
+    when: Guard = always
 
 
 FORWARD: tuple[Edge, ...] = (
     Edge(Trigger.CONNECT, State.IDLE, State.CONNECTED, prechecks_passed),
     Edge(Trigger.SET_CAPABILITIES, State.CONNECTED, State.CAPABILITIES_SET, capabilities_set),
-    Edge(Trigger.SNAPSHOT, State.CAPABILITIES_SET, State.SNAPSHOTTED, non_shared_overlay_active),
+    Edge(
+        Trigger.SNAPSHOT,
+        State.CAPABILITIES_SET,
+        State.SNAPSHOTTED,
+        non_shared_overlay_active,
+        when=non_shared,
+    ),
     Edge(Trigger.MIRROR, State.SNAPSHOTTED, State.MIRRORING, mirror_ready),
     Edge(
         Trigger.TRANSFER_STATE,
         State.CAPABILITIES_SET,
         State.STATE_TRANSFER,
         shared_storage_transfer_started,
+        when=shared,
     ),
     Edge(
         Trigger.TRANSFER_STATE,
@@ -225,16 +280,27 @@ FORWARD: tuple[Edge, ...] = (
     Edge(
         Trigger.AWAIT_SWITCHOVER, State.STATE_TRANSFER, State.PRE_SWITCHOVER, status_pre_switchover
     ),
-    Edge(Trigger.FINALIZE, State.PRE_SWITCHOVER, State.FINALIZED, switched_over),
-    Edge(Trigger.SWITCH_OVER_POSTCOPY, State.PRE_SWITCHOVER, State.POSTCOPY, postcopy_running),
-    Edge(Trigger.FINALIZE, State.POSTCOPY, State.FINALIZED, switched_over),
+    Edge(
+        Trigger.SWITCH_OVER, State.PRE_SWITCHOVER, State.SWITCHED_OVER, switched_over, when=precopy
+    ),
+    Edge(
+        Trigger.SWITCH_OVER_POSTCOPY,
+        State.PRE_SWITCHOVER,
+        State.POSTCOPY,
+        postcopy_running,
+        when=postcopy_started,
+    ),
+    Edge(Trigger.FINALIZE, State.SWITCHED_OVER, State.FINALIZED, source_released),
+    Edge(Trigger.FINALIZE, State.POSTCOPY, State.FINALIZED, source_released),
 )
 
 _NON_TERMINAL = tuple(s for s in State if s not in TERMINAL)
 
 
-#: States a revert can start from: every non-terminal one but ``post-copy``.
-_REVERTIBLE = tuple(s for s in _NON_TERMINAL if s is not State.POSTCOPY)
+#: States past the point of no return: no revert edge leaves them.
+NO_RETURN = frozenset({State.SWITCHED_OVER, State.POSTCOPY})
+#: States a revert can start from: every non-terminal one before the point of no return.
+_REVERTIBLE = tuple(s for s in _NON_TERMINAL if s not in NO_RETURN)
 
 
 def _revert_edges() -> tuple[Edge, ...]:
@@ -244,28 +310,16 @@ def _revert_edges() -> tuple[Edge, ...]:
     return revert + fail
 
 
-def always(facts: Facts) -> bool:
-    """No guard: the edge is drawn and fired without a condition."""
-    del facts
-    return True
-
-
 TRANSITIONS: tuple[Edge, ...] = FORWARD + _revert_edges()
 
 
-def next_trigger(state: State, storage: StorageMode, *, postcopy: bool = False) -> Trigger | None:
-    """The forward trigger the runner fires next from ``state``; ``None`` in a terminal state.
-
-    Storage mode picks the branch at ``capabilities-set``, and whether post-copy was started the
-    one at ``pre-switchover``; the guards check both again.
+def forward_trigger(state: State, facts: Facts) -> Trigger | None:
+    """The forward trigger from ``state`` whose precondition holds on ``facts``; ``None`` in a
+    terminal state. The table has exactly one (tests check it for every state and route).
     """
     if state in TERMINAL:
         return None
-    if state is State.CAPABILITIES_SET:
-        return Trigger.SNAPSHOT if storage is StorageMode.NON_SHARED else Trigger.TRANSFER_STATE
-    if state is State.PRE_SWITCHOVER:
-        return Trigger.SWITCH_OVER_POSTCOPY if postcopy else Trigger.FINALIZE
-    (edge,) = (e for e in FORWARD if e.source is state)
+    (edge,) = (e for e in FORWARD if e.source is state and e.when(facts))
     return edge.trigger
 
 
@@ -278,7 +332,7 @@ def machine_kwargs() -> dict[str, Any]:
                 "trigger": e.trigger.value,
                 "source": e.source.value,
                 "dest": e.dest.value,
-                "conditions": [] if e.guard is always else [e.guard],
+                "conditions": [g for g in (e.when, e.guard) if g is not always],
             }
             for e in TRANSITIONS
         ],
@@ -307,6 +361,10 @@ class MigrationMachine:
     def current(self) -> State:
         return State(str(self._machine.get_model_state(self).value))
 
+    def forward(self, facts: Facts) -> Trigger | None:
+        """The forward trigger the table picks from here (:func:`forward_trigger`)."""
+        return forward_trigger(self.current, facts)
+
     def allows(self, trigger: Trigger, facts: Facts) -> bool:
         """Would ``trigger`` move the machine now? Pure: reads the table, changes nothing."""
         return allows(self.current, trigger, facts)
@@ -328,4 +386,7 @@ class MigrationMachine:
 
 def allows(state: State, trigger: Trigger, facts: Facts) -> bool:
     """Whether the table has an edge for ``trigger`` from ``state`` whose guard holds."""
-    return any(e.trigger is trigger and e.source is state and e.guard(facts) for e in TRANSITIONS)
+    return any(
+        e.trigger is trigger and e.source is state and e.when(facts) and e.guard(facts)
+        for e in TRANSITIONS
+    )

@@ -74,7 +74,13 @@ async def _recover_one(journal: Journal, connector: Connector, host: Host) -> Mi
         elif target_runs and on_source is Liveness.RUNS:
             outcome = Outcome.FAILED
             problems.append("both QEMUs run the guest: stop one by hand (the journal is kept)")
-        elif target_runs or journal.target_resumed or journal.postcopy_committed:
+        elif not target_runs and (journal.target_resumed or journal.postcopy_committed):
+            outcome = Outcome.FAILED
+            problems.append(
+                "the target ran the guest but no longer does: the source QEMU is kept as it is "
+                "(the journal is kept)"
+            )
+        elif target_runs:
             outcome = await _roll_forward(journal, source, target, host, problems)
         elif source is None:
             outcome = Outcome.FAILED

@@ -24,7 +24,7 @@ from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import EventStream, Monitor
 from livemig.fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from livemig.fsm.journal import FileJournal, JournalSink
-from livemig.fsm.machine import Facts, MigrationMachine, State, Trigger, next_trigger
+from livemig.fsm.machine import NO_RETURN, Facts, MigrationMachine, State, Trigger
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
 from livemig.fsm.session import Session
@@ -158,11 +158,7 @@ class _Runner:
                     nursery.start_soon(_cancel_on, interrupt, nursery.cancel_scope)
                 _check_work_dir(self.plan.work_dir)
                 await self._connect(session)
-                while (
-                    trigger := next_trigger(
-                        self.machine.current, self.plan.storage, postcopy=self.facts.postcopy
-                    )
-                ) is not None:
+                while (trigger := self.machine.forward(self.facts)) is not None:
                     await self._step(session, trigger)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
@@ -196,9 +192,14 @@ class _Runner:
     async def _step(self, session: Session, trigger: Trigger) -> None:
         action = ACTIONS[trigger]
         seconds = _action_deadline(trigger, self.plan.deadlines)
-        with _deadline(seconds, trigger.value, session.state):
+        # Past the point of no return a cancel (the operator's ^C) cannot take the guest back:
+        # the run finishes (bounded by its deadline) rather than stop half-way.
+        with (
+            trio.CancelScope(shield=self.machine.current in NO_RETURN),
+            _deadline(seconds, trigger.value, session.state),
+        ):
             await action(session)
-        await self._enter(session, self.machine.fire(trigger, self.facts))
+            await self._enter(session, self.machine.fire(trigger, self.facts))
 
     async def _enter(self, session: Session, state: State) -> None:
         now = session.now_ms()
@@ -339,6 +340,7 @@ def _action_deadline(trigger: Trigger, d: Deadlines) -> float:
         Trigger.MIRROR: d.base_copy + d.mirror_ready,
         Trigger.TRANSFER_STATE: d.command * 2,
         Trigger.AWAIT_SWITCHOVER: d.switchover,
+        Trigger.SWITCH_OVER: d.completion,
         Trigger.FINALIZE: d.completion,
         Trigger.SWITCH_OVER_POSTCOPY: d.completion,
     }[trigger]

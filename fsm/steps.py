@@ -461,12 +461,30 @@ def _report(session: Session, stats: migration.MigrationStats) -> None:
     )
 
 
-async def finalize(session: Session) -> None:
+async def switch_over(session: Session) -> None:
     """Switch over: a consistent disk copy, the last of RAM, then the target runs.
 
-    ``cont`` on the target is the point of no return: before it, a fault reverts; after it,
-    problems become warnings. From ``post-copy`` the target already runs: wait for the last
-    pages, then clean up.
+    Everything here is guest downtime (the source paused at ``pre-switchover``): only what must
+    happen, in the order it must. The target's ``cont`` answered is the point of no return: the
+    machine enters ``switched-over``.
+    """
+    assert session.target_migration is not None
+    await _complete_mirror(session)
+    await migration.migrate_continue(session.source, MigrationStatus.PRE_SWITCHOVER)
+    # The target completes once it has loaded the whole guest: the source has sent it all.
+    await wait_migration(
+        session.target_migration, {MigrationStatus.COMPLETED}, state=session.state, side="target"
+    )
+    session.mark("target completed event received")
+    session.facts.migration_status = MigrationStatus.COMPLETED
+    await _resume_target(session)
+    session.close_window()
+
+
+async def finalize(session: Session) -> None:
+    """Past the point of no return: read the statistics and stop the source; problems are
+    warnings now (the guest runs on the target). From ``post-copy``, first wait for the last
+    pages to reach the target.
     """
     assert session.source_migration is not None
     assert session.target_migration is not None
@@ -486,20 +504,15 @@ async def finalize(session: Session) -> None:
         )
         session.facts.migration_status = MigrationStatus.COMPLETED
         await _read_statistics(session, source_completed=True)
-        await _clean_up_source(session)
-        return
-    # Everything from here to the target's cont is guest downtime: only what must happen.
-    await _complete_mirror(session)
-    await migration.migrate_continue(session.source, MigrationStatus.PRE_SWITCHOVER)
-    # The target completes once it has loaded the whole guest: the source has sent it all.
-    await wait_migration(
-        session.target_migration, {MigrationStatus.COMPLETED}, state=session.state, side="target"
-    )
-    session.mark("target completed event received")
-    session.facts.migration_status = MigrationStatus.COMPLETED
-    await _resume_target(session)
-    session.close_window()
-    await _read_statistics(session, source_completed=False)
+    else:
+        await _read_statistics(session, source_completed=False)
+    if await _target_runs(session) is False:
+        # The target died (or stopped) after it took over: the source, paused with the guest
+        # as it was at the switchover, is the only copy left. Keep it for the operator.
+        raise session.fail(
+            "the target no longer runs the guest after the switchover; the source QEMU is kept "
+            "as it is (paused, holding the guest as of the switchover)"
+        )
     await _clean_up_source(session)
 
 
@@ -633,6 +646,7 @@ async def _clean_up_source(session: Session) -> None:
             except Exception as err:
                 session.warnings.append(f"could not {what}: {err}")
     session.undo.clear()
+    session.facts.source_released = True
 
 
 Action = Callable[[Session], Awaitable[None]]
@@ -644,6 +658,7 @@ ACTIONS: Mapping[Trigger, Action] = {
     Trigger.MIRROR: mirror,
     Trigger.TRANSFER_STATE: transfer_state,
     Trigger.AWAIT_SWITCHOVER: await_switchover,
+    Trigger.SWITCH_OVER: switch_over,
     Trigger.FINALIZE: finalize,
     Trigger.SWITCH_OVER_POSTCOPY: switch_over_postcopy,
 }

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from livemig.drivers.status import MigrationStatus
 from livemig.fsm.machine import (
     FORWARD,
+    NO_RETURN,
     TERMINAL,
     TRANSITIONS,
     Edge,
@@ -21,8 +22,8 @@ from livemig.fsm.machine import (
     StorageMode,
     Trigger,
     allows,
+    forward_trigger,
     machine_kwargs,
-    next_trigger,
 )
 from livemig.transports.errors import GuardFailed
 
@@ -34,7 +35,8 @@ EFFECTS: dict[Trigger, dict[str, object]] = {
     Trigger.MIRROR: {"mirror_ready": True},
     Trigger.TRANSFER_STATE: {"migration_status": MigrationStatus.ACTIVE},
     Trigger.AWAIT_SWITCHOVER: {"migration_status": MigrationStatus.PRE_SWITCHOVER},
-    Trigger.FINALIZE: {"migration_status": MigrationStatus.COMPLETED, "target_resumed": True},
+    Trigger.SWITCH_OVER: {"migration_status": MigrationStatus.COMPLETED, "target_resumed": True},
+    Trigger.FINALIZE: {"migration_status": MigrationStatus.COMPLETED, "source_released": True},
     Trigger.SWITCH_OVER_POSTCOPY: {
         "postcopy_committed": True,
         "migration_status": MigrationStatus.POSTCOPY_ACTIVE,
@@ -50,6 +52,7 @@ NON_SHARED_PATH = [
     State.MIRRORING,
     State.STATE_TRANSFER,
     State.PRE_SWITCHOVER,
+    State.SWITCHED_OVER,
     State.FINALIZED,
 ]
 SHARED_PATH = [
@@ -58,17 +61,18 @@ SHARED_PATH = [
     State.CAPABILITIES_SET,
     State.STATE_TRANSFER,
     State.PRE_SWITCHOVER,
+    State.SWITCHED_OVER,
     State.FINALIZED,
 ]
 NON_TERMINAL = [s for s in State if s not in TERMINAL]
-REVERTIBLE = [s for s in NON_TERMINAL if s is not State.POSTCOPY]
+REVERTIBLE = [s for s in NON_TERMINAL if s not in NO_RETURN]
 
 # A route is a storage mode and whether post-copy was started while RAM streamed.
 Route = tuple[StorageMode, bool]
 
 
 def postcopy_path(path: list[State]) -> list[State]:
-    return [*path[:-1], State.POSTCOPY, State.FINALIZED]
+    return [*path[:-2], State.POSTCOPY, State.FINALIZED]
 
 
 def act(facts: Facts, trigger: Trigger) -> None:
@@ -78,11 +82,11 @@ def act(facts: Facts, trigger: Trigger) -> None:
 
 
 def walk(storage: StorageMode, postcopy: bool = False) -> list[State]:
-    """Fire ``next_trigger`` from ``idle`` until it has nothing more, acting before each."""
+    """Fire the table's forward trigger from ``idle`` until it has none, acting before each."""
     machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy)
     states = [machine.current]
     for _ in State:  # at most one step per state: a loop in the table cannot hang the test
-        trigger = next_trigger(machine.current, storage, postcopy=facts.postcopy)
+        trigger = machine.forward(facts)
         if trigger is None:
             break
         act(facts, trigger)
@@ -105,7 +109,7 @@ def machine_at(
     for _ in State:  # bounded, like walk()
         if machine.current is state:
             return machine, facts
-        trigger = next_trigger(machine.current, storage, postcopy=facts.postcopy)
+        trigger = machine.forward(facts)
         assert trigger is not None, f"{state} is not on the {storage} path"
         act(facts, trigger)
         machine.fire(trigger, facts)
@@ -124,7 +128,7 @@ FORWARD_CASES = [
     for edge in FORWARD
     for route, path in PATHS.items()
     if edge.source in path
-    and next_trigger(edge.source, route[0], postcopy=route[1]) is edge.trigger
+    and forward_trigger(edge.source, Facts(route[0], postcopy=route[1])) is edge.trigger
     and path[path.index(edge.source) + 1] is edge.dest
 ]
 
@@ -246,7 +250,7 @@ def test_revert_is_refused_at_pre_switchover_once_the_target_resumed() -> None:
     assert machine.current is State.PRE_SWITCHOVER
     # Past the point of no return the machine only rolls forward (or records a failure).
     facts.migration_status = MigrationStatus.COMPLETED
-    assert machine.allows(Trigger.FINALIZE, facts)
+    assert machine.allows(Trigger.SWITCH_OVER, facts)
     assert machine.allows(Trigger.FAIL, facts)
 
 
@@ -264,8 +268,8 @@ def test_terminal_states_have_no_outgoing_edges() -> None:
     assert [e for e in TRANSITIONS if e.source in TERMINAL] == []
     for state in TERMINAL:
         for storage in StorageMode:
-            assert next_trigger(state, storage) is None
-            assert next_trigger(state, storage, postcopy=True) is None
+            assert forward_trigger(state, Facts(storage)) is None
+            assert forward_trigger(state, Facts(storage, postcopy=True)) is None
 
 
 @pytest.mark.parametrize(
@@ -273,7 +277,7 @@ def test_terminal_states_have_no_outgoing_edges() -> None:
     list(PATHS.items()),
     ids=str,
 )
-def test_next_trigger_walks_to_finalized(route: Route, path: list[State]) -> None:
+def test_the_table_walks_to_finalized(route: Route, path: list[State]) -> None:
     assert walk(*route) == path
 
 
@@ -289,9 +293,9 @@ def test_auto_transitions_are_off() -> None:
 # included), with any facts at all. Each step is one observation or none, then one trigger. An
 # observation is the effects of some action, in or out of order (``("act", trigger)``), or one raw
 # fact: a fault, a stale status, a failed undo step. The trigger is any trigger, or ``None`` for
-# the runner's next step done right (act, then fire ``next_trigger``). Before every step and at
-# the end, every trigger the trivial model forbids from the current state is fired as well and
-# must be refused: each step probes every forbidden move under the facts of the moment.
+# the runner's next step done right (act, then fire the table's forward trigger). Before every
+# step and at the end, every trigger the trivial model forbids from the current state is fired
+# as well and must be refused: each step probes every forbidden move under the facts of the moment.
 
 STATUSES = [None, *MigrationStatus]
 FLAGS = [
@@ -303,6 +307,7 @@ FLAGS = [
     "postcopy",
     "postcopy_committed",
     "undo_clean",
+    "source_released",
 ]
 STARTS = st.sampled_from(
     [
@@ -333,8 +338,9 @@ def forbidden(state: State, storage: StorageMode) -> list[Trigger]:
     """
     if state in TERMINAL:
         return list(Trigger)
-    moves = {next_trigger(state, storage, postcopy=p) for p in (False, True)} | {Trigger.FAIL}
-    if state is not State.POSTCOPY:
+    moves = {forward_trigger(state, Facts(storage, postcopy=p)) for p in (False, True)}
+    moves.add(Trigger.FAIL)
+    if state not in NO_RETURN:
         moves.add(Trigger.REVERT)
     return [t for t in Trigger if t not in moves]
 
@@ -348,7 +354,7 @@ def take(machine: MigrationMachine, facts: Facts, step: Step) -> None:
             act(facts, Trigger(str(value)))
         else:
             setattr(facts, name, value)
-    trigger = chosen or next_trigger(machine.current, facts.storage, postcopy=facts.postcopy)
+    trigger = chosen or machine.forward(facts)
     if trigger is None:
         return
     if chosen is None:
@@ -386,7 +392,9 @@ def test_random_runs_keep_the_order_of_the_table(
             assert history[-1] not in TERMINAL, "left a terminal state"
             history.append(machine.current)
     if State.FINALIZED in history:
-        assert history[-2] in (State.PRE_SWITCHOVER, State.POSTCOPY)
+        assert history[-2] in (State.SWITCHED_OVER, State.POSTCOPY)
+    if State.SWITCHED_OVER in history:
+        assert history[history.index(State.SWITCHED_OVER) - 1] is State.PRE_SWITCHOVER
     if State.POSTCOPY in history:
         assert history[history.index(State.POSTCOPY) - 1] is State.PRE_SWITCHOVER
     # The trivial model: forward moves only ever follow the storage mode's path on one of its

@@ -38,6 +38,7 @@ FAULT_STATES = (
     State.MIRRORING,
     State.STATE_TRANSFER,
     State.PRE_SWITCHOVER,
+    State.SWITCHED_OVER,
 )
 STORAGES: tuple[Storage, ...] = ("non-shared", "shared")
 QMP_KINDS = (FaultKind.QMP_ERROR, FaultKind.HANG, FaultKind.DISCONNECT, FaultKind.MALFORMED)
@@ -72,6 +73,10 @@ def applies(storage: Storage, state: State, kind: FaultKind) -> bool:
 
 def expected(storage: Storage, state: State, kind: FaultKind, side: Side | None) -> set[Outcome]:
     """What a correct livemig ends in, and why."""
+    if state is State.SWITCHED_OVER:
+        # Past the point of no return the guest runs on the target: whatever befalls the source
+        # or the cleanup is a warning. Only losing the target loses the guest.
+        return {Outcome.FAILED} if kind is FaultKind.KILL_TARGET else {Outcome.FINALIZED}
     if kind is FaultKind.KILL_SOURCE:
         return {Outcome.FAILED}  # the guest died with its only QEMU: say so, leave nothing
     if kind is FaultKind.CUT_NBD and state is State.PRE_SWITCHOVER:
@@ -98,7 +103,7 @@ def table(storages: tuple[Storage, ...] = STORAGES) -> list[Row]:
         for side in sides:
             # The target is sent nothing in state-transfer, nor in capabilities-set unless
             # storage is shared (migrate-incoming).
-            quiet = state is State.STATE_TRANSFER or (
+            quiet = state in (State.STATE_TRANSFER, State.SWITCHED_OVER) or (
                 state is State.CAPABILITIES_SET and storage == "non-shared"
             )
             if not (side is Side.TARGET and quiet):
@@ -118,5 +123,7 @@ def crash_points(storage: Storage) -> list[Where]:
 def crash_expected(where: Where) -> Outcome:
     """What ``livemig recover`` must end in after livemig died at ``where``: once the target
     runs the guest (its ``cont`` was answered), forward; before, back."""
-    after_cont = isinstance(where, AtCommand) and where.command == "quit"
+    after_cont = (isinstance(where, AtCommand) and where.command == "quit") or (
+        isinstance(where, AtState) and where.state is State.SWITCHED_OVER
+    )
     return Outcome.FINALIZED if after_cont else Outcome.REVERTED

@@ -13,9 +13,11 @@ The sequence and settings follow LXD's QEMU driver:
   ``nbd-server-stop`` + ``cont``, source ``quit``.
 
 LXD waits without a deadline; the benchmark gives it one. When it passes, the run counts as not
-converged and the bench reverts (``migrate_cancel``, the mirror cancelled, the overlay committed
-back, the target quit) so that the guest goes on on the source and the next run can start. That
-revert is the benchmark's, not LXD's.
+converged and the bench reverts so that the guest goes on on the source and the next run can
+start. That revert is the benchmark's, not LXD's: each forward step pushes its undo step as the
+runner's do (``migrate_cancel``, the mirror cancelled, the overlay committed back, the target
+quit, the files removed), and livemig's own undo interpreter (`livemig.fsm.reverter.unwind`)
+runs them.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ import attrs
 import trio
 
 from livemig.drivers import block, image, jobs, migration, nbd, runstate
+from livemig.drivers.host import LocalHost
 from livemig.drivers.qmp import Monitor, open_monitor
-from livemig.drivers.status import JobStatus, MigrationStatus, RunState
+from livemig.drivers.status import JobStatus, MigrationStatus
+from livemig.fsm.machine import State
+from livemig.fsm.plan import Deadlines
+from livemig.fsm.reverter import unwind
+from livemig.fsm.undo import Side, UndoKind, UndoStack, UndoStep
 from livemig.guest._lab import Lab
 from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
 
@@ -40,6 +47,8 @@ __all__ = ["LxdOutcome", "run_lxd_equivalent"]
 PRE_SWITCHOVER_POLL_S = 1.0
 #: How often the bench looks at jobs and statuses outside that loop.
 _POLL_S = 0.05
+#: Seconds the bench's whole revert may take.
+_REVERT_S = 120
 _DISK = "root"
 _OVERLAY = "lxd-overlay"
 _NBD_NODE = "lxd-nbd"
@@ -88,6 +97,11 @@ async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
     def mark(phase: str) -> None:
         out.phases_ms[phase] = round((trio.current_time() - started) * 1000.0, 1)
 
+    # What the bench's revert undoes, newest last; as in the runner, the source is resumed and
+    # the target quit last of all.
+    undo = UndoStack()
+    undo.push(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
+    undo.push(UndoStep(UndoKind.QUIT, Side.TARGET))
     async with (
         open_monitor(lab.source_qmp, name="lxd-source") as src,
         open_monitor(lab.target_qmp, name="lxd-target") as dst,
@@ -95,7 +109,9 @@ async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
         at_switchover = False
         try:
             with trio.move_on_after(deadline_s):
-                await _forward(lab=lab, src=src, dst=dst, files=files, out=out, mark=mark)
+                await _forward(
+                    lab=lab, src=src, dst=dst, files=files, out=out, mark=mark, undo=undo
+                )
                 at_switchover = True
         except LivemigError as err:
             out.error = f"{type(err).__name__}: {err}"
@@ -103,22 +119,23 @@ async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
             if out.error is None:
                 out.timed_out = True
                 out.error = f"not at pre-switchover after {deadline_s:.0f} s"
-            with trio.CancelScope(shield=True), trio.move_on_after(120) as scope:
-                await _revert(src, dst, files, out)
-            if scope.cancelled_caught:
-                out.revert_problems.append("the bench's revert did not finish in 120 s")
-            return out
-        try:
-            with trio.fail_after(60):
-                await _switch_over(lab, src, dst, out)
-        except (LivemigError, trio.TooSlowError) as err:
-            out.error = f"switchover: {type(err).__name__}: {err}"
-            return out
-        out.total_ms = (trio.current_time() - started) * 1000.0
-        out.converged = True
-        mark("target-cont")
-        with contextlib.suppress(ConnectionLost, CommandFailed):
-            await runstate.quit(src)
+            await _revert(undo, src, dst, out)
+            if out.revert_problems:
+                return out  # keep the files: the overlay may still hold guest writes
+        else:
+            try:
+                with trio.fail_after(60):
+                    await _switch_over(lab, src, dst, out)
+            except (LivemigError, trio.TooSlowError) as err:
+                out.error = f"switchover: {type(err).__name__}: {err}"
+                return out
+            out.total_ms = (trio.current_time() - started) * 1000.0
+            out.converged = True
+            mark("target-cont")
+            with contextlib.suppress(ConnectionLost, CommandFailed):
+                await runstate.quit(src)
+    # As the runner does: a socket bound while its command was cancelled can appear after its
+    # undo step ran, so sweep every file once all is undone (or the migration finished).
     for path in files.all():
         await trio.Path(path).unlink(missing_ok=True)
     return out
@@ -132,14 +149,17 @@ async def _forward(
     files: _Files,
     out: LxdOutcome,
     mark: Callable[[str], None],
+    undo: UndoStack,
 ) -> None:
     await migration.set_capabilities(src, {"auto-converge": True, "pause-before-switchover": True})
     await migration.set_capabilities(dst, {"late-block-activate": True})
     if lab.storage == "non-shared":
-        await _disk(lab, src, dst, files, out)
+        await _disk(lab, src, dst, files, out, undo=undo)
         mark("mirror-ready")
     uri = f"unix:{files.ram_socket}"
+    undo.push(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(files.ram_socket)}))
     await migration.migrate_incoming(dst, uri)
+    undo.push(UndoStep(UndoKind.CANCEL_MIGRATION, Side.SOURCE))
     await migration.migrate(src, uri)
     mark("migrate")
     while True:
@@ -154,9 +174,15 @@ async def _forward(
     mark("pre-switchover")
 
 
-async def _disk(lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome) -> None:
+async def _disk(
+    lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome, *, undo: UndoStack
+) -> None:
     base = await image.info(lab.source_disk)
+    undo.push(
+        UndoStep(UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(files.overlay), "node": _OVERLAY})
+    )
     await image.create(files.overlay, "qcow2", base.virtual_size)
+    undo.push(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": _OVERLAY}))
     await block.blockdev_add(
         src,
         {
@@ -166,11 +192,20 @@ async def _disk(lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOut
             "backing": None,
         },
     )
+    undo.push(
+        UndoStep(
+            UndoKind.MERGE_OVERLAY, Side.SOURCE, {"node": _OVERLAY, "base": _DISK, "job": _COMMIT}
+        )
+    )
     await block.blockdev_snapshot(src, node=_DISK, overlay=_OVERLAY)
+    undo.push(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(files.nbd_socket)}))
+    undo.push(UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET))
     await nbd.nbd_server_start(dst, files.nbd_socket)
+    undo.push(UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": _EXPORT}))
     await nbd.block_export_add(dst, export_id=_EXPORT, node_name=_DISK, name=_DISK, writable=True)
     await image.copy_to_nbd(lab.source_disk, "raw", files.nbd_socket, _DISK, target_is_zero=True)
     out.disk_bytes = (await image.info(lab.source_disk)).actual_size
+    undo.push(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": _NBD_NODE}))
     await block.blockdev_add(
         src,
         {
@@ -180,6 +215,7 @@ async def _disk(lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOut
             "export": _DISK,
         },
     )
+    undo.push(UndoStep(UndoKind.CANCEL_JOB, Side.SOURCE, {"job": _MIRROR}))
     await block.blockdev_mirror(src, job_id=_MIRROR, device=_OVERLAY, target=_NBD_NODE, sync="top")
     await _until(
         lambda: _job_status(src, _MIRROR), {JobStatus.READY}, fail={None, JobStatus.CONCLUDED}
@@ -204,74 +240,27 @@ async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) ->
     await runstate.cont(dst)
 
 
-async def _revert(src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome) -> None:
-    """Undo what was done, whatever point was reached; each step looks before it acts."""
-    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-        ("cancel the migration", lambda: _cancel_migration(src)),
-        ("cancel the mirror", lambda: _cancel_job(src, _MIRROR)),
-        ("remove the NBD node", lambda: _del_node(src, _NBD_NODE)),
-        ("resume the source", lambda: _resume(src)),
-        ("merge the overlay", lambda: _merge_overlay(src)),
-        ("remove the overlay node", lambda: _del_node(src, _OVERLAY)),
-        ("quit the target", lambda: _quit(dst)),
-    ]
-    for what, step in steps:
-        try:
-            await step()
-        except LivemigError as err:
-            out.revert_problems.append(f"could not {what}: {err}")
-    for path in files.all():
-        await trio.Path(path).unlink(missing_ok=True)
+async def _revert(undo: UndoStack, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
+    """Run the undo steps the forward path pushed, with livemig's interpreter, shielded."""
+    with trio.CancelScope(shield=True), trio.move_on_after(_REVERT_S) as scope:
+        out.revert_problems += await unwind(
+            undo,
+            {Side.SOURCE: src, Side.TARGET: dst},
+            LocalHost(),
+            state=_reached(out),
+            step_deadline=Deadlines().undo_step,
+        )
+    if scope.cancelled_caught:
+        out.revert_problems.append(f"the bench's revert did not finish in {_REVERT_S} s")
 
 
-async def _cancel_migration(src: Monitor) -> None:
-    if (await migration.query_migrate(src)).status.sending:
-        await migration.migrate_cancel(src)
-    while (await migration.query_migrate(src)).status.sending:  # noqa: ASYNC110
-        await trio.sleep(_POLL_S)
-
-
-async def _cancel_job(src: Monitor, job: str) -> None:
-    status = await _job_status(src, job)
-    if status is None:
-        return
-    if status is JobStatus.CONCLUDED:
-        await jobs.job_dismiss(src, job)
-    else:
-        await jobs.block_job_cancel(src, job, force=True)
-    await _until(lambda: _job_status(src, job), {None})
-
-
-async def _del_node(src: Monitor, node: str) -> None:
-    if any(n.node_name == node for n in await block.query_named_block_nodes(src)):
-        await block.blockdev_del(src, node)
-
-
-async def _resume(src: Monitor) -> None:
-    status = await runstate.query_status(src)
-    while status.status is RunState.FINISH_MIGRATE:
-        await trio.sleep(_POLL_S)
-        status = await runstate.query_status(src)
-    if not status.running:
-        await runstate.cont(src)
-
-
-async def _merge_overlay(src: Monitor) -> None:
-    nodes = {n.node_name: n for n in await block.query_named_block_nodes(src)}
-    overlay, base = nodes.get(_OVERLAY), nodes.get(_DISK)
-    if overlay is None or base is None or overlay.backing_file != base.filename:
-        return
-    await block.block_commit(src, job_id=_COMMIT, device=_OVERLAY)
-    await _until(
-        lambda: _job_status(src, _COMMIT), {JobStatus.READY}, fail={None, JobStatus.CONCLUDED}
-    )
-    await jobs.job_complete(src, _COMMIT)
-    await _until(lambda: _job_status(src, _COMMIT), {None})
-
-
-async def _quit(dst: Monitor) -> None:
-    with contextlib.suppress(ConnectionLost):
-        await runstate.quit(dst)
+def _reached(out: LxdOutcome) -> State:
+    """livemig's name for where the LXD sequence stopped (for the undo interpreter's errors)."""
+    if "migrate" in out.phases_ms:
+        return State.STATE_TRANSFER
+    if "mirror-ready" in out.phases_ms:
+        return State.MIRRORING
+    return State.CONNECTED
 
 
 async def _job_status(m: Monitor, job: str) -> JobStatus | None:

@@ -163,10 +163,6 @@ class Monitor(Protocol):
         """Collect the events called ``names`` (all events when none) while the block runs."""
         ...
 
-    async def send_fd(self, fd: int, name: str) -> None:
-        """Give QEMU a copy of ``fd`` under ``name`` (``getfd``); ``fd`` stays open here."""
-        ...
-
     async def aclose(self) -> None:
         """Close the connection; idempotent. QEMU keeps running."""
         ...
@@ -370,8 +366,6 @@ class QMPConnection:
         self._watcher: asyncio.Task[None] | None = None
         # Held while calling qemu.qmp's disconnect(), which must not run twice at once.
         self._disconnecting = asyncio.Lock()
-        # An fd and the getfd that names it must not interleave with another pair.
-        self._passing_fd = trio.Lock()
         # qemu.qmp's built-in catch-all listener would queue every event forever. Its filter is
         # our log tap instead: it logs each event and keeps none.
         client.events.event_filter = self._log_event
@@ -439,27 +433,6 @@ class QMPConnection:
                 monitor=self._name,
             )
         return error
-
-    async def send_fd(self, fd: int, name: str) -> None:
-        """Pass a copy of ``fd`` to QEMU over the socket (SCM_RIGHTS) and name it with ``getfd``.
-
-        ``fd`` stays open here. QEMU keeps its copy until ``closefd`` (or until a command that
-        takes it by name consumes it).
-
-        :raise CommandFailed: when ``getfd`` failed (QEMU closes the fd it received).
-        :raise ConnectionLost, MonitorClosed: as for `execute`.
-        """
-        async with self._passing_fd:
-            gone = self._gone()
-            if gone is not None:
-                raise gone
-            logger.debug("%s: -> fd %d as %r", self._name, fd, name)
-            try:
-                self._client.send_fd_scm(fd)
-            except (StateError, OSError) as err:
-                error = await self._interrupted("getfd")
-                raise error from self._cause or err
-            await self.execute("getfd", {"fdname": name})
 
     # -- events --
 

@@ -18,7 +18,6 @@ __all__ = [
     "Reverting",
     "StateEntered",
     "Steered",
-    "Warned",
 ]
 
 
@@ -98,19 +97,7 @@ class Steered:
         }
 
 
-@attrs.frozen
-class Warned:
-    """Something went wrong where it can no longer change the outcome (after switchover)."""
-
-    state: str
-    at_ms: float
-    message: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"event": "warning", "state": self.state, "message": self.message}
-
-
-Event = StateEntered | Progress | Reverting | Steered | Warned
+Event = StateEntered | Progress | Reverting | Steered
 
 
 class Outcome(enum.StrEnum):

@@ -406,9 +406,6 @@ class FaultyMonitor:
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         return await self._through(command, partial(self._inner.execute, command, arguments))
 
-    async def send_fd(self, fd: int, name: str) -> None:
-        await self._through("getfd", partial(self._inner.send_fd, fd, name))
-
     async def _through(self, command: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Send ``command`` (by ``call``), or what the injector makes of it."""
         if self._dropped:

@@ -8,7 +8,6 @@ the tracker answers with a :class:`Decision` (an action and why) or ``None``.
 The parts, each usable on its own:
 
 =========================  =================================================================
-`migration_bandwidth`      bytes/s cap for ``max-bandwidth``, or ``None`` for no cap
 `downtime_schedule`        the ``downtime-limit`` values the ladder steps through
 `find_stall`               whether a window of samples shows no progress (`Stall` or ``None``)
 `next_action`              the next rung of the ladder: raise downtime, throttle, post-copy, abort
@@ -29,16 +28,15 @@ loop below only watches progress and is cancelled when the event comes)::
                 await apply(decision.action)  # SetDowntime / Throttle / StartPostcopy / Abort
         await trio.sleep(PROGRESS_INTERVAL_S)
 
-Defaults come from the measurements in DESIGN.md §3: QEMU 10, uncapped over loopback, converges a
-512 MiB guest that dirties memory flat out in about 1 s with the 300 ms downtime limit, so in the
-common case no rung is ever used; auto-converge alone needed 26 s; post-copy after 3 s finished at
-3.2 s with a 5 ms pause.
+Defaults come from measurements on QEMU 10, uncapped over loopback: it converges a 512 MiB guest
+that dirties memory flat out in about 1 s with the 300 ms downtime limit, so in the common case no
+rung is ever used; auto-converge alone needed 26 s; post-copy after 3 s finished at 3.2 s with a
+5 ms pause.
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -47,7 +45,6 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import attrs
 
 from livemig.drivers.status import MigrationStatus
-from livemig.transports.endpoints import Endpoint, UnixEndpoint
 from livemig.transports.errors import UsageError
 
 if TYPE_CHECKING:
@@ -64,7 +61,6 @@ __all__ = [
     "Decision",
     "Ladder",
     "LadderPosition",
-    "LinkKind",
     "ProgressSample",
     "ProgressWindow",
     "Rung",
@@ -78,8 +74,6 @@ __all__ = [
     "downtime_schedule",
     "expected_downtime_ms",
     "find_stall",
-    "link_kind",
-    "migration_bandwidth",
     "next_action",
 ]
 
@@ -106,68 +100,6 @@ def _in_range(
             raise UsageError(f"{attribute.name} must be from {low} to {high}, not {value!r}")
 
     return check
-
-
-# --- Bandwidth -------------------------------------------------------------------------------
-
-
-class LinkKind(enum.StrEnum):
-    """What the migration stream crosses."""
-
-    #: A unix socket, loopback or the same host: no NIC shared with anyone to protect.
-    LOCAL = "local"
-    #: A real network link, shared with the guests' own traffic and other migrations.
-    NETWORK = "network"
-
-
-def link_kind(endpoint: Endpoint) -> LinkKind:
-    """Classify a migration endpoint without any lookup: a unix socket, a loopback address or
-    ``localhost`` is local; any other host is a network link (say :attr:`LinkKind.LOCAL`
-    yourself for a host name that you know is this host)."""
-    if isinstance(endpoint, UnixEndpoint):
-        return LinkKind.LOCAL
-    if endpoint.host == "localhost":
-        return LinkKind.LOCAL
-    try:
-        loopback = ipaddress.ip_address(endpoint.host).is_loopback
-    except ValueError:
-        loopback = False
-    return LinkKind.LOCAL if loopback else LinkKind.NETWORK
-
-
-def migration_bandwidth(
-    link: LinkKind, *, cap: int | None = None, host_budget: int | None = None, concurrent: int = 1
-) -> int | None:
-    """The ``max-bandwidth`` for one migration in bytes/s, or ``None`` for no cap.
-
-    An explicit ``cap`` always applies: the operator asked for it. The per-host ``host_budget`` is
-    shared evenly by the ``concurrent`` migrations leaving this host (this one included) and
-    applies to network links only: a local stream crosses no NIC. With neither, the stream is
-    uncapped: QEMU's 128 MiB/s default is a fifth of what a unix socket carries here (about
-    620 MB/s), and a capped stream only converges later; stalls and the deadline, not a guessed
-    cap, end a migration that cannot converge.
-
-    ======== ========= =========== ========== ===============
-    link     cap       host budget concurrent result
-    ======== ========= =========== ========== ===============
-    local    -         1 GB/s      4          None (uncapped)
-    local    200 MB/s  -           1          200 MB/s
-    network  -         -           1          None (uncapped)
-    network  -         1 GB/s      4          250 MB/s
-    network  200 MB/s  1 GB/s      4          200 MB/s
-    network  -         3 B/s       4          1 B/s (never 0)
-    ======== ========= =========== ========== ===============
-
-    :raise UsageError: when ``concurrent`` is below 1 or a limit is not positive.
-    """
-    if concurrent < 1:
-        raise UsageError(f"concurrent migrations must be at least 1, not {concurrent}")
-    if (cap is not None and cap < 1) or (host_budget is not None and host_budget < 1):
-        raise UsageError("a bandwidth cap or budget must be at least 1 byte/s")
-    limits = [] if cap is None else [cap]
-    if link is LinkKind.NETWORK and host_budget is not None:
-        limits.append(max(1, host_budget // concurrent))
-    return min(limits, default=None)
 
 
 # --- Downtime --------------------------------------------------------------------------------
@@ -293,7 +225,7 @@ class StallRule:
     before it. Noise cannot hide a stall for long, since every lucky low raises the bar for the
     next window. Separately, nothing sent for ``seconds`` is a stall of its own kind.
 
-    Defaults: a converging guest finishes in about 1 s on loopback (DESIGN.md §3), so 3 s and
+    Defaults: a converging guest finishes in about 1 s on loopback (measured on QEMU 10), so 3 s and
     3 passes never fire on it; 3 s also spans at least one step of QEMU's auto-converge, which
     raises the throttle every second high-dirty period (about 2 s).
     """
@@ -480,7 +412,8 @@ class Throttle:
 
     Default 40 / +20 instead of QEMU's 20 / +10: QEMU steps the throttle every second high-dirty
     period (about 2 s), so its defaults take about 16 s to reach 99 % (auto-converge alone took
-    26 s in DESIGN.md §3); from wherever it stands, +20 reaches the top in at most four steps.
+    26 s to converge a 512 MiB guest on QEMU 10 over loopback); from wherever it stands, +20 reaches
+    the top in at most four steps.
     """
 
     initial_percent: int = attrs.field(default=40, validator=_in_range(1, 99))
@@ -722,8 +655,10 @@ class ConvergencePolicy:
 
     :param ladder: downtime schedule, remedy order and throttle.
     :param stall: when a migration counts as stalled.
-    :param bandwidth_cap: explicit ``max-bandwidth`` in bytes/s for every link; ``None``: none.
-    :param host_budget: bytes/s shared by the concurrent migrations on a network link.
+    :param bandwidth_cap: the operator's ``max-bandwidth`` in bytes/s; ``None``: uncapped.
+        QEMU's 128 MiB/s default is a fifth of what a unix socket carries here (about 620 MB/s),
+        and a capped stream only converges later; stalls and the deadline, not a guessed cap,
+        end a migration that cannot converge.
     :param deadline_base_s: see :func:`completion_deadline`.
     :param deadline_per_gib_s: see :func:`completion_deadline`.
     """
@@ -733,9 +668,6 @@ class ConvergencePolicy:
     bandwidth_cap: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_in_range(1, 2**62))
     )
-    host_budget: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_in_range(1, 2**62))
-    )
     deadline_base_s: float = attrs.field(default=60.0, validator=_in_range(1.0, 86_400.0))
     deadline_per_gib_s: float = attrs.field(default=15.0, validator=_in_range(0.0, 86_400.0))
 
@@ -743,12 +675,6 @@ class ConvergencePolicy:
     def initial_downtime_ms(self) -> int:
         """The ``downtime-limit`` to set before ``migrate``."""
         return self.ladder.downtimes_ms[0]
-
-    def bandwidth(self, link: LinkKind, concurrent: int = 1) -> int | None:
-        """The ``max-bandwidth`` to set before ``migrate``; ``None``: lift QEMU's cap."""
-        return migration_bandwidth(
-            link, cap=self.bandwidth_cap, host_budget=self.host_budget, concurrent=concurrent
-        )
 
     def deadline(self, ram_bytes: int, bandwidth: int | None) -> float:
         """Seconds the RAM phase of a guest this size may take at ``bandwidth``."""

@@ -205,8 +205,5 @@ class _Gone:
     def listen(self, *names: str) -> Any:
         raise ConnectionLost("the target is gone", monitor=self.name)
 
-    async def send_fd(self, fd: int, name: str) -> None:
-        raise ConnectionLost("the target is gone", monitor=self.name)
-
     async def aclose(self) -> None:
         return None

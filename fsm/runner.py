@@ -441,11 +441,6 @@ class _Resilient:
         async with monitor.listen(*names) as stream:
             yield stream
 
-    async def send_fd(self, fd: int, name: str) -> None:
-        monitor = await self._current()
-        with _deadline(self._deadlines.command, f"{self.name} getfd", self._session.state):
-            await monitor.send_fd(fd, name)
-
     async def aclose(self) -> None:
         for monitor in (self._inner, self._dropped):
             if monitor is not None:
@@ -463,9 +458,6 @@ class _Unconnected:
         raise StepFailed(f"{self.name} monitor never connected", state=State.IDLE.value)
 
     def listen(self, *names: str) -> Any:
-        raise StepFailed(f"{self.name} monitor never connected", state=State.IDLE.value)
-
-    async def send_fd(self, fd: int, name: str) -> None:
         raise StepFailed(f"{self.name} monitor never connected", state=State.IDLE.value)
 
     async def aclose(self) -> None:

@@ -30,7 +30,6 @@ from livemig.fsm.policy import (
     SetDowntime,
     StartPostcopy,
     Throttle,
-    link_kind,
 )
 from livemig.fsm.reverter import Liveness, guest_runs
 from livemig.fsm.session import (
@@ -218,7 +217,7 @@ async def set_capabilities(session: Session) -> None:
     await migration.set_capabilities(session.source, src_new)
 
     convergence = policy.convergence()
-    bandwidth = convergence.bandwidth(link_kind(session.plan.migrate_uri))
+    bandwidth = convergence.bandwidth_cap
     session.convergence = ConvergenceTracker(
         policy=convergence,
         capabilities=Capabilities(

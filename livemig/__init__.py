@@ -28,7 +28,6 @@ if TYPE_CHECKING:
         Reverting,
         StateEntered,
         Steered,
-        Warned,
     )
     from livemig.fsm.machine import State, StorageMode
     from livemig.fsm.plan import Deadlines, Plan, Policy
@@ -86,7 +85,6 @@ __all__ = [
     "StorageMode",
     "ToolError",
     "UsageError",
-    "Warned",
     "migrate",
 ]
 
@@ -100,7 +98,6 @@ _EXPORTS: dict[str, str] = {
     "Reverting": "livemig.fsm.events",
     "StateEntered": "livemig.fsm.events",
     "Steered": "livemig.fsm.events",
-    "Warned": "livemig.fsm.events",
     "State": "livemig.fsm.machine",
     "StorageMode": "livemig.fsm.machine",
     "Deadlines": "livemig.fsm.plan",

@@ -9,7 +9,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from livemig.fsm.events import Event, MigrationResult, Reverting, StateEntered, Steered, Warned
+from livemig.fsm.events import Event, MigrationResult, Reverting, StateEntered, Steered
 from livemig.fsm.events import Progress as ProgressEvent
 
 __all__ = ["HumanDisplay", "JsonLines", "summary_lines"]
@@ -76,8 +76,6 @@ class HumanDisplay:
                 self.console.print(f"[yellow]reverting from {state}[/] ({steps} steps): {reason}")
             case Steered(action=action, reason=reason):
                 self.console.print(f"[magenta]policy[/]: {action} ({reason})")
-            case Warned(message=message):
-                self.console.print(f"[yellow]warning[/]: {message}")
             case _:
                 pass
 

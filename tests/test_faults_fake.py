@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -22,8 +23,11 @@ from livemig.fsm.faults import (
     FaultPlan,
     Where,
 )
+from livemig.fsm.journal import MemoryJournal
 from livemig.fsm.machine import State
 from livemig.fsm.plan import Deadlines
+from livemig.fsm.runner import migrate
+from livemig.fsm.steps import UNLIMITED_BANDWIDTH
 from livemig.fsm.undo import Side
 from livemig.model.cases import (
     FAULT_STATES,
@@ -34,7 +38,7 @@ from livemig.model.cases import (
     expected,
     table,
 )
-from livemig.model.runs import FaultRun, migrate_with_faults
+from livemig.model.runs import FaultRun, migrate_with_faults, plan_for
 from livemig.model.world import Knobs, Storage, fake_world
 from livemig.transports.errors import CommandFailed, ConnectionLost, ProtocolError, UsageError
 
@@ -178,6 +182,26 @@ async def test_happy_path_finalizes(
     assert run.result.states == tuple(
         s.value for s in (*FAULT_STATES, State.FINALIZED) if s.value not in skipped
     )
+
+
+@pytest.mark.parametrize(("cap", "sent"), [(None, UNLIMITED_BANDWIDTH), (16 << 20, 16 << 20)])
+async def test_the_operators_bandwidth_cap_is_the_one_qemu_gets(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, cap: int | None, sent: int
+) -> None:
+    with trio.fail_after(GUARD):
+        async with fake_world(tmp_path) as world:
+            plan = plan_for(world)
+            plan = attrs.evolve(plan, policy=attrs.evolve(plan.policy, max_bandwidth=cap))
+            result = await migrate(
+                plan, connector=world.connect, host=world.host, journal=MemoryJournal()
+            )
+    assert result.outcome is Outcome.FINALIZED, result.to_json()
+    caps = [
+        c.arguments["max-bandwidth"]
+        for c in world.source.log
+        if c.name == "migrate-set-parameters" and "max-bandwidth" in c.arguments
+    ]
+    assert caps[0] == sent  # set before ``migrate``; nothing else changes it on a clean run
 
 
 # -- (b) every fault where it applies ------------------------------------------------------------

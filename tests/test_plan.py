@@ -84,7 +84,6 @@ def test_parse_endpoint(text: str, expected: object) -> None:
 def test_endpoint_spellings() -> None:
     unix = UnixEndpoint(Path("/s"))
     assert unix.uri == "unix:/s"
-    assert unix.legacy_address() == {"type": "unix", "data": {"path": "/s"}}
     assert unix.flat_address() == {"type": "unix", "path": "/s"}
     tcp = TcpEndpoint("::1", 5)
     assert tcp.uri == "tcp:[::1]:5"

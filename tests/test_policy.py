@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from livemig.drivers.migration import MigrationStats, RamStats
 from livemig.drivers.status import MigrationStatus
+from livemig.fsm.plan import Policy
 from livemig.fsm.policy import (
     PROGRESS_INTERVAL_S,
     Abort,
@@ -24,7 +25,6 @@ from livemig.fsm.policy import (
     Decision,
     Ladder,
     LadderPosition,
-    LinkKind,
     ProgressSample,
     ProgressWindow,
     Rung,
@@ -38,16 +38,12 @@ from livemig.fsm.policy import (
     downtime_schedule,
     expected_downtime_ms,
     find_stall,
-    link_kind,
-    migration_bandwidth,
     next_action,
 )
-from livemig.transports.endpoints import parse_endpoint
 from livemig.transports.errors import UsageError
 
 MiB = 2**20
 GiB = 2**30
-LOCAL, NETWORK = LinkKind.LOCAL, LinkKind.NETWORK
 ALL = Capabilities(
     auto_converge=True, postcopy_allowed=True, postcopy_on_source=True, postcopy_on_target=True
 )
@@ -55,81 +51,21 @@ ALL = Capabilities(
 #: 50 examples per property (deterministic: see conftest) keep this whole file under 5 s.
 EXAMPLES = settings(max_examples=50)
 
-# --- Bandwidth ---------------------------------------------------------------------------------
-
-LIMITS = st.none() | st.integers(1, 10**12)
+# --- Bandwidth cap -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("link", "cap", "budget", "concurrent", "expected"),
-    [
-        (LOCAL, None, 10**9, 4, None),
-        (LOCAL, 200 * 10**6, None, 1, 200 * 10**6),
-        (NETWORK, None, None, 1, None),
-        (NETWORK, None, 10**9, 4, 250 * 10**6),
-        (NETWORK, 200 * 10**6, 10**9, 4, 200 * 10**6),
-        (NETWORK, None, 3, 4, 1),
-    ],
-)
-def test_bandwidth_table(
-    link: LinkKind, cap: int | None, budget: int | None, concurrent: int, expected: int | None
-) -> None:
-    assert migration_bandwidth(link, cap=cap, host_budget=budget, concurrent=concurrent) == expected
+@pytest.mark.parametrize("cap", [None, 1, 200 * 10**6])
+def test_the_bandwidth_cap_is_the_operators(cap: int | None) -> None:
+    assert ConvergencePolicy().bandwidth_cap is None  # uncapped unless asked
+    assert Policy(max_bandwidth=cap).convergence().bandwidth_cap == cap
 
 
-@EXAMPLES
-@given(link=st.sampled_from(LinkKind), cap=LIMITS, budget=LIMITS, concurrent=st.integers(1, 64))
-def test_bandwidth_is_the_tightest_limit_that_applies(
-    link: LinkKind, cap: int | None, budget: int | None, concurrent: int
-) -> None:
-    got = migration_bandwidth(link, cap=cap, host_budget=budget, concurrent=concurrent)
-    limits = [] if cap is None else [cap]
-    if link is NETWORK and budget is not None:
-        limits.append(max(1, budget // concurrent))
-    assert got == (min(limits) if limits else None)
-    if link is LOCAL and cap is None:
-        assert got is None  # a local link is never capped by default
-    if got is not None:
-        assert got >= 1
-
-
-@EXAMPLES
-@given(budget=st.integers(1, 10**12), concurrent=st.integers(1, 64), cap=LIMITS)
-def test_more_migrations_never_get_a_bigger_share(
-    budget: int, concurrent: int, cap: int | None
-) -> None:
-    def share(n: int) -> int:
-        got = migration_bandwidth(NETWORK, cap=cap, host_budget=budget, concurrent=n)
-        assert got is not None
-        return got
-
-    assert share(concurrent + 1) <= share(concurrent)
-    if budget >= concurrent:
-        assert share(concurrent) * concurrent <= budget  # together they stay in the budget
-
-
-@pytest.mark.parametrize(
-    ("uri", "kind"),
-    [
-        ("unix:/run/lm.sock", LOCAL),
-        ("/run/lm.sock", LOCAL),
-        ("tcp:127.0.0.1:4444", LOCAL),
-        ("tcp:127.9.9.9:4444", LOCAL),
-        ("tcp:[::1]:4444", LOCAL),
-        ("tcp:localhost:4444", LOCAL),
-        ("tcp:10.0.0.2:4444", NETWORK),
-        ("tcp:[2001:db8::1]:4444", NETWORK),
-        ("tcp:host.example:4444", NETWORK),
-    ],
-)
-def test_link_kind(uri: str, kind: LinkKind) -> None:
-    assert link_kind(parse_endpoint(uri)) is kind
-
-
-@pytest.mark.parametrize("kwargs", [{"concurrent": 0}, {"cap": 0}, {"host_budget": 0}, {"cap": -5}])
-def test_bandwidth_rejects_bad_input(kwargs: dict[str, int]) -> None:
+@pytest.mark.parametrize("cap", [0, -5, 2**63])
+def test_the_bandwidth_cap_rejects_bad_input(cap: int) -> None:
     with pytest.raises(UsageError):
-        migration_bandwidth(NETWORK, **kwargs)
+        ConvergencePolicy(bandwidth_cap=cap)
+    with pytest.raises(UsageError):
+        Policy(max_bandwidth=cap)
 
 
 # --- Downtime schedule -------------------------------------------------------------------------

@@ -154,8 +154,6 @@ async def test_disconnect_mid_command_raises_connection_lost(
             # Every later use says the same, at once.
             with pytest.raises(ConnectionLost):
                 await monitor.execute("query-status")
-            with pytest.raises(ConnectionLost):
-                await monitor.send_fd(0, "fd0")
 
 
 async def test_server_hang_up_while_idle_then_command(
@@ -423,8 +421,6 @@ async def test_use_after_close_raises_monitor_closed(
             await server.wait_sessions_ended()
             with pytest.raises(MonitorClosed):
                 await monitor.execute("query-status")
-            with pytest.raises(MonitorClosed):
-                await monitor.send_fd(0, "fd0")
             await monitor.aclose()  # idempotent
 
 
@@ -504,24 +500,6 @@ async def test_without_trio_asyncio_loop_the_message_says_what_to_do(tmp_path: P
             await connect(tmp_path / "x.sock", name="src")
     finally:
         trio_asyncio.current_loop.reset(token)
-
-
-async def test_send_fd_names_it_with_getfd(
-    aio_loop: object, autojump_clock: object, tmp_path: Path
-) -> None:
-    with trio.fail_after(GUARD):
-        async with (
-            fake_qmp_server(tmp_path, replies({"getfd": {}})) as server,
-            open_monitor(server.path, name="src") as monitor,
-        ):
-            read_end, write_end = os.pipe()
-            try:
-                await monitor.send_fd(read_end, "pipe0")
-            finally:
-                os.close(read_end)
-                os.close(write_end)
-    assert server.commands[-1].command == "getfd"
-    assert server.commands[-1].arguments == {"fdname": "pipe0"}
 
 
 # ---- property: whatever the server does, execute answers (never hangs) with the right kind ----

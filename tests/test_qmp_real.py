@@ -8,7 +8,6 @@ never races QEMU's start-up and needs no polling.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -22,7 +21,7 @@ import pytest
 import trio
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
 
-from livemig.drivers import block, fd, jobs, migration, nbd, runstate
+from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.drivers.qmp import EventStream, QMPConnection, QMPEvent, connect, open_monitor
 from livemig.drivers.status import MigrationStatus, RunState
 from livemig.transports.errors import CommandFailed, ConnectionLost
@@ -129,30 +128,6 @@ async def test_stop_and_cont_emit_events_in_order(aio_loop: object, tmp_path: Pa
     assert [e.name for e in received] == ["RESUME", "STOP", "RESUME"]
     assert received[0].timestamp <= received[1].timestamp <= received[2].timestamp
     assert received[0].timestamp > 1.6e9  # seconds since the epoch
-
-
-async def test_fd_is_passed_and_closed(aio_loop: object, tmp_path: Path) -> None:
-    read_end, write_end = os.pipe()
-    try:
-        with trio.fail_after(GUARD):
-            async with (
-                running_qemu(tmp_path, disk=False) as qemu,
-                open_monitor(qemu.qmp_path, name="vm") as monitor,
-            ):
-                await fd.send_fd(monitor, read_end, "pipe0")
-                os.close(read_end)
-                read_end = -1
-                # QEMU holds a copy of the read end: writing still finds a reader.
-                os.write(write_end, b"x")
-                await fd.closefd(monitor, "pipe0")
-                with pytest.raises(BrokenPipeError):
-                    os.write(write_end, b"x")
-                with pytest.raises(CommandFailed, match="pipe0"):
-                    await fd.closefd(monitor, "pipe0")
-    finally:
-        for end in (read_end, write_end):
-            if end >= 0:
-                os.close(end)
 
 
 async def test_snapshot_mirror_export_commit_and_back(aio_loop: object, tmp_path: Path) -> None:

@@ -202,9 +202,6 @@ class OneJob:
     def listen(self, *names: str) -> AbstractAsyncContextManager[EventStream]:
         raise NotImplementedError
 
-    async def send_fd(self, fd: int, name: str) -> None:
-        raise NotImplementedError
-
     async def aclose(self) -> None:
         return None
 

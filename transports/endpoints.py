@@ -1,8 +1,8 @@
 """Where bytes travel: QMP monitors, the migration stream, the NBD export.
 
 Value objects only: each endpoint knows how to spell itself for the QMP command that needs it
-(``migrate`` takes a URI; ``nbd-server-start`` the legacy socket form; ``blockdev-add`` of an NBD
-client the flat form). Parsing user input raises :class:`~livemig.transports.errors.UsageError`.
+(``migrate`` takes a URI; ``blockdev-add`` of an NBD client the flat form). Parsing user input
+raises :class:`~livemig.transports.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ class UnixEndpoint:
         """As ``migrate`` / ``migrate-incoming`` take it."""
         return f"unix:{self.path}"
 
-    def legacy_address(self) -> dict[str, Any]:
-        """``SocketAddressLegacy``, as ``nbd-server-start`` takes it."""
-        return {"type": "unix", "data": {"path": str(self.path)}}
-
     def flat_address(self) -> dict[str, Any]:
         """``SocketAddress``, as ``blockdev-add`` (driver nbd) takes it."""
         return {"type": "unix", "path": str(self.path)}
@@ -54,9 +50,6 @@ class TcpEndpoint:
     def uri(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{host}:{self.port}"
-
-    def legacy_address(self) -> dict[str, Any]:
-        return {"type": "inet", "data": {"host": self.host, "port": str(self.port)}}
 
     def flat_address(self) -> dict[str, Any]:
         return {"type": "inet", "host": self.host, "port": str(self.port)}

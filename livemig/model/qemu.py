@@ -286,16 +286,6 @@ class FakeMonitor:
             stream.finished = True
             stream.wake()
 
-    async def send_fd(self, fd: int, name: str) -> None:
-        del fd, name
-        raise CommandFailed(
-            monitor=self._name,
-            command="getfd",
-            arguments=None,
-            error_class="GenericError",
-            desc="the fake does not model fd passing",
-        )
-
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
         self.closed = True

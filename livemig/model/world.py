@@ -12,7 +12,7 @@ is trio's: run under the mock clock. `Knobs` set how fast things happen, or that
 
 Not modelled (the real-QEMU tests and ``livemig faults --real`` cover what matters of it):
 post-copy (``migrate-start-postcopy`` is an unknown command here), multifd and TCP/TLS
-transports, fd passing, RAM contents (the guest is a record counter), guest I/O errors and
+transports, RAM contents (the guest is a record counter), guest I/O errors and
 ``werror`` pauses, the write-permission conflict between an export and a running guest's disk,
 QEMU 7.2's different capability set, and durable journal files (a fake run journals in memory).
 """

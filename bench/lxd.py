@@ -249,6 +249,7 @@ async def _revert(undo: UndoStack, src: Monitor, dst: Monitor, out: LxdOutcome) 
             LocalHost(),
             state=_reached(out),
             step_deadline=Deadlines().undo_step,
+            patience=Deadlines().liveness,
         )
     if scope.cancelled_caught:
         out.revert_problems.append(f"the bench's revert did not finish in {_REVERT_S} s")

@@ -16,11 +16,15 @@ import attrs
 from attrs import validators as v
 
 from livemig.fsm.machine import StorageMode
-from livemig.fsm.policy import ConvergencePolicy, Ladder, Rung, StallRule
+from livemig.fsm.policy import ConvergencePolicy, GiB, Ladder, Rung, StallRule
 from livemig.transports.endpoints import Endpoint, UnixEndpoint, parse_endpoint
 from livemig.transports.errors import UsageError
 
-__all__ = ["Deadlines", "Plan", "Policy"]
+__all__ = ["SENDS_AT_CAP", "Deadlines", "Plan", "Policy"]
+
+#: How many times the RAM phase's deadline lets a capped link send each GiB (see
+#: :meth:`Deadlines.ram_phase`).
+SENDS_AT_CAP = 4
 
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]{0,30}$")
 
@@ -29,6 +33,12 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
     del instance
     if not value > 0:
         raise UsageError(f"{attribute.name} must be positive, not {value!r}")
+
+
+def _not_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    del instance
+    if not value >= 0:
+        raise UsageError(f"{attribute.name} must not be negative, not {value!r}")
 
 
 def _between(low: int, high: int) -> Callable[[object, attrs.Attribute[int], int], None]:
@@ -63,8 +73,9 @@ class Policy:
     When RAM stops converging, livemig climbs a ladder (:mod:`livemig.fsm.policy`): raise the
     downtime
     limit step by step to ``max_downtime_ms``, throttle the guest (auto-converge), switch to
-    post-copy (if allowed), and finally abort and revert. A completion deadline scaled by the
-    guest's RAM aborts a migration that never stalls but never finishes either.
+    post-copy (if allowed), and finally abort and revert. The RAM phase's deadline
+    (:meth:`Deadlines.ram_phase`, scaled by the guest's RAM) reverts a migration that never
+    stalls but never finishes either.
     """
 
     max_bandwidth: int | None = attrs.field(default=None, validator=v.optional(_between(1, 2**62)))
@@ -100,16 +111,76 @@ class Policy:
 
 @attrs.frozen
 class Deadlines:
-    """Seconds each wait may take before the migration reverts. Every wait has one."""
+    """Seconds each wait may take. Every wait livemig makes has exactly one deadline, from here.
+
+    A forward step that runs out of time reverts the migration; an undo step that does is
+    recorded and the revert goes on. The values are seconds and must be positive
+    (``switchover_per_gib`` may be 0).
+
+    The RAM phase (from ``migrate`` until the source pauses at ``pre-switchover``) has one
+    deadline, scaled by the guest's RAM: :meth:`ram_phase`. By default 60 s plus 15 s per GiB:
+    67.5 s for 512 MiB, 120 s for 4 GiB, 1020 s for 64 GiB. On the command line,
+    ``livemig migrate --switchover-timeout S`` makes it a fixed ``S`` seconds
+    (``switchover=S, switchover_per_gib=0``) and ``--switchover-per-gib P`` scales it by ``P``
+    seconds per GiB; ``livemig recover --step-timeout S`` sets ``recover_step``.
+    """
 
     #: Opening a monitor, greeting included (QEMU greets at once: a silent socket is no monitor).
     connect: float = attrs.field(default=5.0, validator=_positive)
+    #: Each QMP command (the prechecks and short steps get a few commands' worth).
     command: float = attrs.field(default=30.0, validator=_positive)
+    #: The mirror's copy of the base image (non-shared), plus ``mirror_ready`` for it to get ready.
     base_copy: float = attrs.field(default=900.0, validator=_positive)
     mirror_ready: float = attrs.field(default=300.0, validator=_positive)
-    switchover: float = attrs.field(default=300.0, validator=_positive)
+    #: The RAM phase: this many seconds plus ``switchover_per_gib`` per GiB (:meth:`ram_phase`).
+    switchover: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds per GiB of guest RAM added to ``switchover``; 0: ``switchover`` alone.
+    switchover_per_gib: float = attrs.field(default=15.0, validator=_not_negative)
+    #: The switchover itself (last RAM, disk, ``cont``) and, after post-copy, its last pages.
     completion: float = attrs.field(default=60.0, validator=_positive)
+    #: Each undo step of a revert.
     undo_step: float = attrs.field(default=60.0, validator=_positive)
+    #: Asking a QEMU whether it runs the guest, again after each failed question, before the
+    #: answer is "unknown" (after a revert, after a lost ``cont`` answer, before quitting a
+    #: target that holds the whole guest, and in recovery).
+    liveness: float = attrs.field(default=60.0, validator=_positive)
+    #: Closing a monitor connection (shielded: it also runs while the run is cancelled).
+    close: float = attrs.field(default=5.0, validator=_positive)
+    #: ``livemig recover``: each connect, QMP command and undo step.
+    recover_step: float = attrs.field(default=60.0, validator=_positive)
+
+    def ram_phase(self, ram_bytes: int, bandwidth: int | None = None) -> float:
+        """The RAM phase's deadline for a guest of ``ram_bytes`` sent at ``bandwidth`` bytes/s
+        (``None``: uncapped): ``switchover`` plus, per GiB, ``switchover_per_gib`` or — when a
+        cap is set and slower — the time to send that GiB :data:`SENDS_AT_CAP` times at the
+        cap (the first pass and the re-sends that converge a busy guest). With
+        ``switchover_per_gib`` 0 it is ``switchover``, whatever the RAM.
+
+        ``switchover`` covers setup and the whole convergence ladder on a small guest (a few
+        3 s stall windows plus a throttle ramp); 15 s per GiB is about eight sends of a GiB at
+        a loopback's 620 MB/s.
+
+        ========= ============== ==================================
+        RAM       bandwidth      deadline
+        ========= ============== ==================================
+        512 MiB   uncapped       60 + 0.5 x 15 = 67.5 s
+        4 GiB     uncapped       60 + 4 x 15 = 120 s
+        64 GiB    uncapped       60 + 64 x 15 = 1020 s
+        16 GiB    125 MB/s       60 + 16 x 4 x 8.6 = 610 s (1 GbE)
+        ========= ============== ==================================
+
+        :raise UsageError: on negative RAM or a bandwidth below 1 byte/s.
+        """
+        if ram_bytes < 0:
+            raise UsageError(f"RAM size must not be negative, not {ram_bytes}")
+        if bandwidth is not None and bandwidth < 1:
+            raise UsageError(f"bandwidth must be at least 1 byte/s, not {bandwidth}")
+        if self.switchover_per_gib == 0:
+            return self.switchover
+        per_gib = self.switchover_per_gib
+        if bandwidth is not None:
+            per_gib = max(per_gib, SENDS_AT_CAP * GiB / bandwidth)
+        return self.switchover + ram_bytes / GiB * per_gib
 
 
 def _node_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:

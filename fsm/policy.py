@@ -11,14 +11,13 @@ The parts, each usable on its own:
 `downtime_schedule`        the ``downtime-limit`` values the ladder steps through
 `find_stall`               whether a window of samples shows no progress (`Stall` or ``None``)
 `next_action`              the next rung of the ladder: raise downtime, throttle, post-copy, abort
-`completion_deadline`      seconds the RAM phase may take, scaled per GiB of RAM
 `PROGRESS_INTERVAL_S`      how often to poll ``query-migrate``
 =========================  =================================================================
 
 How a runner waits for ``pre-switchover`` with it (the pause arrives as a ``MIGRATION`` event; the
 loop below only watches progress and is cancelled when the event comes)::
 
-    tracker = ConvergenceTracker(policy, capabilities, bandwidth=bandwidth)
+    tracker = ConvergenceTracker(policy, capabilities)
     while True:
         stats = await migration.query_migrate(source)
         sample = ProgressSample.from_stats(trio.current_time(), stats)
@@ -70,7 +69,6 @@ __all__ = [
     "StallRule",
     "StartPostcopy",
     "Throttle",
-    "completion_deadline",
     "downtime_schedule",
     "expected_downtime_ms",
     "find_stall",
@@ -606,46 +604,6 @@ def _downtime_index(downtimes: tuple[int, ...], current: int, stall: Stall) -> i
     return len(downtimes) - 1
 
 
-# --- Completion deadline ---------------------------------------------------------------------
-
-
-def completion_deadline(
-    ram_bytes: int,
-    *,
-    base_s: float = 60.0,
-    per_gib_s: float = 15.0,
-    bandwidth: int | None = None,
-    sends: float = 4.0,
-) -> float:
-    """Seconds the RAM phase may take before the migration reverts: ``base_s`` plus, per GiB of
-    guest RAM, ``per_gib_s`` or — when a bandwidth cap is known and slower — the time to send
-    that GiB ``sends`` times at the cap.
-
-    ``base_s`` covers setup and the whole ladder on a small guest (a few 3 s stall windows plus a
-    throttle ramp); ``per_gib_s`` = 15 s is about eight sends of a GiB at the loopback's 620 MB/s;
-    four sends at the cap cover the first pass and the re-sends that converge a busy guest.
-
-    ========= ============== ==================================
-    RAM       bandwidth      deadline
-    ========= ============== ==================================
-    512 MiB   uncapped       60 + 0.5 x 15 = 67.5 s
-    4 GiB     uncapped       60 + 4 x 15 = 120 s
-    64 GiB    uncapped       60 + 64 x 15 = 1020 s
-    16 GiB    125 MB/s       60 + 16 x 4 x 8.6 = 610 s (1 GbE)
-    ========= ============== ==================================
-
-    :raise UsageError: on negative RAM or a bandwidth below 1 byte/s.
-    """
-    if ram_bytes < 0:
-        raise UsageError(f"RAM size must not be negative, not {ram_bytes}")
-    per_gib = per_gib_s
-    if bandwidth is not None:
-        if bandwidth < 1:
-            raise UsageError(f"bandwidth must be at least 1 byte/s, not {bandwidth}")
-        per_gib = max(per_gib, sends * GiB / bandwidth)
-    return base_s + ram_bytes / GiB * per_gib
-
-
 # --- The policy and the tracker --------------------------------------------------------------
 
 
@@ -659,8 +617,9 @@ class ConvergencePolicy:
         QEMU's 128 MiB/s default is a fifth of what a unix socket carries here (about 620 MB/s),
         and a capped stream only converges later; stalls and the deadline, not a guessed cap,
         end a migration that cannot converge.
-    :param deadline_base_s: see :func:`completion_deadline`.
-    :param deadline_per_gib_s: see :func:`completion_deadline`.
+
+    The RAM phase's deadline is not here: it is the runner's, from
+    :meth:`livemig.fsm.plan.Deadlines.ram_phase`.
     """
 
     ladder: Ladder = Ladder()
@@ -668,22 +627,11 @@ class ConvergencePolicy:
     bandwidth_cap: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_in_range(1, 2**62))
     )
-    deadline_base_s: float = attrs.field(default=60.0, validator=_in_range(1.0, 86_400.0))
-    deadline_per_gib_s: float = attrs.field(default=15.0, validator=_in_range(0.0, 86_400.0))
 
     @property
     def initial_downtime_ms(self) -> int:
         """The ``downtime-limit`` to set before ``migrate``."""
         return self.ladder.downtimes_ms[0]
-
-    def deadline(self, ram_bytes: int, bandwidth: int | None) -> float:
-        """Seconds the RAM phase of a guest this size may take at ``bandwidth``."""
-        return completion_deadline(
-            ram_bytes,
-            base_s=self.deadline_base_s,
-            per_gib_s=self.deadline_per_gib_s,
-            bandwidth=bandwidth,
-        )
 
 
 @attrs.frozen
@@ -698,17 +646,11 @@ class Decision:
 class ConvergenceTracker:
     """The convergence state of one migration, advanced by :meth:`observe` one sample at a time.
 
-    :param bandwidth: the ``max-bandwidth`` set (``None``: uncapped), for the deadline.
-    :param started_at: the first sample's time; the deadline counts from it.
-    :param time_limit_s: the deadline for this guest's RAM size, fixed by the first sample.
     :param finished: an abort or post-copy was decided: nothing more will be.
     """
 
     policy: ConvergencePolicy
     capabilities: Capabilities
-    bandwidth: int | None = None
-    started_at: float | None = None
-    time_limit_s: float | None = None
     position: LadderPosition = LadderPosition()
     window: ProgressWindow = ProgressWindow()
     finished: bool = False
@@ -717,13 +659,6 @@ class ConvergenceTracker:
     def downtime_ms(self) -> int:
         """The downtime limit in force."""
         return self.policy.ladder.downtimes_ms[self.position.downtime]
-
-    @property
-    def deadline_at(self) -> float | None:
-        """When the RAM phase runs out of time, on the samples' clock; ``None`` before a sample."""
-        if self.started_at is None or self.time_limit_s is None:
-            return None
-        return self.started_at + self.time_limit_s
 
     def observe(self, sample: ProgressSample) -> tuple[ConvergenceTracker, Decision | None]:
         """Fold in one sample: the next tracker and what to do now, if anything.
@@ -746,20 +681,12 @@ class ConvergenceTracker:
         25.0   StartPostcopy()       3 s at 99 % without progress
         ====== ===================== =================================================
 
-        Without post-copy the last decision is ``Abort("did not converge: ...")``; if stalls
-        never show, the deadline aborts (67.5 s for 512 MiB uncapped).
+        Without post-copy the last decision is ``Abort("did not converge: ...")``. The tracker
+        keeps no deadline: if stalls never show, the runner's RAM-phase deadline
+        (:meth:`livemig.fsm.plan.Deadlines.ram_phase`, 67.5 s for 512 MiB uncapped) reverts.
         """
         if self.finished:
             return self, None
-        if self.started_at is None or self.time_limit_s is None:
-            limit = self.policy.deadline(sample.total, self.bandwidth)
-            return attrs.evolve(self, started_at=sample.at, time_limit_s=limit).observe(sample)
-        if sample.at - self.started_at >= self.time_limit_s:
-            reason = (
-                f"deadline: not converged within {self.time_limit_s:.1f} s "
-                f"({sample.remaining / MiB:.1f} MiB left)"
-            )
-            return attrs.evolve(self, finished=True), Decision(Abort(reason), reason)
         window = self.window.add(sample, self.policy.stall)
         stall = find_stall(window, self.policy.stall)
         if stall is None or self._throttle_working(stall):

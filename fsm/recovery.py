@@ -21,6 +21,7 @@ from livemig.drivers.status import MigrationStatus
 from livemig.fsm.events import MigrationResult, Outcome
 from livemig.fsm.journal import FileJournal, Journal, JournalSink
 from livemig.fsm.machine import State
+from livemig.fsm.plan import Deadlines
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
 from livemig.fsm.runner import Connector, asyncio_loop, connect_monitor
 from livemig.fsm.undo import Side, UndoStack
@@ -28,8 +29,6 @@ from livemig.transports.errors import ConnectionLost, LivemigError, QMPError
 
 __all__ = ["recover"]
 
-#: Seconds for each QMP command and each undo step during recovery.
-_STEP_DEADLINE = 60.0
 #: How often to look at a post-copy that is finishing.
 _POLL = 0.05
 
@@ -37,36 +36,46 @@ _POLL = 0.05
 async def recover(
     work_dir: Path,
     *,
+    deadlines: Deadlines | None = None,
     connector: Connector = connect_monitor,
     host: Host | None = None,
     journal: JournalSink | None = None,
 ) -> list[MigrationResult]:
     """Recover every run journalled in ``work_dir``; an empty list when there is none.
 
+    Each connect, QMP command and undo step is bounded by ``deadlines.recover_step`` (default
+    :class:`~livemig.fsm.plan.Deadlines`: 60 s), each
+    question whether a QEMU runs the guest by ``deadlines.liveness``, and closing a monitor by
+    ``deadlines.close``. (The journal keeps no deadlines: the crashed run's may not suit the
+    recovery.)
+
     :param journal: where the runs were journalled (default: a
         :class:`~livemig.fsm.journal.FileJournal` in ``work_dir``); a recovered run's journal
         is removed, a failed one's kept.
     :raise UsageError: when a journal cannot be read.
     """
+    deadlines = deadlines or Deadlines()
     sink = journal if journal is not None else FileJournal(work_dir)
     results = []
     async with asyncio_loop():
         for kept in await sink.read():
-            result = await _recover_one(kept, connector, host or LocalHost())
+            result = await _recover_one(kept, deadlines, connector, host or LocalHost())
             if result.outcome is not Outcome.FAILED:
                 await sink.remove(kept.run_id)
             results.append(result)
     return results
 
 
-async def _recover_one(journal: Journal, connector: Connector, host: Host) -> MigrationResult:
+async def _recover_one(
+    journal: Journal, deadlines: Deadlines, connector: Connector, host: Host
+) -> MigrationResult:
     started = trio.current_time()
     problems: list[str] = []
-    source = await _try_connect(connector, journal.source_qmp, "source", problems)
-    target = await _try_connect(connector, journal.target_qmp, "target", problems)
+    source = await _try_connect(connector, journal.source_qmp, "source", deadlines, problems)
+    target = await _try_connect(connector, journal.target_qmp, "target", deadlines, problems)
     try:
-        on_target = await _liveness(target)
-        on_source = await _liveness(source)
+        on_target = await _liveness(target, deadlines)
+        on_source = await _liveness(source, deadlines)
         target_runs = on_target is Liveness.RUNS
         if on_target is Liveness.UNKNOWN:
             outcome = Outcome.FAILED
@@ -81,16 +90,18 @@ async def _recover_one(journal: Journal, connector: Connector, host: Host) -> Mi
                 "(the journal is kept)"
             )
         elif target_runs:
-            outcome = await _roll_forward(journal, source, target, host, problems)
+            outcome = await _roll_forward(
+                journal, source, target, host, problems, deadlines=deadlines
+            )
         elif source is None:
             outcome = Outcome.FAILED
             problems.append("the source is unreachable and the target does not run the guest")
         else:
-            outcome = await _revert(journal, source, target, host, problems)
+            outcome = await _revert(journal, source, target, host, problems, deadlines=deadlines)
     finally:
         for monitor in (source, target):
             if monitor is not None:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(deadlines.close):
                     await monitor.aclose()
     return MigrationResult(
         outcome=outcome,
@@ -104,21 +115,21 @@ async def _recover_one(journal: Journal, connector: Connector, host: Host) -> Mi
 
 
 async def _try_connect(
-    connector: Connector, path: str, name: str, problems: list[str]
+    connector: Connector, path: str, name: str, deadlines: Deadlines, problems: list[str]
 ) -> Monitor | None:
     try:
-        with trio.fail_after(_STEP_DEADLINE):
+        with trio.fail_after(deadlines.recover_step):
             return await connector(Path(path), name)
     except (LivemigError, trio.TooSlowError) as err:
         problems.append(f"{name} monitor unreachable ({err}): taken as gone")
         return None
 
 
-async def _liveness(monitor: Monitor | None) -> Liveness:
+async def _liveness(monitor: Monitor | None, deadlines: Deadlines) -> Liveness:
     """What a QEMU does with the guest; one failed question decides nothing (``guest_runs``)."""
     if monitor is None:
         return Liveness.GONE
-    return await guest_runs(monitor, patience=_STEP_DEADLINE)
+    return await guest_runs(monitor, patience=deadlines.liveness)
 
 
 async def _roll_forward(
@@ -127,12 +138,16 @@ async def _roll_forward(
     target: Monitor | None,
     host: Host,
     problems: list[str],
+    *,
+    deadlines: Deadlines,
 ) -> Outcome:
-    if journal.postcopy_committed and not await _finish_postcopy(source, target, problems):
+    if journal.postcopy_committed and not await _finish_postcopy(
+        source, target, deadlines, problems
+    ):
         return Outcome.FAILED
     if source is not None and journal.stop_source:
         try:
-            with trio.fail_after(_STEP_DEADLINE):
+            with trio.fail_after(deadlines.recover_step):
                 await runstate.quit(source)
         except (QMPError, trio.TooSlowError) as err:
             problems.append(f"could not quit the source: {err}")
@@ -142,7 +157,7 @@ async def _roll_forward(
 
 
 async def _finish_postcopy(
-    source: Monitor | None, target: Monitor | None, problems: list[str]
+    source: Monitor | None, target: Monitor | None, deadlines: Deadlines, problems: list[str]
 ) -> bool:
     """Post-copy was committed: the target must run, and the source must serve its pages until
     the migration completed, before the source may go."""
@@ -150,8 +165,8 @@ async def _finish_postcopy(
         problems.append("post-copy was committed but the target is gone: the guest is lost")
         return False
     try:
-        with trio.fail_after(_STEP_DEADLINE):
-            if await _liveness(target) is not Liveness.RUNS:
+        with trio.fail_after(deadlines.recover_step):
+            if await _liveness(target, deadlines) is not Liveness.RUNS:
                 await runstate.cont(target)
             while source is not None:
                 if not _serving_pages((await migration.query_migrate(source)).status):
@@ -178,12 +193,23 @@ def _serving_pages(status: MigrationStatus) -> bool:
 
 
 async def _revert(
-    journal: Journal, source: Monitor, target: Monitor | None, host: Host, problems: list[str]
+    journal: Journal,
+    source: Monitor,
+    target: Monitor | None,
+    host: Host,
+    problems: list[str],
+    *,
+    deadlines: Deadlines,
 ) -> Outcome:
     monitors: Mapping[Side, Monitor] = {Side.SOURCE: source, Side.TARGET: target or _Gone()}
     undo = UndoStack(steps=list(journal.undo))
     failures = await unwind(
-        undo, monitors, host, state=State(journal.state), step_deadline=_STEP_DEADLINE
+        undo,
+        monitors,
+        host,
+        state=State(journal.state),
+        step_deadline=deadlines.recover_step,
+        patience=deadlines.liveness,
     )
     problems += failures
     if failures:

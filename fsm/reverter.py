@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,9 +43,15 @@ _SETTLE_POLL = 0.02
 
 
 async def run_undo(
-    step: UndoStep, monitors: Mapping[Side, Monitor], host: Host, *, state: State
+    step: UndoStep,
+    monitors: Mapping[Side, Monitor],
+    host: Host,
+    *,
+    state: State,
+    patience: float,
 ) -> None:
-    """Carry out one undo step. The caller bounds it with a deadline.
+    """Carry out one undo step. The caller bounds it with a deadline; ``patience`` bounds each
+    question whether a QEMU runs the guest (:func:`guest_runs`) within it.
 
     Every step is safe to run again, so one that meets a passing error (a refused or garbled
     command, a hung one, a dropped link: the monitor reconnects on the next command if its QEMU
@@ -59,7 +64,7 @@ async def run_undo(
         if attempt:
             await trio.sleep(_SETTLE_POLL)
         try:
-            await _run(step, monitors, host, state)
+            await _run(step, monitors, host, state, patience)
             return
         except ConnectionLost:
             if attempt and step.side is Side.TARGET:
@@ -71,7 +76,9 @@ async def run_undo(
                 raise
 
 
-async def _run(step: UndoStep, monitors: Mapping[Side, Monitor], host: Host, state: State) -> None:
+async def _run(
+    step: UndoStep, monitors: Mapping[Side, Monitor], host: Host, state: State, patience: float
+) -> None:
     m, args = monitors[step.side], step.args
     match step.kind:
         case UndoKind.RESTORE_CAPABILITIES:
@@ -106,18 +113,18 @@ async def _run(step: UndoStep, monitors: Mapping[Side, Monitor], host: Host, sta
         case UndoKind.RESUME_GUEST:
             await _resume(m)
         case UndoKind.QUIT if step.side is Side.TARGET:
-            await _quit_target(m, monitors[Side.SOURCE], state)
+            await _quit_target(m, monitors[Side.SOURCE], state, patience)
         case UndoKind.QUIT:
             await runstate.quit(m)
 
 
-async def _quit_target(target: Monitor, source: Monitor, state: State) -> None:
+async def _quit_target(target: Monitor, source: Monitor, state: State, patience: float) -> None:
     """Quit the target. Once its incoming migration completed it holds a whole copy of the
     guest, so first make sure the source runs the guest; if the source is gone for good, the
     target runs it instead. (The fault campaign found a revert, after the source died, that
     quit the only complete copy.)"""
     if (await migration.query_migrate(target)).status is MigrationStatus.COMPLETED:
-        match await guest_runs(source):
+        match await guest_runs(source, patience=patience):
             case Liveness.STOPPED:
                 await _resume(source)
             case Liveness.GONE:
@@ -146,10 +153,11 @@ class Liveness(enum.Enum):
     UNKNOWN = "unknown"
 
 
-async def guest_runs(m: Monitor, *, patience: float = math.inf) -> Liveness:
+async def guest_runs(m: Monitor, *, patience: float) -> Liveness:
     """Ask ``m`` whether it runs the guest, again after each failed question, for ``patience``
-    seconds. One failed question decides nothing, and a dropped link is no proof the QEMU is
-    gone either: only a monitor that refuses to reconnect is."""
+    seconds (callers pass ``Deadlines.liveness``). One failed question decides nothing, and a
+    dropped link is no proof the QEMU is gone either: only a monitor that refuses to reconnect
+    is."""
     with trio.move_on_after(patience):
         while True:
             try:
@@ -246,11 +254,13 @@ async def unwind(
     *,
     state: State,
     step_deadline: float,
+    patience: float,
 ) -> list[str]:
-    """Run the undo stack, newest first, each step under ``step_deadline``. A step leaves the
-    stack only once done, so a crash mid-step leaves it journalled. A failed step is recorded
-    and the rest still run: each step is independent of the ones before it. The failed steps
-    are left on the stack (so in the journal) for ``livemig recover`` to try again.
+    """Run the undo stack, newest first, each step under ``step_deadline`` (``patience``: see
+    :func:`run_undo`). A step leaves the stack only once done, so a crash mid-step leaves it
+    journalled. A failed step is recorded and the rest still run: each step is independent of
+    the ones before it. The failed steps are left on the stack (so in the journal) for
+    ``livemig recover`` to try again.
 
     :return: a description of each step that failed.
     """
@@ -259,7 +269,7 @@ async def unwind(
     while (step := undo.top()) is not None:
         try:
             with trio.fail_after(step_deadline):
-                await run_undo(step, monitors, host, state=state)
+                await run_undo(step, monitors, host, state=state, patience=patience)
         except Exception as err:
             log.warning("undo step %s failed: %s", step.describe(), err)
             failures.append(f"{step.describe()}: {err}")

@@ -183,7 +183,7 @@ class _Runner:
         for name, endpoint in (("source", plan.source_qmp), ("target", plan.target_qmp)):
             monitor = _Resilient(self.connector, endpoint.path, name, plan.deadlines, session)
             await monitor.open()
-            session.exits.push_async_callback(_close, monitor)
+            session.exits.push_async_callback(_close, monitor, plan.deadlines.close)
             if name == "source":
                 session.source = monitor
             else:
@@ -191,7 +191,7 @@ class _Runner:
 
     async def _step(self, session: Session, trigger: Trigger) -> None:
         action = ACTIONS[trigger]
-        seconds = _action_deadline(trigger, self.plan.deadlines)
+        seconds = _action_deadline(trigger, self.plan.deadlines, session)
         # Past the point of no return a cancel (the operator's ^C) cannot take the guest back:
         # the run finishes (bounded by its deadline) rather than stop half-way.
         with (
@@ -231,6 +231,7 @@ class _Runner:
                     self.host,
                     state=session.state,
                     step_deadline=self.plan.deadlines.undo_step,
+                    patience=self.plan.deadlines.liveness,
                 )
                 if not failures:
                     # A socket a QEMU bound while its command was being cancelled can appear
@@ -266,7 +267,7 @@ class _Runner:
         """
         if isinstance(session.source, _Unconnected):
             return []  # never reached: nothing was touched and nothing can be known
-        liveness = await guest_runs(session.source, patience=self.plan.deadlines.command)
+        liveness = await guest_runs(session.source, patience=self.plan.deadlines.liveness)
         if liveness is Liveness.RUNS or (not touched and liveness is Liveness.STOPPED):
             return []
         return [f"the source guest is not safe after the revert: its QEMU {liveness.value}"]
@@ -332,14 +333,17 @@ def _phases(
     return out
 
 
-def _action_deadline(trigger: Trigger, d: Deadlines) -> float:
+def _action_deadline(trigger: Trigger, d: Deadlines, session: Session) -> float:
+    """The one deadline of ``trigger``'s action. The RAM phase's scales by the guest's RAM and
+    the bandwidth cap, both known by then (connect, set-capabilities)."""
+    if trigger is Trigger.AWAIT_SWITCHOVER:
+        return d.ram_phase(session.guest_ram or 0, session.bandwidth)
     return {
         Trigger.CONNECT: d.command * 4,
         Trigger.SET_CAPABILITIES: d.command * 4,
         Trigger.SNAPSHOT: d.command * 3,
         Trigger.MIRROR: d.base_copy + d.mirror_ready,
         Trigger.TRANSFER_STATE: d.command * 2,
-        Trigger.AWAIT_SWITCHOVER: d.switchover,
         Trigger.SWITCH_OVER: d.completion,
         Trigger.FINALIZE: d.completion,
         Trigger.SWITCH_OVER_POSTCOPY: d.completion,
@@ -401,7 +405,7 @@ class _Resilient:
         if self._inner is not None:
             return self._inner
         if self._dropped is not None:
-            await _close(self._dropped)
+            await _close(self._dropped, self._deadlines.close)
             self._dropped = None
         log.info("%s: the monitor connection dropped; reconnecting", self.name)
         try:
@@ -444,7 +448,7 @@ class _Resilient:
     async def aclose(self) -> None:
         for monitor in (self._inner, self._dropped):
             if monitor is not None:
-                await _close(monitor)
+                await _close(monitor, self._deadlines.close)
         self._inner = self._dropped = None
 
 
@@ -464,8 +468,9 @@ class _Unconnected:
         return None
 
 
-async def _close(monitor: Monitor) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(5):
+async def _close(monitor: Monitor, seconds: float) -> None:
+    """Close ``monitor``, shielded, giving up after ``seconds`` (``Deadlines.close``)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(seconds):
         await monitor.aclose()
 
 

@@ -68,6 +68,10 @@ class Session:
     downtime_ms: int | None = None
     ram_bytes: int | None = None
     disk_bytes: int | None = None
+    #: The guest's base RAM in bytes, learnt at connect: the RAM phase's deadline scales by it.
+    guest_ram: int | None = None
+    #: The ``max-bandwidth`` set with the capabilities (``None``: uncapped), likewise.
+    bandwidth: int | None = None
     #: The convergence policy's state while RAM streams (set with the capabilities).
     convergence: ConvergenceTracker | None = None
     #: Where the run is journalled (``None``: not journalled).

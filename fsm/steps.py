@@ -79,6 +79,7 @@ async def connect(session: Session) -> None:
     dst_ram = await runstate.query_memory_size_summary(dst)
     if src_ram != dst_ram:
         raise PrecheckError(f"RAM differs: source {src_ram} bytes, target {dst_ram} bytes")
+    session.guest_ram = src_ram
     src_ver, dst_ver = await runstate.query_version(src), await runstate.query_version(dst)
     if src_ver.major != dst_ver.major:
         raise PrecheckError(f"QEMU major versions differ: source {src_ver}, target {dst_ver}")
@@ -218,6 +219,7 @@ async def set_capabilities(session: Session) -> None:
 
     convergence = policy.convergence()
     bandwidth = convergence.bandwidth_cap
+    session.bandwidth = bandwidth
     session.convergence = ConvergenceTracker(
         policy=convergence,
         capabilities=Capabilities(
@@ -226,7 +228,6 @@ async def set_capabilities(session: Session) -> None:
             postcopy_on_source=src_new.get("postcopy-ram", False),
             postcopy_on_target=dst_new.get("postcopy-ram", False),
         ),
-        bandwidth=bandwidth,
     )
     old = await migration.query_parameters(session.source)
     params: dict[str, Any] = {
@@ -625,7 +626,7 @@ async def _target_runs(session: Session) -> bool | None:
     Shielded, so it also answers while the step is being cancelled.
     """
     with trio.CancelScope(shield=True):
-        liveness = await guest_runs(session.target, patience=2 * session.plan.deadlines.command)
+        liveness = await guest_runs(session.target, patience=session.plan.deadlines.liveness)
     return None if liveness is Liveness.UNKNOWN else liveness is Liveness.RUNS
 
 

@@ -47,8 +47,16 @@ FAULT_STATES = (
 )
 #: Where the NBD export exists, so cutting it means something.
 _NBD_STATES = frozenset({State.MIRRORING, State.STATE_TRANSFER, State.PRE_SWITCHOVER})
-#: A command deadline short enough for ``hang`` cases to end quickly.
-CAMPAIGN_DEADLINES = Deadlines(command=3.0, switchover=60.0, completion=30.0, undo_step=20.0)
+#: A command deadline short enough for ``hang`` cases to end quickly (a fixed 60 s RAM phase,
+#: and liveness questions as long as two commands, as before these were fields of their own).
+CAMPAIGN_DEADLINES = Deadlines(
+    command=3.0,
+    switchover=60.0,
+    switchover_per_gib=0.0,
+    completion=30.0,
+    undo_step=20.0,
+    liveness=6.0,
+)
 #: Bytes of the tmpfs that stands in for a full work directory: room for the journal and the
 #: sockets, none for a qcow2 overlay.
 _FULL_DISK_BYTES = 128 << 10

@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", type=Path, default=default_work_dir(), help="default: %(default)s"
     )
     rec.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    rec.add_argument(
+        "--step-timeout",
+        type=_positive_int,
+        default=60,
+        metavar="S",
+        help="seconds each connect, QMP command and undo step may take (default 60)",
+    )
 
     faults = sub.add_parser(
         "faults", help="run a fault-injection campaign and report whether every invariant held"
@@ -166,9 +174,16 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--switchover-timeout",
         type=_positive_int,
-        default=300,
         metavar="S",
-        help="revert if RAM has not converged after this many seconds (default 300)",
+        help="revert if RAM has not converged after S seconds (default: scaled by the guest's "
+        "RAM, 60 s + 15 s per GiB, more on a capped link: 120 s for 4 GiB, 1020 s for 64 GiB)",
+    )
+    parser.add_argument(
+        "--switchover-per-gib",
+        type=_nonnegative_int,
+        metavar="S",
+        help="scale that deadline: --switchover-timeout (default 60) plus S seconds per GiB "
+        "of guest RAM",
     )
 
 
@@ -190,7 +205,7 @@ def _nonnegative_int(text: str) -> int:
 
 
 def policy_from(args: argparse.Namespace) -> tuple[Policy, Deadlines]:
-    from livemig.fsm.plan import Deadlines, Policy  # noqa: PLC0415 - not needed for --help
+    from livemig.fsm.plan import Policy  # noqa: PLC0415 - not needed for --help
 
     policy = Policy(
         max_bandwidth=args.max_bandwidth * 2**20 if args.max_bandwidth else None,
@@ -199,7 +214,21 @@ def policy_from(args: argparse.Namespace) -> tuple[Policy, Deadlines]:
         auto_converge=not args.no_auto_converge,
         postcopy=args.postcopy,
     )
-    return policy, Deadlines(switchover=float(args.switchover_timeout))
+    return policy, _deadlines(args.switchover_timeout, args.switchover_per_gib)
+
+
+def _deadlines(timeout: int | None, per_gib: int | None) -> Deadlines:
+    """The RAM phase's deadline from the flags: scaled by default, fixed with
+    ``--switchover-timeout`` alone, scaled from that base with ``--switchover-per-gib``."""
+    from livemig.fsm.plan import Deadlines  # noqa: PLC0415 - not needed for --help
+
+    default = Deadlines()
+    if timeout is None and per_gib is None:
+        return default
+    return Deadlines(
+        switchover=default.switchover if timeout is None else float(timeout),
+        switchover_per_gib=0.0 if per_gib is None else float(per_gib),
+    )
 
 
 def exit_code(result: MigrationResult) -> int:
@@ -311,9 +340,11 @@ def _recover_command(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415 - not needed for --help
 
     from livemig._display import HumanDisplay, JsonLines  # noqa: PLC0415 - rich
+    from livemig.fsm.plan import Deadlines  # noqa: PLC0415 - not needed for --help
     from livemig.fsm.recovery import recover  # noqa: PLC0415 - pulls in the drivers
 
-    results = trio.run(recover, args.work_dir)
+    deadlines = Deadlines(recover_step=float(args.step_timeout))
+    results = trio.run(partial(recover, args.work_dir, deadlines=deadlines))
     display: JsonLines | HumanDisplay = JsonLines() if args.json else HumanDisplay()
     if not results and isinstance(display, HumanDisplay):
         display.console.print(f"nothing to recover in {args.work_dir}")

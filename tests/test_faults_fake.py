@@ -286,6 +286,8 @@ def test_no_fault_plan_loses_the_vm(
 DEFAULTS = Deadlines()
 #: Trio seconds a run under the default deadlines must end within.
 LONG_GUARD = 3600
+#: The fake guest's RAM (``query-memory-size-summary``): the RAM phase's deadline scales by it.
+FAKE_RAM = 512 * 2**20
 
 
 def phase_seconds(run: FaultRun, state: str) -> float:
@@ -332,11 +334,13 @@ async def test_a_migration_that_never_converges_reverts(
         guard=LONG_GUARD,
     )
     assert run.result.outcome is Outcome.REVERTED, run.explain()
-    # The convergence policy gives up on a stall before the switchover deadline would.
+    # The convergence policy gives up on a stall before the RAM phase's deadline would.
     assert run.result.error_type in ("ConvergenceFailed", "DeadlineExceeded")
     assert run.result.failed_in == "state-transfer"
     assert run.verdict.ok, run.explain()
-    assert phase_seconds(run, "state-transfer") < DEFAULTS.switchover + DEFAULTS.undo_step
+    assert phase_seconds(run, "state-transfer") < (
+        DEFAULTS.ram_phase(FAKE_RAM) + DEFAULTS.undo_step
+    )
 
 
 # -- crash: livemig itself dies; `livemig recover` brings the guest to safety ----------------------

@@ -33,15 +33,18 @@ __all__ = [
     "plan_for",
 ]
 
-#: Deadlines scaled to the fake, whose every step takes milliseconds.
+#: Deadlines scaled to the fake, whose every step takes milliseconds. (The RAM phase's is a
+#: fixed 5 s; the recovery's and the close deadlines are livemig's defaults.)
 FAST_DEADLINES = Deadlines(
     connect=1.0,
     command=1.0,
     base_copy=2.0,
     mirror_ready=2.0,
     switchover=5.0,
+    switchover_per_gib=0.0,
     completion=2.0,
     undo_step=3.0,
+    liveness=2.0,
 )
 #: Trio seconds the world keeps running after the migration ended, before the checks: late
 #: effects (a target that starts by itself, a job that still ends) show by then.
@@ -150,6 +153,7 @@ async def migrate_with_faults(
         during = FaultInjector(FaultPlan(recovery_faults), kill=world.kill, cut_nbd=world.cut_nbd)
         recovered = await recover(
             world.work_dir,
+            deadlines=deadlines,
             connector=during.connector(world.connect),
             host=during.host(world.host),
             journal=journal.sink,

@@ -25,6 +25,7 @@ from livemig.drivers.qmp import EventStream, Monitor
 from livemig.fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from livemig.fsm.journal import FileJournal, JournalSink
 from livemig.fsm.machine import NO_RETURN, Facts, MigrationMachine, State, Trigger
+from livemig.fsm.observations import UndoFinished
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
 from livemig.fsm.session import Session
@@ -102,7 +103,6 @@ class _Runner:
         self.plan = plan
         self.host = host
         self.machine = MigrationMachine()
-        self.facts = Facts(storage=plan.storage)
         self.connector = connector
         self._emit = emit
         self.states: list[str] = []
@@ -125,7 +125,7 @@ class _Runner:
                 plan=self.plan,
                 source=_Unconnected("source"),
                 target=_Unconnected("target"),
-                facts=self.facts,
+                facts=Facts(storage=self.plan.storage),
                 emit=self.emit,
                 started_at=started,
                 exits=exits,
@@ -158,7 +158,7 @@ class _Runner:
                     nursery.start_soon(_cancel_on, interrupt, nursery.cancel_scope)
                 _check_work_dir(self.plan.work_dir)
                 await self._connect(session)
-                while (trigger := self.machine.forward(self.facts)) is not None:
+                while (trigger := self.machine.forward(session.facts)) is not None:
                     await self._step(session, trigger)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
@@ -199,7 +199,7 @@ class _Runner:
             _deadline(seconds, trigger.value, session.state),
         ):
             await action(session)
-            await self._enter(session, self.machine.fire(trigger, self.facts))
+            await self._enter(session, self.machine.fire(trigger, session.facts))
 
     async def _enter(self, session: Session, state: State) -> None:
         now = session.now_ms()
@@ -219,7 +219,7 @@ class _Runner:
                 )
             )
             failures: list[str] = []
-            if not (self.facts.target_resumed or self.facts.postcopy_committed):
+            if not (session.facts.target_resumed or session.facts.postcopy_committed):
                 monitors: Mapping[Side, Monitor] = {
                     Side.SOURCE: session.source,
                     Side.TARGET: session.target,
@@ -250,13 +250,15 @@ class _Runner:
                     "resumed while the target may run the guest"
                 ]
             self.failures = tuple(failures)
-            self.facts.undo_clean = not failures
+            session.observe(UndoFinished(clean=not failures))
             if len(session.undo) > 0:
                 await session.write_journal()  # the steps that failed, for ``livemig recover``
             trigger = (
-                Trigger.REVERT if self.machine.allows(Trigger.REVERT, self.facts) else Trigger.FAIL
+                Trigger.REVERT
+                if self.machine.allows(Trigger.REVERT, session.facts)
+                else Trigger.FAIL
             )
-            await self._enter(session, self.machine.fire(trigger, self.facts))
+            await self._enter(session, self.machine.fire(trigger, session.facts))
 
     async def _source_safe(self, session: Session, *, touched: bool) -> list[str]:
         """``reverted`` promises the guest is safe on the source: look before saying so.

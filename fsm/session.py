@@ -24,6 +24,7 @@ from livemig.drivers.status import JobStatus, MigrationStatus
 from livemig.fsm.events import Event
 from livemig.fsm.journal import Journal, JournalSink
 from livemig.fsm.machine import Facts, State
+from livemig.fsm.observations import Observation, observe
 from livemig.fsm.plan import Plan
 from livemig.fsm.policy import ConvergenceTracker
 from livemig.fsm.undo import Side, UndoStack, UndoStep
@@ -132,6 +133,13 @@ class Session:
 
     def now_ms(self) -> float:
         return (trio.current_time() - self.started_at) * 1000.0
+
+    def observe(self, observation: Observation) -> None:
+        """Fold what an action saw into the facts (:func:`livemig.fsm.observations.observe`).
+
+        :raise GuardFailed: when the table cannot have it here (an engine bug: the run reverts).
+        """
+        self.facts = observe(self.state, self.facts, observation)
 
     async def push_undo(self, step: UndoStep) -> None:
         """Push ``step`` and journal the stack, before the thing it undoes is created."""

@@ -1,4 +1,5 @@
-"""The forward actions, one per trigger. Each records what it observed in ``session.facts``.
+"""The forward actions, one per trigger; each reports what it observed
+(:mod:`livemig.fsm.observations`).
 
 Every action pushes the undo of what it creates just before creating it, so a fault at any
 point leaves every step needed to get back (a step for something never created does nothing).
@@ -20,6 +21,17 @@ from livemig.drivers.image import ImageFormat
 from livemig.drivers.status import MigrationStatus, RunState
 from livemig.fsm.events import Progress, Steered
 from livemig.fsm.machine import State, StorageMode, Trigger
+from livemig.fsm.observations import (
+    CapabilitiesSet,
+    MigrationStatusChanged,
+    MirrorReady,
+    OverlayActive,
+    PostcopyCommitted,
+    PostcopyStarted,
+    PrechecksPassed,
+    SourceReleased,
+    TargetResumed,
+)
 from livemig.fsm.policy import (
     PROGRESS_INTERVAL_S,
     Abort,
@@ -96,7 +108,7 @@ async def connect(session: Session) -> None:
         caps = await migration.query_capabilities(monitor)
         if missing := [c for c in REQUIRED_CAPABILITIES[side] if c not in caps]:
             raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
-    session.facts.prechecks_passed = True
+    session.observe(PrechecksPassed())
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
     # was touched, and a failed precheck leaves both QEMUs exactly as they were.
@@ -246,7 +258,7 @@ async def set_capabilities(session: Session) -> None:
         )
     )
     await migration.set_parameters(session.source, params)
-    session.facts.capabilities_set = True
+    session.observe(CapabilitiesSet())
 
 
 async def snapshot(session: Session) -> None:
@@ -284,7 +296,7 @@ async def snapshot(session: Session) -> None:
         )
     )
     await block.blockdev_snapshot(session.source, node=plan.disk_node, overlay=plan.overlay_node)
-    session.facts.overlay_active = True
+    session.observe(OverlayActive(plan.overlay_node))
 
 
 async def mirror(session: Session) -> None:
@@ -333,7 +345,7 @@ async def mirror(session: Session) -> None:
             nursery.start_soon(_report_mirror, session)
             await wait_job(stream, src, plan.mirror_job, until="ready", state=session.state)
             nursery.cancel_scope.cancel()
-    session.facts.mirror_ready = True
+    session.observe(MirrorReady(plan.mirror_job))
 
 
 async def _report_mirror(session: Session) -> None:
@@ -391,7 +403,7 @@ async def transfer_state(session: Session) -> None:
     await migration.migrate_incoming(session.target, plan.migrate_uri.uri)
     await session.push_undo(UndoStep(UndoKind.CANCEL_MIGRATION, Side.SOURCE))
     await migration.migrate(session.source, plan.migrate_uri.uri)
-    session.facts.migration_status = MigrationStatus.SETUP
+    session.observe(MigrationStatusChanged(MigrationStatus.SETUP))
 
 
 async def await_switchover(session: Session) -> None:
@@ -411,7 +423,7 @@ async def await_switchover(session: Session) -> None:
         )
         session.open_window(paused)
         nursery.cancel_scope.cancel()
-    session.facts.migration_status = MigrationStatus.PRE_SWITCHOVER
+    session.observe(MigrationStatusChanged(MigrationStatus.PRE_SWITCHOVER))
 
 
 async def _steer(session: Session) -> None:
@@ -438,7 +450,7 @@ async def _carry_out(session: Session, decision: Decision) -> None:
             await migration.set_parameters(session.source, action.parameters())
         case StartPostcopy():
             await migration.start_postcopy(session.source)
-            session.facts.postcopy = True
+            session.observe(PostcopyStarted())
         case Abort(reason=reason):
             raise ConvergenceFailed(reason, state=session.state.value)
 
@@ -476,7 +488,7 @@ async def switch_over(session: Session) -> None:
         session.target_migration, {MigrationStatus.COMPLETED}, state=session.state, side="target"
     )
     session.mark("target completed event received")
-    session.facts.migration_status = MigrationStatus.COMPLETED
+    session.observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
     await _resume_target(session)
     session.close_window()
 
@@ -502,7 +514,7 @@ async def finalize(session: Session) -> None:
             state=session.state,
             side="source",
         )
-        session.facts.migration_status = MigrationStatus.COMPLETED
+        session.observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
         await _read_statistics(session, source_completed=True)
     else:
         await _read_statistics(session, source_completed=False)
@@ -525,7 +537,7 @@ async def switch_over_postcopy(session: Session) -> None:
     assert session.source_migration is not None
     assert session.target_migration is not None
     await _complete_mirror(session)
-    session.facts.postcopy_committed = True
+    session.observe(PostcopyCommitted())
     await session.write_journal()
     await migration.migrate_continue(session.source, MigrationStatus.PRE_SWITCHOVER)
     await wait_migration(
@@ -535,10 +547,10 @@ async def switch_over_postcopy(session: Session) -> None:
         side="target",
     )
     session.mark("target postcopy-active event received")
-    session.facts.migration_status = MigrationStatus.POSTCOPY_ACTIVE
+    session.observe(MigrationStatusChanged(MigrationStatus.POSTCOPY_ACTIVE))
     await runstate.cont(session.target)
     session.close_window()
-    session.facts.target_resumed = True
+    session.observe(TargetResumed())
     session.undo.discard(UndoKind.QUIT, Side.TARGET)
 
 
@@ -612,11 +624,11 @@ async def _resume_target(session: Session) -> None:
         if runs is False:
             raise
         # It runs, or we cannot tell: no revert may resume the source beside it.
-        session.facts.target_resumed = True
+        session.observe(TargetResumed())
         if runs is None or not isinstance(err, Exception):
             raise
         # It runs: cont took effect and only its answer was lost. Go on with the switchover.
-    session.facts.target_resumed = True
+    session.observe(TargetResumed())
     session.undo.discard(UndoKind.QUIT, Side.TARGET)
 
 
@@ -646,7 +658,7 @@ async def _clean_up_source(session: Session) -> None:
             except Exception as err:
                 session.warnings.append(f"could not {what}: {err}")
     session.undo.clear()
-    session.facts.source_released = True
+    session.observe(SourceReleased())
 
 
 Action = Callable[[Session], Awaitable[None]]

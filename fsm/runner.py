@@ -29,7 +29,7 @@ from livemig.fsm.observations import UndoFinished
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
 from livemig.fsm.session import Session
-from livemig.fsm.steps import ACTIONS
+from livemig.fsm.steps import ACTIONS, DURING
 from livemig.fsm.undo import Side
 from livemig.transports.errors import (
     ConnectFailed,
@@ -198,7 +198,17 @@ class _Runner:
             trio.CancelScope(shield=self.machine.current in NO_RETURN),
             _deadline(seconds, trigger.value, session.state),
         ):
-            await action(session)
+            # The engine's one nursery for the action: what runs beside it (DURING, and what
+            # the action spawns) ends with it.
+            async with trio.open_nursery() as during:
+                session.during = during
+                if (beside := DURING.get(self.machine.current)) is not None:
+                    during.start_soon(beside, session)
+                try:
+                    await action(session)
+                finally:
+                    session.during = None
+                    during.cancel_scope.cancel()
             await self._enter(session, self.machine.fire(trigger, session.facts))
 
     async def _enter(self, session: Session, state: State) -> None:

@@ -9,7 +9,7 @@ interpreter (:mod:`livemig.fsm.reverter`) receive it; only the runner creates it
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container
+from collections.abc import Awaitable, Callable, Container
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +77,8 @@ class Session:
     convergence: ConvergenceTracker | None = None
     #: Where the run is journalled (``None``: not journalled).
     journal: JournalSink | None = None
+    #: The engine's nursery for the current action (see :meth:`spawn`).
+    during: trio.Nursery | None = None
     #: The switchover window, while it is open: ``(ms since the run started, what)``.
     window: list[tuple[float, str]] | None = None
     #: The window once closed (the target's ``cont`` answered), for the result.
@@ -133,6 +135,13 @@ class Session:
 
     def now_ms(self) -> float:
         return (trio.current_time() - self.started_at) * 1000.0
+
+    def spawn(self, task: Callable[[Session], Awaitable[None]]) -> None:
+        """Run ``task`` beside the current action, in the engine's nursery: it is cancelled
+        when the action is done, and its failure fails the action."""
+        if self.during is None:
+            raise RuntimeError("background tasks run only during an action")
+        self.during.start_soon(task, self)
 
     def observe(self, observation: Observation) -> None:
         """Fold what an action saw into the facts (:func:`livemig.fsm.observations.observe`).

@@ -61,7 +61,7 @@ from livemig.transports.errors import (
     PrecheckError,
 )
 
-__all__ = ["ACTIONS"]
+__all__ = ["ACTIONS", "DURING"]
 
 #: Source capabilities livemig always wants, when the source offers them.
 SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
@@ -341,10 +341,8 @@ async def mirror(session: Session) -> None:
         await block.blockdev_mirror(
             src, job_id=plan.mirror_job, device=plan.overlay_node, target=plan.nbd_node, sync="top"
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_report_mirror, session)
-            await wait_job(stream, src, plan.mirror_job, until="ready", state=session.state)
-            nursery.cancel_scope.cancel()
+        session.spawn(_report_mirror)
+        await wait_job(stream, src, plan.mirror_job, until="ready", state=session.state)
     session.observe(MirrorReady(plan.mirror_job))
 
 
@@ -407,27 +405,27 @@ async def transfer_state(session: Session) -> None:
 
 
 async def await_switchover(session: Session) -> None:
-    """Wait for ``pre-switchover`` (the source guest is paused), steering convergence meanwhile.
+    """Wait for ``pre-switchover`` (the source guest is paused); the engine steers convergence
+    meanwhile (:data:`DURING`).
 
     The pause arrives as a QMP event, so it is noticed at once: it is guest downtime. Progress is
     polled only to report it and to feed the convergence policy.
     """
     assert session.source_migration is not None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_steer, session)
-        paused = await wait_migration_event(
-            session.source_migration,
-            {MigrationStatus.PRE_SWITCHOVER},
-            state=session.state,
-            side="source",
-        )
-        session.open_window(paused)
-        nursery.cancel_scope.cancel()
+    paused = await wait_migration_event(
+        session.source_migration,
+        {MigrationStatus.PRE_SWITCHOVER},
+        state=session.state,
+        side="source",
+    )
+    session.open_window(paused)
     session.observe(MigrationStatusChanged(MigrationStatus.PRE_SWITCHOVER))
 
 
-async def _steer(session: Session) -> None:
-    """Poll progress, report it, and act on what the convergence policy decides."""
+async def steer(session: Session) -> None:
+    """Poll progress, report it, and act on what the convergence policy decides: the engine runs
+    it beside the action of ``state-transfer`` (:data:`DURING`); a policy that aborts raises
+    :class:`ConvergenceFailed` here, which ends that action."""
     interval = min(session.plan.policy.progress_interval, PROGRESS_INTERVAL_S)
     while True:
         stats = await migration.query_migrate(session.source)
@@ -662,6 +660,9 @@ async def _clean_up_source(session: Session) -> None:
 
 
 Action = Callable[[Session], Awaitable[None]]
+
+#: What the engine runs beside the action of a state, from entering it until the action is done.
+DURING: Mapping[State, Action] = {State.STATE_TRANSFER: steer}
 
 ACTIONS: Mapping[Trigger, Action] = {
     Trigger.CONNECT: connect,

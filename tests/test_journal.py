@@ -13,6 +13,7 @@ import trio.testing
 from livemig.fsm.faults import AtState, Fault, FaultKind
 from livemig.fsm.journal import FileJournal, Journal, MemoryJournal, journal_path
 from livemig.fsm.machine import State
+from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
 from livemig.fsm.undo import Side, UndoKind, UndoStep
 from livemig.model.runs import migrate_with_faults, plan_for
@@ -146,3 +147,29 @@ async def test_a_fake_run_starts_no_thread_even_through_a_crash_and_recovery(
     assert run.verdict.ok, run.explain()
     assert run.result.outcome.value == "reverted"
     assert not list(tmp_path.glob("lm-*-journal.json*"))
+
+
+async def test_recover_keeps_the_source_when_the_target_that_took_over_is_gone(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Journalled past the point of no return, but the target no longer runs: rolling forward
+    would quit the source, the last copy of the guest. Recovery ends failed and keeps it."""
+    async with fake_world(tmp_path) as world:
+        sink = MemoryJournal()
+        await sink.write(
+            attrs.evolve(
+                a_journal("r1", state=State.SWITCHED_OVER.value),
+                source_qmp=str(world.source.qmp),
+                target_qmp=str(world.target.qmp),
+                target_resumed=True,
+            )
+        )
+        await world.kill(Side.TARGET)
+        (result,) = await recover(
+            world.work_dir, connector=world.connect, host=world.host, journal=sink
+        )
+        assert result.outcome.value == "failed"
+        assert result.error is not None
+        assert "no longer does" in result.error
+        assert world.source.exit_reason is None  # not quit
+        assert [j.run_id for j in await sink.read()] == ["r1"]  # kept for another try

@@ -93,6 +93,8 @@ class MigrationStats:
     :param cpu_throttle_percentage: auto-converge's current throttle.
     :param error_desc: why it failed.
     :param ram: the RAM stream's numbers.
+    :param blocked_reasons: why QEMU would refuse to migrate now (a device or an image format
+        that cannot migrate, …), in QEMU's words; empty when nothing blocks it.
     """
 
     status: MigrationStatus
@@ -103,10 +105,12 @@ class MigrationStats:
     cpu_throttle_percentage: int | None = None
     error_desc: str | None = None
     ram: RamStats | None = None
+    blocked_reasons: tuple[str, ...] = ()
 
     @classmethod
     def from_qmp(cls, reply: Any) -> MigrationStats:
         ram = optional_member(reply, "ram", dict)
+        blocked = optional_member(reply, "blocked-reasons", list) or []
         return cls(
             status=MigrationStatus.parse(optional_member(reply, "status", str) or "none"),
             total_time_ms=optional_member(reply, "total-time", int),
@@ -116,6 +120,7 @@ class MigrationStats:
             cpu_throttle_percentage=optional_member(reply, "cpu-throttle-percentage", int),
             error_desc=optional_member(reply, "error-desc", str),
             ram=RamStats.from_qmp(ram) if ram is not None else None,
+            blocked_reasons=tuple(str(reason) for reason in blocked),
         )
 
 

@@ -98,8 +98,15 @@ async def connect(session: Session) -> None:
     src_machine, dst_machine = await runstate.query_machine(src), await runstate.query_machine(dst)
     if src_machine != dst_machine:
         raise PrecheckError(f"machine types differ: source {src_machine}, target {dst_machine}")
-    if (await migration.query_migrate(src)).status.in_progress:
+    src_migration = await migration.query_migrate(src)
+    if src_migration.status.in_progress:
         raise PrecheckError("the source already has a migration in progress")
+    for side, blocked in (
+        ("source", src_migration.blocked_reasons),
+        ("target", (await migration.query_migrate(dst)).blocked_reasons),
+    ):
+        if blocked:
+            raise PrecheckError(f"the {side} QEMU cannot migrate this guest: {'; '.join(blocked)}")
     if await jobs.query_jobs(src):
         raise PrecheckError("the source has block jobs running; wait for them to end")
     await _check_disks(session)

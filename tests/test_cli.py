@@ -89,8 +89,10 @@ def bare(
     incoming: bool = False,
     machine: str = "q35",
     extra: tuple[DiskSpec, ...] = (),
+    args: tuple[str, ...] = (),
 ) -> VmSpec:
     return VmSpec(
+        extra_args=args,
         name=name,
         qmp_socket=tmp / f"{name}.qmp",
         memory_mib=memory,
@@ -111,13 +113,23 @@ async def pair(
     incoming: bool = True,
     target_machine: str = "q35",
     data_disk: bool | None = None,
+    source_blocker: bool = False,
 ) -> AsyncIterator[tuple[QemuProcess, QemuProcess]]:
-    """Two QEMUs; ``data_disk`` gives both a second disk (``True``: writable)."""
+    """Two QEMUs; ``data_disk`` gives both a second disk (``True``: writable);
+    ``source_blocker`` gives the source a device QEMU cannot migrate (a read-write vvfat
+    drive: QEMU lists it in ``query-migrate``'s ``blocked-reasons``)."""
     src_disk, dst_disk = tmp / "src.raw", tmp / ("src.raw" if shared else "dst.raw")
     await image.create(src_disk, "raw", 8 << 20)
     if not shared:
         await image.create(dst_disk, "raw", 8 << 20)
     extra: tuple[DiskSpec, ...] = ()
+    blocker: tuple[str, ...] = ()
+    if source_blocker:
+        (tmp / "fat").mkdir()
+        blocker = (
+            "-drive", f"file=fat:rw:{tmp / 'fat'},format=vvfat,if=none,id=vv0",
+            "-device", "virtio-blk-pci,drive=vv0",
+        )  # fmt: skip
     if data_disk is not None:
         await image.create(tmp / "data.raw", "raw", 4 << 20)
         extra = (
@@ -126,7 +138,7 @@ async def pair(
             ),
         )
     async with (
-        launched(bare("src", tmp, src_disk, extra=extra), work_dir=tmp) as src,
+        launched(bare("src", tmp, src_disk, extra=extra, args=blocker), work_dir=tmp) as src,
         launched(
             bare(
                 "dst",
@@ -179,6 +191,13 @@ async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
         ),
         ({"target_memory": 256}, "non-shared", "RAM differs", "inmigrate"),
         ({"target_machine": "pc"}, "non-shared", "machine types differ", "inmigrate"),
+        # QEMU's own migration blockers, in its words, before anything is touched.
+        (
+            {"source_blocker": True},
+            "non-shared",
+            "the source QEMU cannot migrate this guest: ",
+            "inmigrate",
+        ),
         # Only --disk is copied: a second writable disk would reach the target never copied.
         (
             {"data_disk": True},

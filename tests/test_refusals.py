@@ -50,3 +50,24 @@ async def test_a_missing_capability_is_refused_and_touches_nothing(
         for q in (world.source, world.target):
             assert q.capabilities == before[q]
         assert journal.journals == {}
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+async def test_a_migration_blocker_is_refused_in_qemus_words(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, side: str
+) -> None:
+    journal = MemoryJournal()
+    reason = "The vvfat (rw) format used by node 'vv0' does not support live migration"
+    async with fake_world(tmp_path) as world:
+        qemu = world.source if side == "source" else world.target
+        qemu.blocked_reasons.append(reason)
+        result = await migrate(
+            plan_for(world), connector=world.connect, host=world.host, journal=journal
+        )
+        assert result.outcome is Outcome.REFUSED
+        assert result.error is not None
+        assert f"the {side} QEMU cannot migrate this guest: {reason}" in result.error
+        assert world.target.exit_reason is None
+        assert world.target.runstate == "inmigrate"
+        assert not world.source.capabilities["events"]
+        assert journal.journals == {}

@@ -244,7 +244,7 @@ def _query_migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     del args
     migration = qemu.migration
     if migration.status is MigrationStatus.NONE:
-        return {}
+        return {"blocked-reasons": list(qemu.blocked_reasons)} if qemu.blocked_reasons else {}
     out: dict[str, Any] = {"status": migration.status}
     if qemu.runstate is RunState.INMIGRATE or migration.peer is None:
         return out

@@ -86,6 +86,8 @@ class FakeQemu:
     nbd_server: str | None = None
     migration: Migration = attrs.field(factory=Migration)
     capabilities: dict[str, bool] = attrs.field(factory=lambda: dict.fromkeys(CAPABILITIES, False))
+    #: Why this QEMU would refuse to migrate (its `query-migrate` says so before any migration).
+    blocked_reasons: list[str] = attrs.field(factory=list)
     parameters: dict[str, Any] = attrs.field(factory=lambda: dict(PARAMETERS))
     #: ``cont`` was sent while incoming: run as soon as the migration completes.
     autostart: bool = False

@@ -26,6 +26,7 @@ NON_SHARED_PATH = [
     "mirroring",
     "state-transfer",
     "pre-switchover",
+    "switched-over",
     "finalized",
 ]
 SHARED_PATH = [s for s in NON_SHARED_PATH if s not in ("snapshotted", "mirroring")]

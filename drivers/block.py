@@ -78,24 +78,44 @@ class BlockDevice:
         CD-ROM drive).
     :param filename: what the medium reads; ``None`` without a medium.
     :param read_only: whether the medium is read-only (no medium counts as read-only).
+    :param backend: the BlockBackend's name (``drive0`` of ``-drive …,id=drive0``); empty for a
+        device attached to a ``-blockdev`` node.
     """
 
     qdev: str
     node_name: str | None
     filename: str | None
     read_only: bool
+    backend: str = ""
+
+    @property
+    def device_id(self) -> str | None:
+        """The guest device's id (``vda`` of ``-device virtio-blk-pci,id=vda``), when it has
+        one: the ``/machine/peripheral/<id>/…`` part of its QOM path."""
+        parts = self.qdev.split("/")
+        if len(parts) > 3 and parts[:3] == ["", "machine", "peripheral"]:
+            return parts[3]
+        return self.qdev if not self.qdev.startswith("/") else None
+
+    def named(self, name: str) -> bool:
+        """Whether ``name`` names this disk: its top node, its BlockBackend or its device id."""
+        return name in (self.node_name, self.device_id) or (
+            bool(self.backend) and name == self.backend
+        )
 
     @classmethod
     def from_qmp(cls, entry: Any) -> BlockDevice:
         inserted = optional_member(entry, "inserted", dict)
-        qdev = optional_member(entry, "qdev", str) or member(entry, "device", str)
+        backend = optional_member(entry, "device", str) or ""
+        qdev = optional_member(entry, "qdev", str) or backend
         if inserted is None:
-            return cls(qdev=qdev, node_name=None, filename=None, read_only=True)
+            return cls(qdev=qdev, node_name=None, filename=None, read_only=True, backend=backend)
         return cls(
             qdev=qdev,
             node_name=optional_member(inserted, "node-name", str),
             filename=member(inserted, "file", str),
             read_only=member(inserted, "ro", bool),
+            backend=backend,
         )
 
     @property

@@ -26,7 +26,9 @@ __all__ = ["SENDS_AT_CAP", "Deadlines", "Plan", "Policy"]
 #: :meth:`Deadlines.ram_phase`).
 SENDS_AT_CAP = 4
 
-_NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]{0,30}$")
+#: A node name, a BlockBackend name or a device id (QEMU's id syntax), or one of the node
+#: names QEMU generates for ``-drive`` disks (``#block123``).
+_NODE_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_.+-]{0,30}|#block[0-9]{1,9})$")
 
 
 def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -198,7 +200,9 @@ class Plan:
         devices, ``-S`` and ``-incoming defer``.
     :param storage: shared (both open one image) or non-shared (the disk is copied).
     :param work_dir: where the overlay and the sockets go; must be reachable by both QEMUs.
-    :param disk_node: the block node of the root disk, the same name on both sides.
+    :param disk_node: the root disk: its block node, its BlockBackend name (``-drive
+        …,id=drive0``) or its guest device's id, resolved on each side to the node the disk
+        runs on (the two QEMUs may name it differently: ``-drive`` nodes are auto-named).
     :param run_id: makes every node, job and file name of this run unique.
     :param migrate_uri: where the target listens for the RAM stream.
     :param nbd: where the target serves its disk for the mirror (non-shared only).
@@ -292,7 +296,7 @@ class Plan:
 
     @property
     def export_name(self) -> str:
-        return self.disk_node
+        return f"lm-{self.run_id}-disk"
 
 
 def _unix(value: str | Path, what: str) -> UnixEndpoint:

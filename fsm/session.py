@@ -62,6 +62,8 @@ class Session:
     #: The root disk's image on the source: (filename, format), learnt at connect.
     base_image: tuple[str, str] | None = None
     base_size: int | None = None
+    #: The root disk's node on each side (``--disk`` resolved at connect).
+    disk_nodes: dict[Side, str] = attrs.field(factory=dict)
     #: The root disk's file on the target.
     target_image: str | None = None
     warnings: list[str] = attrs.field(factory=list)

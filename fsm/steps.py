@@ -18,6 +18,7 @@ import trio
 
 from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.drivers.image import ImageFormat
+from livemig.drivers.qmp import Monitor
 from livemig.drivers.status import MigrationStatus, RunState
 from livemig.fsm.events import Progress, Steered
 from livemig.fsm.machine import State, StorageMode, Trigger
@@ -123,16 +124,33 @@ async def connect(session: Session) -> None:
     await session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
 
 
+async def _resolve_disk(monitor: Monitor, name: str, side: str) -> str:
+    """The node the disk ``name`` runs on, on one side: ``name`` itself when it is a node,
+    else the top node of the disk whose BlockBackend (``-drive …,id=``) or guest device has
+    that name. The two sides may differ: ``-drive`` nodes are auto-named (``#block123``).
+
+    :raise PrecheckError: when nothing there has that name.
+    """
+    nodes = {n.node_name for n in await block.query_named_block_nodes(monitor)}
+    if name in nodes:
+        return name
+    for disk in await block.query_block(monitor):
+        if disk.node_name is not None and disk.named(name):
+            return disk.node_name
+    raise PrecheckError(
+        f"the {side} has no disk {name!r} (--disk: a block node, a -drive id or a device id)"
+    )
+
+
 async def _check_disks(session: Session) -> None:
     plan = session.plan
+    node = plan.disk_node
+    src_node = await _resolve_disk(session.source, node, "source")
+    dst_node = await _resolve_disk(session.target, node, "target")
+    session.disk_nodes = {Side.SOURCE: src_node, Side.TARGET: dst_node}
     src_nodes = {n.node_name: n for n in await block.query_named_block_nodes(session.source)}
     dst_nodes = {n.node_name: n for n in await block.query_named_block_nodes(session.target)}
-    node = plan.disk_node
-    if node not in src_nodes:
-        raise PrecheckError(f"the source has no block node {node!r} (--disk)")
-    if node not in dst_nodes:
-        raise PrecheckError(f"the target has no block node {node!r} (--disk)")
-    src, dst = src_nodes[node], dst_nodes[node]
+    src, dst = src_nodes[src_node], dst_nodes[dst_node]
     if src.virtual_size != dst.virtual_size:
         raise PrecheckError(
             f"disk {node!r} sizes differ: source {src.virtual_size}, target {dst.virtual_size}"
@@ -175,7 +193,7 @@ async def _check_other_disks(session: Session) -> None:
     others = [
         d
         for d in await block.query_block(session.source)
-        if d.writable and d.node_name != plan.disk_node
+        if d.writable and d.node_name != session.disk_nodes[Side.SOURCE]
     ]
     if not others:
         return
@@ -273,6 +291,7 @@ async def snapshot(session: Session) -> None:
     plan = session.plan
     assert session.base_image is not None
     assert session.base_size is not None
+    base = session.disk_nodes[Side.SOURCE]
     overlay = plan.overlay_path
     await session.host.make_dir(plan.work_dir)
     # Only once the overlay node is gone: while the guest still writes to it (its merge
@@ -299,10 +318,10 @@ async def snapshot(session: Session) -> None:
         UndoStep(
             UndoKind.MERGE_OVERLAY,
             Side.SOURCE,
-            {"node": plan.overlay_node, "base": plan.disk_node, "job": plan.commit_job},
+            {"node": plan.overlay_node, "base": base, "job": plan.commit_job},
         )
     )
-    await block.blockdev_snapshot(session.source, node=plan.disk_node, overlay=plan.overlay_node)
+    await block.blockdev_snapshot(session.source, node=base, overlay=plan.overlay_node)
     session.observe(OverlayActive(plan.overlay_node))
 
 
@@ -324,7 +343,7 @@ async def mirror(session: Session) -> None:
     await nbd.block_export_add(
         dst,
         export_id=plan.export_id,
-        node_name=plan.disk_node,
+        node_name=session.disk_nodes[Side.TARGET],
         name=plan.export_name,
         writable=True,
     )

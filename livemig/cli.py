@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="target QMP socket (started with the same devices, -S and -incoming defer)",
     )
     _storage_arg(mig, required=True)
-    mig.add_argument("--disk", default="root", help="root disk block node (default: root)")
+    mig.add_argument(
+        "--disk",
+        default="root",
+        metavar="NAME",
+        help="root disk: block node, -drive id or device id (default: root)",
+    )
     mig.add_argument(
         "--work-dir",
         type=Path,

@@ -165,11 +165,6 @@ async def _check_disks(session: Session) -> None:
         raise PrecheckError(
             f"storage is non-shared but both QEMUs open {src.filename}; use --storage shared"
         )
-    if plan.storage is StorageMode.NON_SHARED and src.backing_file is not None:
-        raise PrecheckError(
-            f"disk {node!r} on the source already has a backing chain; only a single image "
-            "can be migrated without shared storage"
-        )
     for leftover in (plan.overlay_node, plan.nbd_node):
         if leftover in src_nodes:
             raise PrecheckError(f"the source already has a node named {leftover!r}")
@@ -390,6 +385,11 @@ async def _report_mirror(session: Session) -> None:
 
 async def _copy_base(session: Session, nbd_socket: Path) -> None:
     """Copy the frozen base into the target's export; zeros are not sent.
+
+    A base with a backing chain (a qcow2 on a base image, of any depth) is flattened: the copy
+    reads the guest-visible data through the chain, so the target holds it all in its one
+    image. (Recreating the chain would need the same base images on the target; flat needs
+    nothing there and costs only the chain's allocated data once, zeros skipped.)
 
     When the target's image is still fully unallocated it reads as zeros, so zero areas are
     skipped altogether and it stays sparse; otherwise they are written as zeroes (no payload),

@@ -262,7 +262,7 @@ async def test_a_read_only_second_disk_is_not_refused(aio_loop: object, tmp_path
                 assert (await runstate.query_status(m)).running
 
 
-def drive_vm(name: str, tmp: Path, disk: Path, *, incoming: bool) -> VmSpec:
+def drive_vm(name: str, tmp: Path, disk: Path, *, incoming: bool, fmt: str = "raw") -> VmSpec:
     """A VM started the common way: ``-drive …,if=none,id=drive0`` and a virtio-blk device, so
     its nodes are auto-named (``#block123``) and differ between the two QEMUs."""
     return VmSpec(
@@ -273,7 +273,7 @@ def drive_vm(name: str, tmp: Path, disk: Path, *, incoming: bool) -> VmSpec:
         incoming="defer" if incoming else None,
         paused=incoming,
         extra_args=(
-            "-drive", f"file={disk},format=raw,if=none,id=drive0,cache=none,aio=threads",
+            "-drive", f"file={disk},format={fmt},if=none,id=drive0,cache=none,aio=threads",
             "-device", "virtio-blk-pci,drive=drive0,id=vdisk0",
         ),
     )  # fmt: skip
@@ -315,6 +315,55 @@ async def test_a_drive_syntax_vm_is_migrated_by_its_drive_or_device_id(
         check=False,
     )
     assert same.returncode == 0, same.stdout.decode()
+
+
+async def qemu_io(image_file: Path, fmt: str, command: str) -> None:
+    await trio.run_process(
+        ["qemu-io", "-f", fmt, "-c", command, str(image_file)], capture_stdout=True
+    )
+
+
+@pytest.mark.qemu
+async def test_a_qcow2_root_on_a_backing_chain_of_depth_two_arrives_whole(
+    aio_loop: object, tmp_path: Path
+) -> None:
+    """raw base ← qcow2 ← qcow2 (the top is the guest's disk): the target, a plain raw image,
+    gets the guest-visible data of the whole chain, flattened, and the source's chain is as it
+    was (the overlay merged back into the top, no file left)."""
+    base, mid, top = tmp_path / "base.raw", tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
+    dst_disk = tmp_path / "dst.raw"
+    await image.create(base, "raw", 8 << 20)
+    await trio.run_process(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(mid)]
+    )
+    await trio.run_process(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", str(top)]
+    )
+    await qemu_io(base, "raw", "write -P 0xaa 0 2M")
+    await qemu_io(mid, "qcow2", "write -P 0xbb 1M 2M")
+    await qemu_io(top, "qcow2", "write -P 0xcc 2M 1M")
+    await image.create(dst_disk, "raw", 8 << 20)
+    src_spec = drive_vm("src", tmp_path, top, incoming=False, fmt="qcow2")
+    with trio.fail_after(120):
+        async with (
+            launched(src_spec, work_dir=tmp_path),
+            launched(drive_vm("dst", tmp_path, dst_disk, incoming=True), work_dir=tmp_path) as dst,
+        ):
+            done = await cli(
+                "migrate", "--source-qmp", tmp_path / "src.qmp", "--target-qmp",
+                dst.spec.qmp_socket, "--storage", "non-shared", "--disk", "drive0",
+                "--work-dir", tmp_path / "work", "--json",
+            )  # fmt: skip
+            assert done.returncode == EXIT_OK, done.stdout.decode() + done.stderr.decode()
+            async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
+                await m.execute("quit")
+    same = await trio.run_process(
+        ["qemu-img", "compare", "-F", "raw", str(top), str(dst_disk)],
+        capture_stdout=True,
+        check=False,
+    )
+    assert same.returncode == 0, same.stdout.decode()
+    assert not list((tmp_path / "work").glob("*.qcow2"))
 
 
 @pytest.mark.qemu

@@ -279,6 +279,36 @@ def drive_vm(name: str, tmp: Path, disk: Path, *, incoming: bool, fmt: str = "ra
     )  # fmt: skip
 
 
+async def migrate_drive_vm(
+    tmp: Path, src_disk: Path, dst_disk: Path, *, disk: str, fmt: str = "raw"
+) -> None:
+    """Migrate a ``-drive`` VM on ``src_disk`` to one on ``dst_disk`` with the CLI (non-shared),
+    check it finalized and the target runs, then quit the target so its image can be read."""
+    with trio.fail_after(120):
+        async with (
+            launched(drive_vm("src", tmp, src_disk, incoming=False, fmt=fmt), work_dir=tmp),
+            launched(drive_vm("dst", tmp, dst_disk, incoming=True), work_dir=tmp) as dst,
+        ):
+            done = await cli(
+                "migrate", "--source-qmp", tmp / "src.qmp", "--target-qmp", dst.spec.qmp_socket,
+                "--storage", "non-shared", "--disk", disk, "--work-dir", tmp / "work", "--json",
+            )  # fmt: skip
+            assert done.returncode == EXIT_OK, done.stdout.decode() + done.stderr.decode()
+            assert json.loads(done.stdout.splitlines()[-1])["outcome"] == "finalized"
+            async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
+                assert (await runstate.query_status(m)).running
+                await m.execute("quit")
+
+
+async def same_images(src: Path, dst: Path, *src_fmt: str) -> None:
+    """``qemu-img compare``: the guest-visible data of both is the same (``src`` read through
+    its backing chain)."""
+    fmt = ["-f", *src_fmt] if src_fmt else []
+    argv = ["qemu-img", "compare", *fmt, "-F", "raw", str(src), str(dst)]
+    same = await trio.run_process(argv, capture_stdout=True, check=False)
+    assert same.returncode == 0, same.stdout.decode()
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("name", ["drive0", "vdisk0"])
 async def test_a_drive_syntax_vm_is_migrated_by_its_drive_or_device_id(
@@ -293,34 +323,13 @@ async def test_a_drive_syntax_vm_is_migrated_by_its_drive_or_device_id(
         f.write(bytes(range(256)) * 4096)
         f.seek(6 << 20)
         f.write(b"livemig" * 1000)
-    with trio.fail_after(120):
-        async with (
-            launched(drive_vm("src", tmp_path, src_disk, incoming=False), work_dir=tmp_path),
-            launched(drive_vm("dst", tmp_path, dst_disk, incoming=True), work_dir=tmp_path) as dst,
-        ):
-            done = await cli(
-                "migrate", "--source-qmp", tmp_path / "src.qmp", "--target-qmp",
-                dst.spec.qmp_socket, "--storage", "non-shared", "--disk", name,
-                "--work-dir", tmp_path / "work", "--json",
-            )  # fmt: skip
-            assert done.returncode == EXIT_OK, done.stdout.decode() + done.stderr.decode()
-            result = json.loads(done.stdout.splitlines()[-1])
-            assert result["outcome"] == "finalized"
-            async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
-                assert (await runstate.query_status(m)).running
-                await m.execute("quit")
-    same = await trio.run_process(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src_disk), str(dst_disk)],
-        capture_stdout=True,
-        check=False,
-    )
-    assert same.returncode == 0, same.stdout.decode()
+    await migrate_drive_vm(tmp_path, src_disk, dst_disk, disk=name)
+    await same_images(src_disk, dst_disk, "raw")
 
 
 async def qemu_io(image_file: Path, fmt: str, command: str) -> None:
-    await trio.run_process(
-        ["qemu-io", "-f", fmt, "-c", command, str(image_file)], capture_stdout=True
-    )
+    argv = ["qemu-io", "-f", fmt, "-c", command, str(image_file)]
+    await trio.run_process(argv, capture_stdout=True)
 
 
 @pytest.mark.qemu
@@ -328,41 +337,21 @@ async def test_a_qcow2_root_on_a_backing_chain_of_depth_two_arrives_whole(
     aio_loop: object, tmp_path: Path
 ) -> None:
     """raw base ← qcow2 ← qcow2 (the top is the guest's disk): the target, a plain raw image,
-    gets the guest-visible data of the whole chain, flattened, and the source's chain is as it
-    was (the overlay merged back into the top, no file left)."""
+    gets the guest-visible data of the whole chain, flattened, and no overlay is left."""
     base, mid, top = tmp_path / "base.raw", tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
     dst_disk = tmp_path / "dst.raw"
     await image.create(base, "raw", 8 << 20)
-    await trio.run_process(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(mid)]
-    )
-    await trio.run_process(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", str(top)]
-    )
+    for image_file, backing, backing_fmt in ((mid, base, "raw"), (top, mid, "qcow2")):
+        await trio.run_process(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_fmt,
+             str(image_file)]
+        )  # fmt: skip
     await qemu_io(base, "raw", "write -P 0xaa 0 2M")
     await qemu_io(mid, "qcow2", "write -P 0xbb 1M 2M")
     await qemu_io(top, "qcow2", "write -P 0xcc 2M 1M")
     await image.create(dst_disk, "raw", 8 << 20)
-    src_spec = drive_vm("src", tmp_path, top, incoming=False, fmt="qcow2")
-    with trio.fail_after(120):
-        async with (
-            launched(src_spec, work_dir=tmp_path),
-            launched(drive_vm("dst", tmp_path, dst_disk, incoming=True), work_dir=tmp_path) as dst,
-        ):
-            done = await cli(
-                "migrate", "--source-qmp", tmp_path / "src.qmp", "--target-qmp",
-                dst.spec.qmp_socket, "--storage", "non-shared", "--disk", "drive0",
-                "--work-dir", tmp_path / "work", "--json",
-            )  # fmt: skip
-            assert done.returncode == EXIT_OK, done.stdout.decode() + done.stderr.decode()
-            async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
-                await m.execute("quit")
-    same = await trio.run_process(
-        ["qemu-img", "compare", "-F", "raw", str(top), str(dst_disk)],
-        capture_stdout=True,
-        check=False,
-    )
-    assert same.returncode == 0, same.stdout.decode()
+    await migrate_drive_vm(tmp_path, top, dst_disk, disk="drive0", fmt="qcow2")
+    await same_images(top, dst_disk)
     assert not list((tmp_path / "work").glob("*.qcow2"))
 
 

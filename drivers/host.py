@@ -40,7 +40,8 @@ class LocalHost:
     """This machine, with ``qemu-img`` from ``PATH``."""
 
     async def make_dir(self, path: Path) -> None:
-        await trio.Path(path).mkdir(parents=True, exist_ok=True)
+        # 0700: the overlay holds the guest's writes, the sockets reach its QEMUs.
+        await trio.Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
         await image.create(path, fmt, size)

@@ -44,14 +44,21 @@ class BlockExport:
         )
 
 
-async def nbd_server_start(monitor: Monitor, socket_path: os.PathLike[str] | str) -> None:
-    """``nbd-server-start`` listening on a unix socket.
+async def nbd_server_start(
+    monitor: Monitor, socket_path: os.PathLike[str] | str, *, max_connections: int = 1
+) -> None:
+    """``nbd-server-start`` listening on a unix socket, for ``max_connections`` clients at a
+    time (livemig's base copy, then its mirror: one at a time; nobody else gets in beside them).
 
     QEMU takes the legacy address form here, ``{"type": "unix", "data": {"path": …}}`` (the flat
     form that ``blockdev-add`` takes is refused: "Parameter 'addr.data' is missing").
     """
     await monitor.execute(
-        "nbd-server-start", {"addr": {"type": "unix", "data": {"path": os.fspath(socket_path)}}}
+        "nbd-server-start",
+        {
+            "addr": {"type": "unix", "data": {"path": os.fspath(socket_path)}},
+            "max-connections": max_connections,
+        },
     )
 
 

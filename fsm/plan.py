@@ -218,6 +218,9 @@ class Plan:
     disk_node: str = attrs.field(default="root", validator=_node_name)
     policy: Policy = Policy()
     deadlines: Deadlines = Deadlines()
+    #: Random part of the NBD export's name: only the mirror and the base copy, which are told
+    #: it, can find the disk on the target's NBD server.
+    export_token: str = attrs.field(factory=lambda: secrets.token_hex(8), eq=False)
 
     @classmethod
     def create(
@@ -296,7 +299,7 @@ class Plan:
 
     @property
     def export_name(self) -> str:
-        return f"lm-{self.run_id}-disk"
+        return f"lm-{self.run_id}-{self.export_token}"
 
 
 def _unix(value: str | Path, what: str) -> UnixEndpoint:

@@ -328,7 +328,7 @@ def _check_work_dir(work_dir: Path) -> None:
     :raise UsageError: when it cannot be created or written; nothing is left in it.
     """
     try:
-        os.makedirs(work_dir, exist_ok=True)
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
     except OSError as err:
         raise UsageError(f"work dir {work_dir} cannot be created: {err.strerror}") from err
     if not os.access(work_dir, os.W_OK | os.X_OK):

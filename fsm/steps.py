@@ -8,7 +8,6 @@ Actions never read the clock for policy and never set deadlines: the runner wrap
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,7 @@ import trio
 from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.drivers.image import ImageFormat
 from livemig.drivers.qmp import Monitor
-from livemig.drivers.status import MigrationStatus, RunState
+from livemig.drivers.status import MigrationStatus
 from livemig.fsm.events import Progress, Steered
 from livemig.fsm.machine import State, StorageMode, Trigger
 from livemig.fsm.observations import (
@@ -44,6 +43,7 @@ from livemig.fsm.policy import (
     StartPostcopy,
     Throttle,
 )
+from livemig.fsm.prechecks import QemuView, precheck
 from livemig.fsm.reverter import Liveness, guest_runs
 from livemig.fsm.session import (
     JOB_EVENTS,
@@ -59,7 +59,6 @@ from livemig.transports.errors import (
     CommandFailed,
     ConvergenceFailed,
     LivemigError,
-    PrecheckError,
 )
 
 __all__ = ["ACTIONS", "DURING"]
@@ -68,54 +67,21 @@ __all__ = ["ACTIONS", "DURING"]
 SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
 #: Target capabilities: events for MIGRATION, and no disk activation before ``cont``.
 TARGET_CAPABILITIES = ("events", "late-block-activate")
-#: What each side must offer. Without ``events`` no ``MIGRATION`` event is sent (every wait
-#: for a status would never end); without ``pause-before-switchover`` the source does not stop
-#: for the mirror to be completed while the guest is paused.
-REQUIRED_CAPABILITIES = {"source": SOURCE_CAPABILITIES, "target": ("events",)}
 #: ``max-bandwidth`` meaning "no cap": QEMU takes bytes/s as int64; this is 1 TiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
 
 
 async def connect(session: Session) -> None:
-    """Prechecks on both monitors. Touches nothing."""
-    src, dst = session.source, session.target
-    src_status = await runstate.query_status(src)
-    if not src_status.running:
-        raise PrecheckError(f"source guest is not running (status {src_status.status})")
-    dst_status = await runstate.query_status(dst)
-    if dst_status.status is not RunState.INMIGRATE:
-        raise PrecheckError(
-            f"target is not waiting for an incoming migration (status {dst_status.status}); "
-            "start it with -incoming defer"
-        )
-    src_ram = await runstate.query_memory_size_summary(src)
-    dst_ram = await runstate.query_memory_size_summary(dst)
-    if src_ram != dst_ram:
-        raise PrecheckError(f"RAM differs: source {src_ram} bytes, target {dst_ram} bytes")
-    session.guest_ram = src_ram
-    src_ver, dst_ver = await runstate.query_version(src), await runstate.query_version(dst)
-    if src_ver.major != dst_ver.major:
-        raise PrecheckError(f"QEMU major versions differ: source {src_ver}, target {dst_ver}")
-    src_machine, dst_machine = await runstate.query_machine(src), await runstate.query_machine(dst)
-    if src_machine != dst_machine:
-        raise PrecheckError(f"machine types differ: source {src_machine}, target {dst_machine}")
-    src_migration = await migration.query_migrate(src)
-    if src_migration.status.in_progress:
-        raise PrecheckError("the source already has a migration in progress")
-    for side, blocked in (
-        ("source", src_migration.blocked_reasons),
-        ("target", (await migration.query_migrate(dst)).blocked_reasons),
-    ):
-        if blocked:
-            raise PrecheckError(f"the {side} QEMU cannot migrate this guest: {'; '.join(blocked)}")
-    if await jobs.query_jobs(src):
-        raise PrecheckError("the source has block jobs running; wait for them to end")
-    await _check_disks(session)
-    await _check_other_disks(session)
-    for side, monitor in (("source", src), ("target", dst)):
-        caps = await migration.query_capabilities(monitor)
-        if missing := [c for c in REQUIRED_CAPABILITIES[side] if c not in caps]:
-            raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
+    """Ask both QEMUs what they are, and let :func:`~livemig.fsm.prechecks.precheck` decide.
+    Touches nothing."""
+    source = await _view(session.source)
+    target = await _view(session.target)
+    root = precheck(session.plan, source, target)
+    session.guest_ram = source.ram_bytes
+    session.disk_nodes = {Side.SOURCE: root.source_node, Side.TARGET: root.target_node}
+    session.base_image = root.base_image
+    session.base_size = root.base_size
+    session.target_image = root.target_image
     session.observe(PrechecksPassed())
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
@@ -124,98 +90,19 @@ async def connect(session: Session) -> None:
     await session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
 
 
-async def _resolve_disk(monitor: Monitor, name: str, side: str) -> str:
-    """The node the disk ``name`` runs on, on one side: ``name`` itself when it is a node,
-    else the top node of the disk whose BlockBackend (``-drive …,id=``) or guest device has
-    that name. The two sides may differ: ``-drive`` nodes are auto-named (``#block123``).
-
-    :raise PrecheckError: when nothing there has that name.
-    """
-    nodes = {n.node_name for n in await block.query_named_block_nodes(monitor)}
-    if name in nodes:
-        return name
-    for disk in await block.query_block(monitor):
-        if disk.node_name is not None and disk.named(name):
-            return disk.node_name
-    raise PrecheckError(
-        f"the {side} has no disk {name!r} (--disk: a block node, a -drive id or a device id)"
+async def _view(monitor: Monitor) -> QemuView:
+    """Everything the prechecks read of one QEMU, read-only queries only."""
+    return QemuView(
+        status=await runstate.query_status(monitor),
+        ram_bytes=await runstate.query_memory_size_summary(monitor),
+        version=await runstate.query_version(monitor),
+        machine=await runstate.query_machine(monitor),
+        migration=await migration.query_migrate(monitor),
+        jobs=await jobs.query_jobs(monitor),
+        nodes=await block.query_named_block_nodes(monitor),
+        disks=await block.query_block(monitor),
+        capabilities=await migration.query_capabilities(monitor),
     )
-
-
-async def _check_disks(session: Session) -> None:
-    plan = session.plan
-    node = plan.disk_node
-    src_node = await _resolve_disk(session.source, node, "source")
-    dst_node = await _resolve_disk(session.target, node, "target")
-    session.disk_nodes = {Side.SOURCE: src_node, Side.TARGET: dst_node}
-    src_nodes = {n.node_name: n for n in await block.query_named_block_nodes(session.source)}
-    dst_nodes = {n.node_name: n for n in await block.query_named_block_nodes(session.target)}
-    src, dst = src_nodes[src_node], dst_nodes[dst_node]
-    if src.virtual_size != dst.virtual_size:
-        raise PrecheckError(
-            f"disk {node!r} sizes differ: source {src.virtual_size}, target {dst.virtual_size}"
-        )
-    same_file = _same_path(src.filename, dst.filename)
-    if plan.storage is StorageMode.SHARED and not same_file:
-        raise PrecheckError(
-            f"storage is shared but the disks are different images ({src.filename} and "
-            f"{dst.filename}); use --storage non-shared"
-        )
-    if plan.storage is StorageMode.NON_SHARED and same_file:
-        raise PrecheckError(
-            f"storage is non-shared but both QEMUs open {src.filename}; use --storage shared"
-        )
-    for leftover in (plan.overlay_node, plan.nbd_node):
-        if leftover in src_nodes:
-            raise PrecheckError(f"the source already has a node named {leftover!r}")
-    if plan.storage is StorageMode.NON_SHARED and src.driver not in ("raw", "qcow2"):
-        raise PrecheckError(f"disk {node!r} is {src.driver}; livemig copies raw and qcow2 images")
-    session.base_image = (src.filename, src.driver)
-    session.base_size = src.virtual_size
-    session.target_image = dst.filename
-
-
-async def _check_other_disks(session: Session) -> None:
-    """Refuse a VM with writable disks livemig would not carry over.
-
-    Only ``--disk`` is copied (non-shared): any other writable disk would be left behind, and
-    the guest would come up on the target with that disk's writes lost. With shared storage,
-    the other disks are fine when the target opens the same files. Read-only media and empty
-    drives do not count. ``query-block`` lists one entry per device, so the protocol and format
-    nodes of one disk are one disk here.
-    """
-    plan = session.plan
-    others = [
-        d
-        for d in await block.query_block(session.source)
-        if d.writable and d.node_name != session.disk_nodes[Side.SOURCE]
-    ]
-    if not others:
-        return
-    if plan.storage is StorageMode.NON_SHARED:
-        names = ", ".join(f"{d.node_name} ({d.filename})" for d in others)
-        raise PrecheckError(
-            f"the source has writable disks besides {plan.disk_node!r} that livemig does not "
-            f"copy: {names}; detach them or make them read-only"
-        )
-    target = {d.qdev: d for d in await block.query_block(session.target)}
-    for disk in others:
-        there = target.get(disk.qdev)
-        if there is None or there.filename is None or disk.filename is None:
-            raise PrecheckError(
-                f"storage is shared but the target has no disk for {disk.qdev} "
-                f"({disk.node_name}, {disk.filename})"
-            )
-        if not _same_path(disk.filename, there.filename):
-            raise PrecheckError(
-                f"storage is shared but disk {disk.node_name!r} is {disk.filename} on the source "
-                f"and {there.filename} on the target"
-            )
-
-
-def _same_path(a: str, b: str) -> bool:
-    """Whether two QEMU filenames name one file (both QEMUs run on this host's view of it)."""
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 async def set_capabilities(session: Session) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -53,6 +52,7 @@ from livemig.fsm.session import (
     wait_migration,
     wait_migration_event,
 )
+from livemig.fsm.settings import choose_settings
 from livemig.fsm.undo import Side, UndoKind, UndoStep
 from livemig.transports.endpoints import UnixEndpoint
 from livemig.transports.errors import (
@@ -62,13 +62,6 @@ from livemig.transports.errors import (
 )
 
 __all__ = ["ACTIONS", "DURING"]
-
-#: Source capabilities livemig always wants, when the source offers them.
-SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
-#: Target capabilities: events for MIGRATION, and no disk activation before ``cont``.
-TARGET_CAPABILITIES = ("events", "late-block-activate")
-#: ``max-bandwidth`` meaning "no cap": QEMU takes bytes/s as int64; this is 1 TiB/s.
-UNLIMITED_BANDWIDTH = 1 << 40
 
 
 async def connect(session: Session) -> None:
@@ -106,65 +99,51 @@ async def _view(monitor: Monitor) -> QemuView:
 
 
 async def set_capabilities(session: Session) -> None:
-    """Probe, then set only what each side offers. The source's old values are pushed for undo."""
+    """Probe both sides, set what :func:`~livemig.fsm.settings.choose_settings` picks of what
+    each offers. The source's old values are pushed for undo first; the target is quit on
+    revert, so its settings need none."""
     policy = session.plan.policy
-    src_caps = await migration.query_capabilities(session.source)
-    dst_caps = await migration.query_capabilities(session.target)
-    wanted_src = list(SOURCE_CAPABILITIES) + (["auto-converge"] if policy.auto_converge else [])
-    src_new = {c: True for c in wanted_src if c in src_caps}
-    dst_new = {c: True for c in TARGET_CAPABILITIES if c in dst_caps}
-    if policy.postcopy and "postcopy-ram" in src_caps and "postcopy-ram" in dst_caps:
-        # Both sides must agree on it before the stream starts; it costs nothing unused.
-        src_new["postcopy-ram"] = dst_new["postcopy-ram"] = True
-    multifd = (
-        policy.multifd_channels is not None and "multifd" in src_caps and "multifd" in dst_caps
+    src, dst = session.source, session.target
+    chosen = choose_settings(
+        policy,
+        source_capabilities=await migration.query_capabilities(src),
+        target_capabilities=await migration.query_capabilities(dst),
+        source_parameters=await migration.query_parameters(src),
+        target_parameters=await migration.query_parameters(dst),
     )
-    if multifd:
-        src_new["multifd"] = dst_new["multifd"] = True
-
-    # The target is quit on revert, so its settings need no undo; the source's do.
-    await migration.set_capabilities(session.target, dst_new)
-    if multifd:
-        channels = {"multifd-channels": policy.multifd_channels}
-        await migration.set_parameters(session.target, channels)
+    session.warnings += [
+        f"{what} is not offered; migrating without it" for what in chosen.not_offered
+    ]
+    await migration.set_capabilities(dst, chosen.target_capabilities)
+    if chosen.target_parameters:
+        await migration.set_parameters(dst, chosen.target_parameters)
     await session.push_undo(
         UndoStep(
             UndoKind.RESTORE_CAPABILITIES,
             Side.SOURCE,
-            {"capabilities": {c: bool(src_caps[c]) for c in src_new}},
+            {"capabilities": dict(chosen.restore_capabilities)},
         )
     )
-    await migration.set_capabilities(session.source, src_new)
-
-    convergence = policy.convergence()
-    bandwidth = convergence.bandwidth_cap
-    session.bandwidth = bandwidth
-    session.convergence = ConvergenceTracker(
-        policy=convergence,
-        capabilities=Capabilities(
-            auto_converge=src_new.get("auto-converge", False),
-            postcopy_allowed=policy.postcopy,
-            postcopy_on_source=src_new.get("postcopy-ram", False),
-            postcopy_on_target=dst_new.get("postcopy-ram", False),
-        ),
-    )
-    old = await migration.query_parameters(session.source)
-    params: dict[str, Any] = {
-        "downtime-limit": convergence.initial_downtime_ms,
-        "max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
-    }
-    if multifd:
-        params["multifd-channels"] = policy.multifd_channels
-    # The convergence ladder may change these later; the undo puts all of them back.
-    restored = (*params, "cpu-throttle-initial", "cpu-throttle-increment")
+    await migration.set_capabilities(src, chosen.source_capabilities)
     await session.push_undo(
         UndoStep(
             UndoKind.RESTORE_PARAMETERS,
             Side.SOURCE,
-            {"parameters": {k: plain(old[k]) for k in restored if k in old}},
+            {"parameters": plain(dict(chosen.restore_parameters))},
         )
     )
-    await migration.set_parameters(session.source, params)
+    await migration.set_parameters(src, chosen.source_parameters)
+    convergence = policy.convergence()
+    session.bandwidth = convergence.bandwidth_cap
+    session.convergence = ConvergenceTracker(
+        policy=convergence,
+        capabilities=Capabilities(
+            auto_converge=chosen.source_capabilities.get("auto-converge", False),
+            postcopy_allowed=policy.postcopy,
+            postcopy_on_source=chosen.source_capabilities.get("postcopy-ram", False),
+            postcopy_on_target=chosen.target_capabilities.get("postcopy-ram", False),
+        ),
+    )
     session.observe(CapabilitiesSet())
 
 

@@ -27,7 +27,7 @@ from livemig.fsm.journal import MemoryJournal
 from livemig.fsm.machine import State
 from livemig.fsm.plan import Deadlines
 from livemig.fsm.runner import migrate
-from livemig.fsm.steps import UNLIMITED_BANDWIDTH
+from livemig.fsm.settings import UNLIMITED_BANDWIDTH
 from livemig.fsm.undo import Side
 from livemig.model.cases import (
     FAULT_STATES,

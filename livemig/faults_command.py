@@ -15,9 +15,9 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from livemig.campaign import CaseReport, cases, run_case, summary_table
 from livemig.fsm.machine import StorageMode
 from livemig.guest import ensure_built
+from livemig.testing.campaign_real import CaseReport, cases, run_case, summary_table
 
 __all__ = ["run_faults"]
 
@@ -47,7 +47,7 @@ def _real(args: argparse.Namespace, storages: list[StorageMode]) -> bool:
 
 def _fake(args: argparse.Namespace, storages: list[StorageMode]) -> bool:
     """The fake QEMUs: the systematic table, then ``--runs`` random plans from ``--seed``."""
-    from livemig.fake_campaign import run_fake_campaign  # noqa: PLC0415 - not for --real
+    from livemig.testing.campaign_fake import run_fake_campaign  # noqa: PLC0415 - not for --real
 
     result = run_fake_campaign(storages, args.runs, args.seed)
     args.report.write_text(json.dumps(result.to_json(), indent=1) + "\n")

@@ -10,10 +10,10 @@ import trio
 from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
 
-from livemig.campaign import FAULT_STATES, Case, cases, run_case
-from livemig.fsm.faults import FaultKind
 from livemig.fsm.machine import State, StorageMode
 from livemig.guest import GuestImage
+from livemig.testing.campaign_real import FAULT_STATES, Case, cases, run_case
+from livemig.testing.faults import FaultKind
 
 pytestmark = pytest.mark.qemu
 

@@ -1,5 +1,6 @@
 """Fault injection on the fake QEMUs: every fault at every point it applies, and a property-based
-campaign over fault plans; the safety invariants (`livemig.model.invariants`) after every run."""
+campaign over fault plans; the safety invariants (`livemig.testing.model.invariants`) after every
+run."""
 
 from __future__ import annotations
 
@@ -14,22 +15,13 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from livemig.fsm.events import Outcome
-from livemig.fsm.faults import (
-    AtCommand,
-    AtState,
-    Fault,
-    FaultInjector,
-    FaultKind,
-    FaultPlan,
-    Where,
-)
 from livemig.fsm.journal import MemoryJournal
 from livemig.fsm.machine import State
 from livemig.fsm.plan import Deadlines
 from livemig.fsm.runner import migrate
 from livemig.fsm.steps import UNLIMITED_BANDWIDTH
 from livemig.fsm.undo import Side
-from livemig.model.cases import (
+from livemig.testing.cases import (
     FAULT_STATES,
     OPERATIONS,
     STORAGES,
@@ -38,8 +30,17 @@ from livemig.model.cases import (
     expected,
     table,
 )
-from livemig.model.runs import FaultRun, migrate_with_faults, plan_for
-from livemig.model.world import Knobs, Storage, fake_world
+from livemig.testing.faults import (
+    AtCommand,
+    AtState,
+    Fault,
+    FaultInjector,
+    FaultKind,
+    FaultPlan,
+    Where,
+)
+from livemig.testing.model.runs import FaultRun, migrate_with_faults, plan_for
+from livemig.testing.model.world import Knobs, Storage, fake_world
 from livemig.transports.errors import CommandFailed, ConnectionLost, ProtocolError, UsageError
 
 #: Trio seconds any fake run must end within (deadlines included).

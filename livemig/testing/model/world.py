@@ -31,10 +31,10 @@ import trio
 from livemig.drivers.qmp import Monitor
 from livemig.drivers.status import MigrationStatus, RunState
 from livemig.fsm.undo import Side
-from livemig.model.block import Export, Node
-from livemig.model.host import FakeHost, ImageFile
-from livemig.model.migration import peer_died
-from livemig.model.qemu import RECORDS_PER_BOOT, FakeMonitor, FakeQemu, Guest
+from livemig.testing.model.block import Export, Node
+from livemig.testing.model.host import FakeHost, ImageFile
+from livemig.testing.model.migration import peer_died
+from livemig.testing.model.qemu import RECORDS_PER_BOOT, FakeMonitor, FakeQemu, Guest
 from livemig.transports.errors import ConnectFailed
 
 __all__ = ["DISK_BYTES", "FIRST_BOOT", "Knobs", "Snapshot", "Storage", "World", "fake_world"]

@@ -26,13 +26,13 @@ import trio
 from livemig.drivers.host import LocalHost
 from livemig.drivers.qmp import Monitor
 from livemig.fsm.events import MigrationResult, Outcome
-from livemig.fsm.faults import AtState, Fault, FaultInjector, FaultKind, FaultPlan
 from livemig.fsm.machine import State, StorageMode
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.runner import connect_monitor, migrate
 from livemig.fsm.undo import Side
 from livemig.guest import GuestImage
 from livemig.guest._lab import Lab, migration_lab
+from livemig.testing.faults import AtState, Fault, FaultInjector, FaultKind, FaultPlan
 
 __all__ = ["Case", "CaseReport", "cases", "kill_on_state", "run_case"]
 

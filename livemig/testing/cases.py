@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 
 from livemig.fsm.events import Outcome
-from livemig.fsm.faults import HOST_OPERATIONS, AtCommand, AtState, FaultKind, Where
 from livemig.fsm.machine import State
 from livemig.fsm.undo import Side
-from livemig.model.world import Storage
+from livemig.testing.faults import HOST_OPERATIONS, AtCommand, AtState, FaultKind, Where
+from livemig.testing.model.world import Storage
 
 __all__ = [
     "COMMANDS",

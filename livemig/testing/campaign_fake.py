@@ -1,16 +1,17 @@
-"""Fault campaigns on the fake QEMUs (:mod:`livemig.model`): fast, deterministic, replayable.
+"""Fault campaigns on the fake QEMUs (:mod:`livemig.testing.model`): fast, deterministic,
+replayable.
 
-A campaign is first the systematic table (:mod:`livemig.model.cases`: every fault kind at every
+A campaign is first the systematic table (:mod:`livemig.testing.cases`: every fault kind at every
 state where it applies, on each side, and livemig itself crashing then ``livemig recover``, once
 per storage mode), then ``runs`` random fault plans of one to three faults drawn from
 ``random.Random(seed)``: a first fault where it applies (so every pair gets its turn), then up to
 two more anywhere (at commands, during the revert, on either side). Every plan runs on fresh fake
 QEMUs in a trio run of its own on a mock clock, the safety invariants
-(:mod:`livemig.model.invariants`) are checked after it. A run does no real I/O and starts no
-thread while its mock clock runs (the journal is a :class:`~livemig.fsm.journal.MemoryJournal`),
-and the fake's timings (:class:`~livemig.model.world.Knobs`) keep independent things off the same
-instant, so a run does not depend on the machine's load nor on the order trio runs tasks woken
-together: a plan replays exactly (:func:`run_plan`), and a seed gives the same campaign.
+(:mod:`livemig.testing.model.invariants`) are checked after it. A run does no real I/O and starts
+no thread while its mock clock runs (the journal is a :class:`~livemig.fsm.journal.MemoryJournal`),
+and the fake's timings (:class:`~livemig.testing.model.world.Knobs`) keep independent things off
+the same instant, so a run does not depend on the machine's load nor on the order trio runs tasks
+woken together: a plan replays exactly (:func:`run_plan`), and a seed gives the same campaign.
 
 What a systematic run must do besides: its fault strikes, in its state, and the outcome is the
 one a correct livemig ends in. A random plan may not reach every fault's point (it is reported
@@ -35,10 +36,9 @@ import trio
 import trio.testing
 
 from livemig.fsm.events import Outcome
-from livemig.fsm.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
 from livemig.fsm.machine import State, StorageMode
 from livemig.fsm.undo import Side
-from livemig.model.cases import (
+from livemig.testing.cases import (
     FAULT_STATES,
     OPERATIONS,
     crash_expected,
@@ -46,8 +46,9 @@ from livemig.model.cases import (
     expected,
     table,
 )
-from livemig.model.runs import FaultRun, migrate_with_faults
-from livemig.model.world import Storage, fake_world
+from livemig.testing.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
+from livemig.testing.model.runs import FaultRun, migrate_with_faults
+from livemig.testing.model.world import Storage, fake_world
 
 __all__ = [
     "Case",

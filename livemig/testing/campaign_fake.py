@@ -38,20 +38,12 @@ import trio.testing
 from livemig.fsm.events import Outcome
 from livemig.fsm.machine import State, StorageMode
 from livemig.fsm.undo import Side
-from livemig.testing.cases import (
-    FAULT_STATES,
-    OPERATIONS,
-    crash_expected,
-    crash_points,
-    expected,
-    table,
-)
+from livemig.testing.cases import FAULT_STATES, OPERATIONS, Case, cases, expected, outcome_names
 from livemig.testing.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
 from livemig.testing.model.runs import FaultRun, migrate_with_faults
-from livemig.testing.model.world import Storage, fake_world
+from livemig.testing.model.world import fake_world
 
 __all__ = [
-    "Case",
     "FakeCampaignResult",
     "PlanReport",
     "run_fake_campaign",
@@ -69,29 +61,11 @@ WORK = "<work>"
 Source = Literal["table", "random"]
 
 
-@attrs.frozen
-class Case:
-    """One fault of the systematic table, and what a correct livemig ends in."""
-
-    storage: StorageMode
-    fault: Fault
-    expected: frozenset[Outcome]
-
-
 def systematic_cases(storages: Sequence[StorageMode]) -> list[Case]:
-    """Every applicable (state, fault kind) pair, on each side it can strike, then livemig
-    crashing at each of its crash points; per storage mode."""
-    out: list[Case] = []
-    for mode in storages:
-        storage = _storage(mode)
-        for _, state, kind, side in table((storage,)):
-            fault = Fault(kind, AtState(state, side))
-            out.append(Case(mode, fault, frozenset(expected(storage, state, kind, side))))
-        for where in crash_points(storage):
-            out.append(
-                Case(mode, Fault(FaultKind.CRASH, where), frozenset({crash_expected(where)}))
-            )
-    return out
+    """The whole table of :mod:`livemig.testing.cases` for these storage modes: every
+    applicable (state, fault kind) pair on each side it can strike, then livemig crashing at
+    each of its crash points."""
+    return cases(storages)
 
 
 @attrs.frozen
@@ -278,12 +252,13 @@ def run_fake_campaign(
     started = time.perf_counter()
     rng = random.Random(seed)
     modes = tuple(storages)
-    cases = systematic_cases(modes)
+    table = systematic_cases(modes)
     todo: list[tuple[Source, StorageMode, FaultPlan, frozenset[Outcome]]] = [
-        ("table", c.storage, FaultPlan((c.fault,), rng.randrange(2**32)), c.expected) for c in cases
+        ("table", c.storage, FaultPlan((c.fault,), rng.randrange(2**32)), expected(c))
+        for c in table
     ]
     for _ in range(runs):
-        storage, plan = _random_plan(rng, cases)
+        storage, plan = _random_plan(rng, table)
         todo.append(("random", storage, plan, frozenset()))
     reports: list[PlanReport] = []
     with _quiet_logs():
@@ -296,9 +271,7 @@ def run_fake_campaign(
                     f" ({time.perf_counter() - started:.1f} s)"
                 )
     applicable = frozenset(
-        f"{c.storage.value}/{c.fault.where.state.value}/{c.fault.kind.value}"
-        for c in cases
-        if isinstance(c.fault.where, AtState)
+        f"{c.storage.value}/{c.state.value}/{c.kind.value}" for c in table if c.state is not None
     )
     return FakeCampaignResult(
         seed=seed,
@@ -354,7 +327,7 @@ def run_plan(
             run = trio.run(
                 _migrate,
                 work,
-                _storage(storage),
+                storage,
                 plan,
                 clock=trio.testing.MockClock(autojump_threshold=0),
             )
@@ -375,7 +348,7 @@ def run_plan(
     return attrs.evolve(report, seconds=time.perf_counter() - started)
 
 
-async def _migrate(work: Path, storage: Storage, plan: FaultPlan) -> FaultRun:
+async def _migrate(work: Path, storage: StorageMode, plan: FaultPlan) -> FaultRun:
     with trio.fail_after(GUARD):
         async with fake_world(work, storage=storage) as world:
             return await migrate_with_faults(world, plan)
@@ -395,7 +368,7 @@ def _report(
     def scrub(texts: Sequence[str]) -> tuple[str, ...]:
         return tuple(t.replace(work, WORK) for t in texts)
 
-    wanted = tuple(sorted(o.value for o in expected))
+    wanted = outcome_names(expected)
     if run is None:
         assert error is not None
         (text,) = scrub([error])
@@ -434,10 +407,6 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in err.exceptions)
     return f"{type(err).__name__}: {err}"
-
-
-def _storage(mode: StorageMode) -> Storage:
-    return "shared" if mode is StorageMode.SHARED else "non-shared"
 
 
 @contextmanager

@@ -155,13 +155,14 @@ def expected(case: Case) -> frozenset[Outcome]:
       guest runs on the target: whatever befalls the source or the cleanup is a warning, and a
       crash is rolled forward by ``livemig recover`` (its journal says ``switched-over``). Only
       losing the target loses the guest: ``failed``, the paused source kept for the operator.
-    - Killing the source before it kills the guest with its only QEMU: ``failed``, and nothing
-      left behind but what holds the dead guest's data.
+    - Killing the source before the switchover kills the guest with its only QEMU: ``failed``,
+      and nothing left behind but what holds the dead guest's data.
     - A crash before the target's ``cont`` was answered, entering ``pre-switchover`` included:
       the target does not hold the guest (the last of RAM and the device state are sent after
       ``migrate-continue``), so ``recover`` must revert. (The real campaign's SIGKILL lands
-      within moments of the state's announcement, long before the downtime's end; the old real
-      oracle's "either" only hid a late kill.)
+      within moments of the state's announcement, long before the downtime ends; the old real
+      oracle's "either" would have passed a kill that landed late; on both storages it
+      reverts.)
     - A hung progress poll in ``state-transfer`` races the pause against the command deadline:
       the pause first cancels the poll with the steering and the migration finalizes; the
       deadline first means a monitor that does not answer, and reverting is safe. Both are

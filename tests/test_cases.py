@@ -31,7 +31,7 @@ def test_every_case_is_named_once() -> None:
     assert len({c.name for c in table}) == len(table) == len(set(table))
 
 
-def test_the_fake_campaign_runs_the_table_and_judges_by_the_oracle() -> None:
+def test_the_campaign_on_fake_qemus_runs_the_table_and_judges_by_the_oracle() -> None:
     result = campaign_fake.run_fake_campaign(list(StorageMode), 0, 3, progress=lambda _: None)
     ran = []
     for report in result.reports:

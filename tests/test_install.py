@@ -25,10 +25,14 @@ def test_an_install_adds_only_livemig_at_top_level(tmp_path: Path) -> None:
     )  # fmt: skip
     top = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
     assert top in (["bin", "livemig"], ["livemig"])
-    for folder in ("fsm", "drivers", "transports", "guest"):
+    for folder in ("fsm", "drivers", "transports", "guest", "testing", "testing/model"):
         assert (target / "livemig" / folder / "__init__.py").is_file()
+    # The test machinery is livemig.testing, and the engine has no fault module left.
+    assert not (target / "livemig" / "fsm" / "faults.py").exists()
+    assert not (target / "livemig" / "model").exists()
     probe = (
         "import importlib.util as u, livemig.fsm.machine, livemig.guest;"
+        "import livemig.testing.campaign_fake, livemig.testing.campaign_real;"
         "print([n for n in ('fsm', 'drivers', 'transports', 'guest') if u.find_spec(n)])"
     )
     out = subprocess.run(

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
-import trio_asyncio
 
-from livemig.campaign import CaseReport, cases, run_case, summary_table
 from livemig.fsm.machine import StorageMode
-from livemig.guest import ensure_built
+from livemig.testing.campaign_real import CaseReport, run_real_campaign, summary_table
 
 __all__ = ["run_faults"]
 
@@ -32,7 +29,7 @@ def run_faults(args: argparse.Namespace) -> int:
 
 
 def _real(args: argparse.Namespace, storages: list[StorageMode]) -> bool:
-    reports = trio.run(_real_campaign, storages, args.only, args.seed)
+    reports = trio.run(partial(run_real_campaign, storages, only=args.only, seed=args.seed))
     report: dict[str, Any] = {
         "kind": "real",
         "seed": args.seed,
@@ -47,7 +44,7 @@ def _real(args: argparse.Namespace, storages: list[StorageMode]) -> bool:
 
 def _fake(args: argparse.Namespace, storages: list[StorageMode]) -> bool:
     """The fake QEMUs: the systematic table, then ``--runs`` random plans from ``--seed``."""
-    from livemig.fake_campaign import run_fake_campaign  # noqa: PLC0415 - not for --real
+    from livemig.testing.campaign_fake import run_fake_campaign  # noqa: PLC0415 - not for --real
 
     result = run_fake_campaign(storages, args.runs, args.seed)
     args.report.write_text(json.dumps(result.to_json(), indent=1) + "\n")
@@ -56,28 +53,6 @@ def _fake(args: argparse.Namespace, storages: list[StorageMode]) -> bool:
     for r in result.violations:
         print(f"  #{r.number} {r.storage.value}: {r.plan.describe()}: {'; '.join(r.problems)}")
     return result.ok
-
-
-async def _real_campaign(
-    storages: list[StorageMode], only: str | None, seed: int
-) -> list[CaseReport]:
-    image = await ensure_built()
-    chosen = [c for c in cases(storages) if only is None or only in c.name]
-    reports: list[CaseReport] = []
-    async with trio_asyncio.open_loop():
-        for number, case in enumerate(chosen, 1):
-            with tempfile.TemporaryDirectory(prefix="livemig-fault-") as work:
-                report = await run_case(image, Path(work), case, seed=seed)
-            reports.append(report)
-            mark = "ok  " if report.ok else "FAIL"
-            print(
-                f"[{number:3}/{len(chosen)}] {mark} {case.name:48} -> {report.outcome}"
-                f" ({report.seconds:.1f} s)"
-                + ("" if report.ok else f": {'; '.join(report.problems) or report.error}"),
-                file=sys.stderr,
-                flush=True,
-            )
-    return reports
 
 
 def _print_totals(report: dict[str, Any], ok: bool, failed: list[CaseReport], path: Path) -> None:

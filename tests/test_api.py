@@ -55,3 +55,25 @@ def test_the_cli_imports_no_engine_for_help() -> None:
         [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_test_machinery_exports_what_a_test_engineer_needs() -> None:
+    import livemig.testing
+
+    assert len(set(livemig.testing.__all__)) == len(livemig.testing.__all__)
+    for name in livemig.testing.__all__:
+        assert hasattr(livemig.testing, name), name
+    assert {"fake_world", "migrate_with_faults", "FaultPlan", "run_fake_campaign"} <= set(
+        dir(livemig.testing)
+    )
+
+
+def test_the_engine_does_not_import_the_test_machinery() -> None:
+    probe = (
+        "import sys, livemig.fsm.runner, livemig.fsm.recovery, livemig.cli;"
+        "print(sorted(m for m in sys.modules if m.startswith('livemig.testing')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"

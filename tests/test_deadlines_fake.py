@@ -16,13 +16,13 @@ import trio.testing
 from livemig.cli import build_parser, policy_from
 from livemig.drivers.qmp import EventStream, Monitor
 from livemig.fsm.events import MigrationResult, Outcome
-from livemig.fsm.faults import AtCommand, Fault, FaultKind
 from livemig.fsm.journal import MemoryJournal
 from livemig.fsm.plan import Deadlines, Policy
 from livemig.fsm.runner import migrate
 from livemig.fsm.undo import Side
-from livemig.model.runs import FAST_DEADLINES, FaultRun, migrate_with_faults, plan_for
-from livemig.model.world import Knobs, World, fake_world
+from livemig.testing.faults import AtCommand, Fault, FaultKind
+from livemig.testing.model.runs import FAST_DEADLINES, FaultRun, migrate_with_faults, plan_for
+from livemig.testing.model.world import Knobs, World, fake_world
 from livemig.transports.errors import UsageError
 
 #: Trio seconds any run here must end within.

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import trio
 
-from livemig import fake_campaign
 from livemig.cli import main
 from livemig.fsm.events import Outcome
-from livemig.fsm.faults import AtState, Fault, FaultKind, FaultPlan
 from livemig.fsm.machine import State, StorageMode
-from livemig.model.invariants import Verdict, check_invariants
+from livemig.testing import campaign_fake
+from livemig.testing.faults import AtState, Fault, FaultKind, FaultPlan
+from livemig.testing.model.invariants import Verdict, check_invariants
 
 FAULTS = ["faults", "--runs", "30", "--seed", "7"]
 
@@ -28,7 +28,7 @@ def without_timings(report: dict[str, Any]) -> dict[str, Any]:
 
 def replay(run: dict[str, Any]) -> dict[str, Any]:
     """Run one plan of a report again, as a reader of the report would."""
-    again = fake_campaign.run_plan(
+    again = campaign_fake.run_plan(
         StorageMode(run["storage"]),
         FaultPlan.from_json(run["plan"]),
         frozenset(Outcome(o) for o in run["expected"]),
@@ -47,7 +47,7 @@ def test_a_fake_campaign_passes_replays_and_repeats(
     report = json.loads(path.read_text())
 
     counts = report["counts"]
-    table = len(fake_campaign.systematic_cases(list(StorageMode)))
+    table = len(campaign_fake.systematic_cases(list(StorageMode)))
     assert counts["table_plans"] == table
     assert counts["random_plans"] == 30
     assert counts["plans"] == len(report["runs"]) == table + 30
@@ -100,7 +100,9 @@ def test_a_violation_fails_the_campaign_and_names_its_plan(
             return Verdict(verdict.survivor, ("split brain (planted)",), (), ())
         return verdict
 
-    monkeypatch.setattr("livemig.model.runs.check_invariants", split_brain_after_kill_target)
+    monkeypatch.setattr(
+        "livemig.testing.model.runs.check_invariants", split_brain_after_kill_target
+    )
     path = tmp_path / "report.json"
     args = ["faults", "--runs", "3", "--seed", "1", "--storage", "shared", "--report", str(path)]
     assert main(args) == 1
@@ -134,9 +136,9 @@ async def _never_ends(*args: object) -> None:
 def test_a_run_that_breaks_is_a_finding_not_the_end_of_the_campaign(
     monkeypatch: pytest.MonkeyPatch, broken: object, why: str
 ) -> None:
-    monkeypatch.setattr("livemig.fake_campaign.migrate_with_faults", broken)
+    monkeypatch.setattr("livemig.testing.campaign_fake.migrate_with_faults", broken)
     plan = FaultPlan((Fault(FaultKind.CANCEL, AtState(State.CONNECTED)),), seed=3)
-    report = fake_campaign.run_plan(StorageMode.SHARED, plan).to_json()
+    report = campaign_fake.run_plan(StorageMode.SHARED, plan).to_json()
     assert report["outcome"] == "error"
     assert not report["ok"]
     assert not report["invariants"]["held"]

@@ -1,5 +1,6 @@
 """Fault injection on the fake QEMUs: every fault at every point it applies, and a property-based
-campaign over fault plans; the safety invariants (`livemig.model.invariants`) after every run."""
+campaign over fault plans; the safety invariants (`livemig.testing.model.invariants`) after every
+run."""
 
 from __future__ import annotations
 
@@ -14,34 +15,28 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from livemig.fsm.events import Outcome
-from livemig.fsm.faults import (
+from livemig.fsm.journal import MemoryJournal
+from livemig.fsm.machine import State, StorageMode
+from livemig.fsm.plan import Deadlines
+from livemig.fsm.runner import migrate
+from livemig.fsm.settings import UNLIMITED_BANDWIDTH
+from livemig.fsm.undo import Side
+from livemig.testing.cases import FAULT_STATES, OPERATIONS, STORAGES, Case, cases, expected
+from livemig.testing.faults import (
     AtCommand,
     AtState,
     Fault,
     FaultInjector,
     FaultKind,
     FaultPlan,
-    Where,
 )
-from livemig.fsm.journal import MemoryJournal
-from livemig.fsm.machine import State
-from livemig.fsm.plan import Deadlines
-from livemig.fsm.runner import migrate
-from livemig.fsm.settings import UNLIMITED_BANDWIDTH
-from livemig.fsm.undo import Side
-from livemig.model.cases import (
-    FAULT_STATES,
-    OPERATIONS,
-    STORAGES,
-    crash_expected,
-    crash_points,
-    expected,
-    table,
-)
-from livemig.model.runs import FaultRun, migrate_with_faults, plan_for
-from livemig.model.world import Knobs, Storage, fake_world
+from livemig.testing.model.runs import FaultRun, migrate_with_faults, plan_for
+from livemig.testing.model.world import Knobs, Storage, fake_world
 from livemig.transports.errors import CommandFailed, ConnectionLost, ProtocolError, UsageError
 
+#: The table's faults in a state, and its crashes (followed by ``livemig recover``).
+TABLE = [c for c in cases() if c.kind is not FaultKind.CRASH]
+CRASHES = [c for c in cases() if c.kind is FaultKind.CRASH]
 #: Trio seconds any fake run must end within (deadlines included).
 GUARD = 120
 
@@ -50,7 +45,7 @@ async def run_once(
     tmp_path: Path,
     faults: tuple[Fault, ...] | FaultPlan = (),
     *,
-    storage: Storage = "non-shared",
+    storage: Storage | StorageMode = "non-shared",
     knobs: Knobs | None = None,
     deadlines: Deadlines | None = None,
     guard: float = GUARD,
@@ -172,7 +167,7 @@ async def test_faults_count_calls_per_side_and_report_what_never_struck(
 
 @pytest.mark.parametrize("storage", STORAGES)
 async def test_happy_path_finalizes(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, storage: Storage
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, storage: StorageMode
 ) -> None:
     run = await run_once(tmp_path, storage=storage)
     assert run.result.outcome is Outcome.FINALIZED, run.explain()
@@ -207,29 +202,14 @@ async def test_the_operators_bandwidth_cap_is_the_one_qemu_gets(
 # -- (b) every fault where it applies ------------------------------------------------------------
 
 
-def table_params() -> list[object]:
-    return [
-        pytest.param(
-            *row,
-            id="-".join(str(getattr(part, "value", part)) for part in row if part is not None),
-        )
-        for row in table()
-    ]
-
-
-@pytest.mark.parametrize(("storage", "state", "kind", "side"), table_params())
+@pytest.mark.parametrize("case", TABLE, ids=lambda c: c.name)
 async def test_fault_in_state(
-    tmp_path: Path,
-    autojump_clock: trio.testing.MockClock,
-    storage: Storage,
-    state: State,
-    kind: FaultKind,
-    side: Side | None,
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, case: Case
 ) -> None:
-    run = await run_once(tmp_path, (Fault(kind, AtState(state, side)),), storage=storage)
+    run = await run_once(tmp_path, (case.fault,), storage=case.storage)
     assert run.fired, f"the fault never struck: {run.explain()}"
-    assert run.fired[0].state is state
-    assert run.result.outcome in expected(storage, state, kind, side), run.explain()
+    assert run.fired[0].state is case.state
+    assert run.result.outcome in expected(case), run.explain()
     assert run.verdict.ok, run.explain()
 
 
@@ -244,17 +224,17 @@ FAULT = st.builds(Fault, st.sampled_from(list(FaultKind)), WHERE)
 
 
 @st.composite
-def storages_and_plans(draw: st.DrawFn) -> tuple[Storage, FaultPlan]:
+def storages_and_plans(draw: st.DrawFn) -> tuple[StorageMode, FaultPlan]:
     """A first fault at a (state, kind) where it applies, so every pair gets its turn, then up
     to two more anywhere: at commands, during the revert, on either side; a crash among them
     is followed by ``livemig recover``."""
-    storage, state, kind, side = draw(st.sampled_from(table()))
+    first = draw(st.sampled_from(TABLE))
     more = draw(st.lists(FAULT, max_size=2))
     seed = draw(st.integers(0, 2**16))
-    return storage, FaultPlan((Fault(kind, AtState(state, side)), *more), seed)
+    return first.storage, FaultPlan((first.fault, *more), seed)
 
 
-def campaign_run(work_dir: Path, plan: FaultPlan, storage: Storage) -> FaultRun:
+def campaign_run(work_dir: Path, plan: FaultPlan, storage: StorageMode) -> FaultRun:
     """One example, in a trio run of its own on the mock clock."""
 
     async def main() -> FaultRun:
@@ -270,7 +250,7 @@ def campaign_run(work_dir: Path, plan: FaultPlan, storage: Storage) -> FaultRun:
 )
 @given(case=storages_and_plans())
 def test_no_fault_plan_loses_the_vm(
-    tmp_path_factory: pytest.TempPathFactory, case: tuple[Storage, FaultPlan]
+    tmp_path_factory: pytest.TempPathFactory, case: tuple[StorageMode, FaultPlan]
 ) -> None:
     storage, plan = case
     run = campaign_run(tmp_path_factory.mktemp("plan"), plan, storage)
@@ -324,7 +304,7 @@ async def test_a_mirror_that_never_gets_ready_reverts(
 
 @pytest.mark.parametrize("storage", STORAGES)
 async def test_a_migration_that_never_converges_reverts(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, storage: Storage
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, storage: StorageMode
 ) -> None:
     run = await run_once(
         tmp_path,
@@ -346,18 +326,11 @@ async def test_a_migration_that_never_converges_reverts(
 # -- crash: livemig itself dies; `livemig recover` brings the guest to safety ----------------------
 
 
-@pytest.mark.parametrize(
-    ("storage", "where"),
-    [
-        pytest.param(storage, where, id=f"{storage}-{where.describe()}")
-        for storage in STORAGES
-        for where in crash_points(storage)
-    ],
-)
+@pytest.mark.parametrize("case", CRASHES, ids=lambda c: c.name)
 async def test_crash_then_recover(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, storage: Storage, where: Where
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, case: Case
 ) -> None:
-    run = await run_once(tmp_path, (Fault(FaultKind.CRASH, where),), storage=storage)
+    run = await run_once(tmp_path, (case.fault,), storage=case.storage)
     assert run.recovered, run.explain()
-    assert run.result.outcome is crash_expected(where), run.explain()
+    assert run.result.outcome in expected(case), run.explain()
     assert run.verdict.ok, run.explain()

@@ -13,15 +13,15 @@ import trio.testing
 from livemig.drivers import block, jobs, migration, nbd, runstate
 from livemig.drivers.status import JobStatus, MigrationStatus
 from livemig.fsm.events import MigrationResult, Outcome
-from livemig.fsm.faults import AtCommand, AtState, Fault, FaultKind
 from livemig.fsm.machine import State
 from livemig.fsm.plan import Deadlines
 from livemig.fsm.session import JOB_EVENTS, wait_job, wait_migration
 from livemig.fsm.undo import Side
-from livemig.model.block import Job
-from livemig.model.invariants import check_invariants, reads_only
-from livemig.model.runs import FaultRun, migrate_with_faults
-from livemig.model.world import Knobs, Storage, World, fake_world
+from livemig.testing.faults import AtCommand, AtState, Fault, FaultKind
+from livemig.testing.model.block import Job
+from livemig.testing.model.invariants import check_invariants, reads_only
+from livemig.testing.model.runs import FaultRun, migrate_with_faults
+from livemig.testing.model.world import Knobs, Storage, World, fake_world
 
 GUARD = 120
 STORAGES: tuple[Storage, ...] = ("non-shared", "shared")

@@ -10,14 +10,14 @@ import pytest
 import trio
 import trio.testing
 
-from livemig.fsm.faults import AtState, Fault, FaultKind
 from livemig.fsm.journal import FileJournal, Journal, MemoryJournal, journal_path
 from livemig.fsm.machine import State
 from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
 from livemig.fsm.undo import Side, UndoKind, UndoStep
-from livemig.model.runs import migrate_with_faults, plan_for
-from livemig.model.world import Knobs, Storage, fake_world
+from livemig.testing.faults import AtState, Fault, FaultKind
+from livemig.testing.model.runs import migrate_with_faults, plan_for
+from livemig.testing.model.world import Knobs, Storage, fake_world
 
 pytestmark = pytest.mark.filterwarnings("error")
 

@@ -16,10 +16,10 @@ import trio
 from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
 
-from livemig.campaign import kill_on_state
 from livemig.cli import EXIT_OK, EXIT_REVERTED
 from livemig.guest import GuestImage
 from livemig.guest._lab import migration_lab
+from livemig.testing.campaign_real import kill_on_state
 
 pytestmark = pytest.mark.qemu
 

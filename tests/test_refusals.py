@@ -14,8 +14,8 @@ from livemig.cli import exit_code
 from livemig.fsm.events import Outcome
 from livemig.fsm.journal import MemoryJournal
 from livemig.fsm.runner import migrate
-from livemig.model.runs import plan_for
-from livemig.model.world import Storage, fake_world
+from livemig.testing.model.runs import plan_for
+from livemig.testing.model.world import Storage, fake_world
 
 
 @pytest.mark.parametrize("storage", ["non-shared", "shared"])

@@ -13,8 +13,8 @@ from livemig.drivers.host import LocalHost
 from livemig.fsm.journal import MemoryJournal
 from livemig.fsm.plan import Plan
 from livemig.fsm.runner import migrate
-from livemig.model.runs import plan_for
-from livemig.model.world import fake_world
+from livemig.testing.model.runs import plan_for
+from livemig.testing.model.world import fake_world
 
 
 def test_the_nbd_export_name_is_random_per_plan(tmp_path: Path) -> None:

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from livemig.drivers.status import MigrationStatus, RunState
-from livemig.model.block import QemuError
-from livemig.model.host import SocketFile
+from livemig.testing.model.block import QemuError
+from livemig.testing.model.host import SocketFile
 
 if TYPE_CHECKING:
-    from livemig.model.qemu import FakeQemu
+    from livemig.testing.model.qemu import FakeQemu
 
 __all__ = ["CAPABILITIES", "MIGRATION_COMMANDS", "PARAMETERS", "Migration", "peer_died"]
 

@@ -16,36 +16,40 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 import trio
+import trio_asyncio
 
+from livemig.drivers import runstate
 from livemig.drivers.host import LocalHost
-from livemig.drivers.qmp import Monitor
+from livemig.drivers.qmp import Monitor, open_monitor
 from livemig.fsm.events import MigrationResult, Outcome
-from livemig.fsm.faults import AtState, Fault, FaultInjector, FaultKind, FaultPlan
 from livemig.fsm.machine import State, StorageMode
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.runner import connect_monitor, migrate
 from livemig.fsm.undo import Side
-from livemig.guest import GuestImage
+from livemig.guest import GuestImage, ensure_built
 from livemig.guest._lab import Lab, migration_lab
+from livemig.testing import cases as fault_cases
+from livemig.testing.cases import FAULT_STATES, STORAGES, Case, outcome_names
+from livemig.testing.faults import FaultInjector, FaultKind, FaultPlan
 
-__all__ = ["Case", "CaseReport", "cases", "kill_on_state", "run_case"]
+__all__ = [
+    "CaseReport",
+    "aims_at",
+    "cases",
+    "kill_on_state",
+    "run_case",
+    "run_real_campaign",
+    "summary_table",
+]
 
-#: States a fault can strike in (``idle`` faults are prechecks: see the CLI tests).
-FAULT_STATES = (
-    State.CONNECTED,
-    State.CAPABILITIES_SET,
-    State.SNAPSHOTTED,
-    State.MIRRORING,
-    State.STATE_TRANSFER,
-    State.PRE_SWITCHOVER,
-)
-#: Where the NBD export exists, so cutting it means something.
+#: Where the NBD export exists, so tearing it down cuts the link.
 _NBD_STATES = frozenset({State.MIRRORING, State.STATE_TRANSFER, State.PRE_SWITCHOVER})
 #: A command deadline short enough for ``hang`` cases to end quickly (a fixed 60 s RAM phase,
 #: and liveness questions as long as two commands, as before these were fields of their own).
@@ -62,66 +66,69 @@ CAMPAIGN_DEADLINES = Deadlines(
 _FULL_DISK_BYTES = 128 << 10
 
 
-@attrs.frozen
-class Case:
-    storage: StorageMode
-    kind: FaultKind
-    state: State
+def aims_at(case: Case) -> bool:
+    """Whether the real campaign can aim this case of the table at real QEMU. It runs every
+    case but these, and judges each by the same oracle as the fake
+    (:func:`livemig.testing.cases.expected`):
 
-    @property
-    def name(self) -> str:
-        return f"{self.storage.value}/{self.state.value}/{self.kind.value}"
-
-
-def applies(case: Case) -> bool:
-    """Whether the fault means something in that state with that storage."""
-    shared = case.storage is StorageMode.SHARED
-    if shared and case.state in (State.SNAPSHOTTED, State.MIRRORING):
+    - ``idle``: a fault there strikes a precheck, before livemig has touched either QEMU; the
+      fake table and the refusal tests cover it, a real guest adds nothing.
+    - ``cut-nbd`` outside ``mirroring`` … ``pre-switchover``: a real cut tears the NBD export
+      down, and there is none before the mirror starts nor after the switchover (the fake
+      models a partition instead, which bites once NBD is used).
+    - ``crash`` at a command: livemig is a process of its own, SIGKILLed from outside as it
+      announces a state; nothing outside it can aim between two of its QMP commands.
+    """
+    if case.state is None or case.state is State.IDLE:
         return False
     if case.kind is FaultKind.CUT_NBD:
-        return not shared and case.state in _NBD_STATES
-    if case.kind is FaultKind.DISK_FULL:
-        # The overlay is created by the snapshot action, in capabilities-set.
-        return not shared and case.state is State.CAPABILITIES_SET
+        return case.state in _NBD_STATES
     return True
 
 
-def cases(storages: Iterable[StorageMode] = tuple(StorageMode)) -> list[Case]:
-    """Every (storage, state, kind) case that applies."""
-    return [
-        c
-        for storage in storages
-        for state in FAULT_STATES
-        for kind in FaultKind
-        if applies(c := Case(storage, kind, state))
-    ]
+def cases(storages: Iterable[StorageMode] = STORAGES) -> list[Case]:
+    """The cases of the table the real campaign runs (:func:`aims_at`)."""
+    return [c for c in fault_cases.cases(list(storages)) if aims_at(c)]
 
 
-def expected_outcomes(case: Case) -> frozenset[Outcome]:
-    """What a correct livemig ends in.
+async def run_real_campaign(
+    storages: Iterable[StorageMode] = STORAGES,
+    *,
+    only: str | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[CaseReport]:
+    """Run every case of :func:`cases` (those whose name contains ``only``, when given), each
+    on a freshly booted guest, building the test guest first if needed. Call it in trio.
 
-    Killing the source before switchover kills the guest — no migration engine can save it — so
-    livemig must say ``failed`` and leave nothing behind. Most faults must revert. Some need
-    not: a hung progress poll can be outrun by the switchover event; an NBD link cut while the
-    guest is paused at ``pre-switchover`` loses nothing (no write is in flight: the mirror is
-    in sync); a crash at ``pre-switchover`` may land after the target's ``cont``. Either way the
-    invariants must hold for the side the outcome names.
+    :param progress: gets a line per case (default: to stderr).
     """
-    if case.kind is FaultKind.KILL_SOURCE:
-        return frozenset({Outcome.FAILED})
-    either = frozenset({Outcome.REVERTED, Outcome.FINALIZED})
-    if case.kind is FaultKind.HANG and case.state is State.STATE_TRANSFER:
-        return either
-    if case.state is State.PRE_SWITCHOVER and case.kind in (FaultKind.CRASH, FaultKind.CUT_NBD):
-        return either
-    return frozenset({Outcome.REVERTED})
+    say = progress if progress is not None else _to_stderr
+    image = await ensure_built()
+    chosen = [c for c in cases(storages) if only is None or only in c.name]
+    reports: list[CaseReport] = []
+    async with trio_asyncio.open_loop():
+        for number, case in enumerate(chosen, 1):
+            with tempfile.TemporaryDirectory(prefix="livemig-fault-") as work:
+                report = await run_case(image, Path(work), case, seed=seed)
+            reports.append(report)
+            mark = "ok  " if report.ok else "FAIL"
+            say(
+                f"[{number:3}/{len(chosen)}] {mark} {case.name:56} -> {report.outcome}"
+                f" ({report.seconds:.1f} s)"
+                + ("" if report.ok else f": {'; '.join(report.problems) or report.error}")
+            )
+    return reports
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @attrs.frozen
 class CaseReport:
     case: Case
     outcome: str
-    expected: tuple[str, ...]
     fired: bool
     problems: tuple[str, ...]
     seconds: float
@@ -131,6 +138,11 @@ class CaseReport:
     records_checked: int = 0
 
     @property
+    def expected(self) -> tuple[str, ...]:
+        """The outcomes a correct livemig ends in: the one oracle's, the fake campaign's too."""
+        return outcome_names(fault_cases.expected(self.case))
+
+    @property
     def ok(self) -> bool:
         return self.fired and self.outcome in self.expected and not self.problems
 
@@ -138,8 +150,8 @@ class CaseReport:
         out = attrs.asdict(self, recurse=False)
         out["case"] = {
             "storage": self.case.storage.value,
-            "state": self.case.state.value,
             "kind": self.case.kind.value,
+            "at": self.case.where.to_json(),
         }
         out["ok"] = self.ok
         out["expected"] = list(self.expected)
@@ -154,7 +166,6 @@ async def run_case(image: GuestImage, work_dir: Path, case: Case, *, seed: int =
     Needs a trio-asyncio loop (for QMP).
     """
     started = trio.current_time()
-    expected = tuple(sorted(o.value for o in expected_outcomes(case)))
     async with migration_lab(image, work_dir, storage=case.storage.value, dirty_mib_s=20) as lab:
         if case.kind is FaultKind.CRASH:
             result, fired = await _crash_and_recover(lab, work_dir, case)
@@ -166,7 +177,6 @@ async def run_case(image: GuestImage, work_dir: Path, case: Case, *, seed: int =
     return CaseReport(
         case=case,
         outcome=result.outcome.value,
-        expected=expected,
         fired=fired,
         problems=tuple(problems),
         seconds=trio.current_time() - started,
@@ -204,7 +214,7 @@ async def _inject(lab: Lab, work_dir: Path, case: Case, seed: int) -> tuple[Migr
         # Tear the export down under the mirror: QEMU drops every NBD connection to it.
         await monitors["target"].execute("block-export-del", {"id": plan.export_id, "mode": "hard"})
 
-    faults = FaultPlan((Fault(case.kind, AtState(case.state)),), seed)
+    faults = FaultPlan((case.fault,), seed)
     injector = FaultInjector(faults, kill=kill, cut_nbd=cut_nbd)
     result = await migrate(
         plan,
@@ -221,7 +231,7 @@ async def _with_full_disk(lab: Lab, work_dir: Path, case: Case) -> tuple[Migrati
     full = work_dir / "full"
     async with _tiny_tmpfs(full) as mounted:
         plan = _plan(lab, full if mounted else work_dir)
-        faults = () if mounted else (Fault(case.kind, AtState(case.state)),)
+        faults = () if mounted else (case.fault,)
         injector = FaultInjector(FaultPlan(faults))
         result = await migrate(plan, host=injector.host(LocalHost()))
     fired = "No space left" in (result.error or "")
@@ -254,6 +264,7 @@ async def _crash_and_recover(lab: Lab, work_dir: Path, case: Case) -> tuple[Migr
         "--source-qmp", str(lab.source_qmp), "--target-qmp", str(lab.target_qmp),
         "--storage", lab.storage, "--work-dir", str(work_dir),
     ]  # fmt: skip
+    assert case.state is not None  # aims_at: a crash as livemig enters a state
     process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
     fired = await kill_on_state(process, case.state.value)
     await process.wait()
@@ -287,10 +298,11 @@ def _no_result(error: str) -> MigrationResult:
 async def _check(
     lab: Lab, case: Case, result: MigrationResult
 ) -> tuple[list[str], float | None, int]:
+    if result.outcome is Outcome.FAILED and case.kind is FaultKind.KILL_SOURCE:
+        return await _check_guest_lost(lab, result), None, 0
+    if result.outcome is Outcome.FAILED and case.kind is FaultKind.KILL_TARGET:
+        return await _check_source_kept(lab, result), None, 0
     problems: list[str] = []
-    if case.kind is FaultKind.KILL_SOURCE:
-        problems += await _check_guest_lost(lab, result)
-        return problems, None, 0
     survivor: Literal["source", "target"] = (
         "target" if result.outcome is Outcome.FINALIZED else "source"
     )
@@ -320,6 +332,24 @@ async def _check_guest_lost(lab: Lab, result: MigrationResult) -> list[str]:
     return problems
 
 
+async def _check_source_kept(lab: Lab, result: MigrationResult) -> list[str]:
+    """The target was killed after the switchover: the report must say so, and the source,
+    paused with the guest as of the switchover, must be kept for the operator."""
+    problems = []
+    report = (result.error or "") + " ".join(result.undo_failures)
+    if "target" not in report:
+        problems.append("the report does not say the target is gone")
+    if lab.target.returncode is None:
+        problems.append("the target QEMU still runs")
+    if lab.source.returncode is not None:
+        problems.append("the source QEMU, the only copy left, is gone")
+    else:
+        async with open_monitor(lab.source.spec.qmp_socket, name="check") as monitor:
+            if (await runstate.query_status(monitor)).running:
+                problems.append("the source runs the guest again after the target took over")
+    return problems
+
+
 def summary_table(reports: list[CaseReport]) -> str:
     """Fault by state: the outcome, one markdown table per storage mode."""
     out: list[str] = []
@@ -335,7 +365,7 @@ def summary_table(reports: list[CaseReport]) -> str:
             cells = []
             for state in states:
                 found = [r for r in rows if r.case.kind is kind and r.case.state is state]
-                cells.append(_cell(found[0]) if found else "·")
+                cells.append(", ".join(_cell(r) for r in found) if found else "·")
             if any(c != "·" for c in cells):
                 out.append(f"| {kind.value} | " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -343,4 +373,5 @@ def summary_table(reports: list[CaseReport]) -> str:
 
 def _cell(report: CaseReport) -> str:
     mark = "ok" if report.ok else "FAIL"
-    return f"{report.outcome} {mark}"
+    side = f" ({report.case.side.value})" if report.case.side else ""
+    return f"{report.outcome}{side} {mark}"

@@ -18,13 +18,13 @@ import attrs
 import trio
 
 from livemig.fsm.events import Event, MigrationResult, Outcome, StateEntered
-from livemig.fsm.faults import Fault, FaultInjector, FaultPlan, Fired
 from livemig.fsm.journal import Journal, MemoryJournal
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
-from livemig.model.invariants import Verdict, check_invariants
-from livemig.model.world import World
+from livemig.testing.faults import Fault, FaultInjector, FaultPlan, Fired
+from livemig.testing.model.invariants import Verdict, check_invariants
+from livemig.testing.model.world import World
 
 __all__ = [
     "FAST_DEADLINES",

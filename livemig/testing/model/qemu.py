@@ -1,10 +1,10 @@
 """An in-process model of a QEMU process and its QMP monitor, for fast fault campaigns.
 
 `FakeQemu` is one QEMU: its run state, the guest it holds, its block layer
-(:mod:`livemig.model.block`) and its migration (:mod:`livemig.model.migration`). `FakeMonitor`
-implements `livemig.drivers.qmp.Monitor` on it with no socket: commands run at once, in order, and
-events reach every open ``listen`` block. Two of them, a host and a running guest make a
-:class:`livemig.model.world.World`.
+(:mod:`livemig.testing.model.block`) and its migration (:mod:`livemig.testing.model.migration`).
+`FakeMonitor` implements `livemig.drivers.qmp.Monitor` on it with no socket: commands run at once,
+in order, and events reach every open ``listen`` block. Two of them, a host and a running guest
+make a :class:`livemig.testing.model.world.World`.
 
 The guest: while a QEMU runs it, it writes one numbered record per tick to the disk's active
 layer and counts it as acknowledged. A QEMU that runs without having received the guest's state
@@ -26,7 +26,7 @@ import trio
 
 from livemig.drivers.qmp import EventStream, QMPEvent
 from livemig.drivers.status import JobStatus, RunState
-from livemig.model.block import (
+from livemig.testing.model.block import (
     BLOCK_COMMANDS,
     Export,
     Job,
@@ -35,11 +35,11 @@ from livemig.model.block import (
     forward_write,
     pause_jobs_for_stop,
 )
-from livemig.model.migration import CAPABILITIES, MIGRATION_COMMANDS, PARAMETERS, Migration
+from livemig.testing.model.migration import CAPABILITIES, MIGRATION_COMMANDS, PARAMETERS, Migration
 from livemig.transports.errors import CommandFailed, ConnectionLost, MonitorClosed
 
 if TYPE_CHECKING:
-    from livemig.model.world import World
+    from livemig.testing.model.world import World
 
 __all__ = ["RECORDS_PER_BOOT", "Command", "FakeMonitor", "FakeQemu", "Guest"]
 

@@ -1,16 +1,17 @@
-"""Fault campaigns on the fake QEMUs (:mod:`livemig.model`): fast, deterministic, replayable.
+"""Fault campaigns on the fake QEMUs (:mod:`livemig.testing.model`): fast, deterministic,
+replayable.
 
-A campaign is first the systematic table (:mod:`livemig.model.cases`: every fault kind at every
+A campaign is first the systematic table (:mod:`livemig.testing.cases`: every fault kind at every
 state where it applies, on each side, and livemig itself crashing then ``livemig recover``, once
 per storage mode), then ``runs`` random fault plans of one to three faults drawn from
 ``random.Random(seed)``: a first fault where it applies (so every pair gets its turn), then up to
 two more anywhere (at commands, during the revert, on either side). Every plan runs on fresh fake
 QEMUs in a trio run of its own on a mock clock, the safety invariants
-(:mod:`livemig.model.invariants`) are checked after it. A run does no real I/O and starts no
-thread while its mock clock runs (the journal is a :class:`~livemig.fsm.journal.MemoryJournal`),
-and the fake's timings (:class:`~livemig.model.world.Knobs`) keep independent things off the same
-instant, so a run does not depend on the machine's load nor on the order trio runs tasks woken
-together: a plan replays exactly (:func:`run_plan`), and a seed gives the same campaign.
+(:mod:`livemig.testing.model.invariants`) are checked after it. A run does no real I/O and starts
+no thread while its mock clock runs (the journal is a :class:`~livemig.fsm.journal.MemoryJournal`),
+and the fake's timings (:class:`~livemig.testing.model.world.Knobs`) keep independent things off
+the same instant, so a run does not depend on the machine's load nor on the order trio runs tasks
+woken together: a plan replays exactly (:func:`run_plan`), and a seed gives the same campaign.
 
 What a systematic run must do besides: its fault strikes, in its state, and the outcome is the
 one a correct livemig ends in. A random plan may not reach every fault's point (it is reported
@@ -35,22 +36,14 @@ import trio
 import trio.testing
 
 from livemig.fsm.events import Outcome
-from livemig.fsm.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
 from livemig.fsm.machine import State, StorageMode
 from livemig.fsm.undo import Side
-from livemig.model.cases import (
-    FAULT_STATES,
-    OPERATIONS,
-    crash_expected,
-    crash_points,
-    expected,
-    table,
-)
-from livemig.model.runs import FaultRun, migrate_with_faults
-from livemig.model.world import Storage, fake_world
+from livemig.testing.cases import FAULT_STATES, OPERATIONS, Case, cases, expected, outcome_names
+from livemig.testing.faults import AtCommand, AtState, Fault, FaultKind, FaultPlan, Where
+from livemig.testing.model.runs import FaultRun, migrate_with_faults
+from livemig.testing.model.world import fake_world
 
 __all__ = [
-    "Case",
     "FakeCampaignResult",
     "PlanReport",
     "run_fake_campaign",
@@ -68,29 +61,11 @@ WORK = "<work>"
 Source = Literal["table", "random"]
 
 
-@attrs.frozen
-class Case:
-    """One fault of the systematic table, and what a correct livemig ends in."""
-
-    storage: StorageMode
-    fault: Fault
-    expected: frozenset[Outcome]
-
-
 def systematic_cases(storages: Sequence[StorageMode]) -> list[Case]:
-    """Every applicable (state, fault kind) pair, on each side it can strike, then livemig
-    crashing at each of its crash points; per storage mode."""
-    out: list[Case] = []
-    for mode in storages:
-        storage = _storage(mode)
-        for _, state, kind, side in table((storage,)):
-            fault = Fault(kind, AtState(state, side))
-            out.append(Case(mode, fault, frozenset(expected(storage, state, kind, side))))
-        for where in crash_points(storage):
-            out.append(
-                Case(mode, Fault(FaultKind.CRASH, where), frozenset({crash_expected(where)}))
-            )
-    return out
+    """The whole table of :mod:`livemig.testing.cases` for these storage modes: every
+    applicable (state, fault kind) pair on each side it can strike, then livemig crashing at
+    each of its crash points."""
+    return cases(storages)
 
 
 @attrs.frozen
@@ -277,12 +252,13 @@ def run_fake_campaign(
     started = time.perf_counter()
     rng = random.Random(seed)
     modes = tuple(storages)
-    cases = systematic_cases(modes)
+    table = systematic_cases(modes)
     todo: list[tuple[Source, StorageMode, FaultPlan, frozenset[Outcome]]] = [
-        ("table", c.storage, FaultPlan((c.fault,), rng.randrange(2**32)), c.expected) for c in cases
+        ("table", c.storage, FaultPlan((c.fault,), rng.randrange(2**32)), expected(c))
+        for c in table
     ]
     for _ in range(runs):
-        storage, plan = _random_plan(rng, cases)
+        storage, plan = _random_plan(rng, table)
         todo.append(("random", storage, plan, frozenset()))
     reports: list[PlanReport] = []
     with _quiet_logs():
@@ -295,9 +271,7 @@ def run_fake_campaign(
                     f" ({time.perf_counter() - started:.1f} s)"
                 )
     applicable = frozenset(
-        f"{c.storage.value}/{c.fault.where.state.value}/{c.fault.kind.value}"
-        for c in cases
-        if isinstance(c.fault.where, AtState)
+        f"{c.storage.value}/{c.state.value}/{c.kind.value}" for c in table if c.state is not None
     )
     return FakeCampaignResult(
         seed=seed,
@@ -353,7 +327,7 @@ def run_plan(
             run = trio.run(
                 _migrate,
                 work,
-                _storage(storage),
+                storage,
                 plan,
                 clock=trio.testing.MockClock(autojump_threshold=0),
             )
@@ -374,7 +348,7 @@ def run_plan(
     return attrs.evolve(report, seconds=time.perf_counter() - started)
 
 
-async def _migrate(work: Path, storage: Storage, plan: FaultPlan) -> FaultRun:
+async def _migrate(work: Path, storage: StorageMode, plan: FaultPlan) -> FaultRun:
     with trio.fail_after(GUARD):
         async with fake_world(work, storage=storage) as world:
             return await migrate_with_faults(world, plan)
@@ -394,7 +368,7 @@ def _report(
     def scrub(texts: Sequence[str]) -> tuple[str, ...]:
         return tuple(t.replace(work, WORK) for t in texts)
 
-    wanted = tuple(sorted(o.value for o in expected))
+    wanted = outcome_names(expected)
     if run is None:
         assert error is not None
         (text,) = scrub([error])
@@ -433,10 +407,6 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in err.exceptions)
     return f"{type(err).__name__}: {err}"
-
-
-def _storage(mode: StorageMode) -> Storage:
-    return "shared" if mode is StorageMode.SHARED else "non-shared"
 
 
 @contextmanager

@@ -30,11 +30,12 @@ import trio
 
 from livemig.drivers.qmp import Monitor
 from livemig.drivers.status import MigrationStatus, RunState
+from livemig.fsm.machine import StorageMode
 from livemig.fsm.undo import Side
-from livemig.model.block import Export, Node
-from livemig.model.host import FakeHost, ImageFile
-from livemig.model.migration import peer_died
-from livemig.model.qemu import RECORDS_PER_BOOT, FakeMonitor, FakeQemu, Guest
+from livemig.testing.model.block import Export, Node
+from livemig.testing.model.host import FakeHost, ImageFile
+from livemig.testing.model.migration import peer_died
+from livemig.testing.model.qemu import RECORDS_PER_BOOT, FakeMonitor, FakeQemu, Guest
 from livemig.transports.errors import ConnectFailed
 
 __all__ = ["DISK_BYTES", "FIRST_BOOT", "Knobs", "Snapshot", "Storage", "World", "fake_world"]
@@ -256,11 +257,15 @@ class World:
 
 @asynccontextmanager
 async def fake_world(
-    work_dir: Path, *, storage: Storage = "non-shared", knobs: Knobs | None = None
+    work_dir: Path,
+    *,
+    storage: Storage | StorageMode = "non-shared",
+    knobs: Knobs | None = None,
 ) -> AsyncIterator[World]:
     """Both QEMUs and the guest, running while the block runs."""
+    mode: Storage = "shared" if storage == StorageMode.SHARED else "non-shared"
     async with trio.open_nursery() as nursery:
-        world = World(work_dir, storage, knobs or Knobs(), nursery)
+        world = World(work_dir, mode, knobs or Knobs(), nursery)
         nursery.start_soon(world._run_guest)
         yield world
         nursery.cancel_scope.cancel()

@@ -19,9 +19,9 @@ from __future__ import annotations
 import attrs
 
 from livemig.fsm.events import MigrationResult, Outcome
-from livemig.model.block import Node
-from livemig.model.qemu import RECORDS_PER_BOOT, FakeQemu
-from livemig.model.world import FIRST_BOOT, World
+from livemig.testing.model.block import Node
+from livemig.testing.model.qemu import RECORDS_PER_BOOT, FakeQemu
+from livemig.testing.model.world import FIRST_BOOT, World
 
 __all__ = ["Verdict", "check_invariants", "disk_records", "reads_only"]
 

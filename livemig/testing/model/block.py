@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from livemig.drivers.status import JobStatus
-from livemig.model.host import ImageFile, SocketFile
+from livemig.testing.model.host import ImageFile, SocketFile
 
 if TYPE_CHECKING:
-    from livemig.model.qemu import FakeQemu
+    from livemig.testing.model.qemu import FakeQemu
 
 __all__ = ["BLOCK_COMMANDS", "Export", "Job", "NbdLink", "Node", "QemuError"]
 

@@ -70,7 +70,10 @@ async def migrate(
     scope,
     the revert still runs (shielded) before the cancellation goes on.
 
-    :param on_event: called synchronously with every :class:`~livemig.fsm.events.Event`.
+    :param on_event: called synchronously with every :class:`~livemig.fsm.events.Event`, as
+        it happens — ``pre-switchover``'s while the guest is paused, so keep it cheap (queue
+        the event, do not log it to a remote store inline): its time is guest downtime. (Fault
+        injection relies on seeing each state the moment it is entered.)
     :param connector: how to open a monitor (tests and fault campaigns pass their own).
     :param host: files and ``qemu-img`` on this machine (fault campaigns pass their own).
     :param journal: where the run is journalled for ``livemig recover`` (default: a

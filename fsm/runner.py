@@ -220,7 +220,7 @@ class _Runner:
         self.states.append(state.value)
         self.entered_at[state.value] = now
         if state not in _UNJOURNALLED and len(session.undo) > 0:
-            await session.write_journal()
+            await session.write_journal(durable=state is State.SWITCHED_OVER)
         self.emit(StateEntered(state.value, now))
 
     async def _back(self, session: Session, error: BaseException) -> None:

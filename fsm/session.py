@@ -92,7 +92,7 @@ class Session:
         sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
         return [plan.overlay_path, *sockets]
 
-    async def write_journal(self) -> None:
+    async def write_journal(self, *, durable: bool = True) -> None:
         """Journal where the run stands; see :mod:`livemig.fsm.journal`."""
         if self.journal is None:
             return
@@ -109,7 +109,7 @@ class Session:
             postcopy_committed=self.facts.postcopy_committed,
             stop_source=plan.policy.stop_source,
         )
-        await self.journal.write(journal)
+        await self.journal.write(journal, durable=durable)
 
     def open_window(self, paused: QMPEvent) -> None:
         """The source paused the guest (its ``pre-switchover`` event is ``paused``): from now on
@@ -152,9 +152,11 @@ class Session:
         """
         self.facts = observe(self.state, self.facts, observation)
 
-    async def push_undo(self, step: UndoStep) -> None:
-        """Push ``step`` and journal the stack, before the thing it undoes is created."""
-        self.undo.push(step)
+    async def push_undo(self, *steps: UndoStep) -> None:
+        """Push ``steps`` (in order) and journal the stack once, durably, before the things
+        they undo are created."""
+        for step in steps:
+            self.undo.push(step)
         await self.write_journal()
 
     def fail(self, message: str) -> StepFailed:

@@ -79,8 +79,9 @@ async def connect(session: Session) -> None:
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
     # was touched, and a failed precheck leaves both QEMUs exactly as they were.
-    await session.push_undo(UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE))
-    await session.push_undo(UndoStep(UndoKind.QUIT, Side.TARGET))
+    await session.push_undo(
+        UndoStep(UndoKind.RESUME_GUEST, Side.SOURCE), UndoStep(UndoKind.QUIT, Side.TARGET)
+    )
 
 
 async def _view(monitor: Monitor) -> QemuView:
@@ -190,13 +191,12 @@ async def mirror(session: Session) -> None:
     """Copy the frozen base to the target, then mirror the overlay there until READY."""
     plan, src, dst = session.plan, session.source, session.target
     assert session.base_image is not None
-    if isinstance(plan.nbd, UnixEndpoint):
-        await session.push_undo(
-            UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(plan.nbd.path)})
-        )
-    await session.push_undo(UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET))
     if not isinstance(plan.nbd, UnixEndpoint):
         raise session.fail("the disk copy needs a unix NBD endpoint on this host")
+    await session.push_undo(
+        UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(plan.nbd.path)}),
+        UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET),
+    )
     await nbd.nbd_server_start(dst, plan.nbd.path)
     await session.push_undo(
         UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": plan.export_id})

@@ -66,10 +66,12 @@ class Recording(MemoryJournal):
     """Every write, in order."""
 
     written: list[Journal] = attrs.field(factory=list)
+    durable: list[bool] = attrs.field(factory=list)
 
-    async def write(self, journal: Journal) -> None:
+    async def write(self, journal: Journal, *, durable: bool = True) -> None:
         self.written.append(journal)
-        await super().write(journal)
+        self.durable.append(durable)
+        await super().write(journal, durable=durable)
 
 
 @pytest.mark.parametrize("storage", ["non-shared", "shared"])
@@ -92,6 +94,10 @@ async def test_a_run_journals_every_state_once_touched_but_the_paused_one(
         else:
             assert state in states, (state, states)
     assert "connected" in states
+    # Undo pushes are durable, state entries only atomic but at the point of no return.
+    entries = {j.state: d for j, d in zip(sink.written, sink.durable, strict=True)}
+    assert entries[State.SWITCHED_OVER.value]
+    assert not entries[State.STATE_TRANSFER.value]
     # Nothing of the run is left in the sink, or on disk.
     assert await sink.read() == []
     assert not list(tmp_path.glob("lm-*-journal.json*"))

@@ -14,7 +14,8 @@ Non-shared storage, in order (``∥``: the two lanes run concurrently)::
             blockdev-add overlay, blockdev-snapshot
     ∥ target: migrate-set-capabilities, nbd-server-start, block-export-add, migrate-incoming
     qemu-img convert -n --target-is-zero base → the target's export (as livemig copies it)
-    source: blockdev-add nbd, blockdev-mirror sync=top; BLOCK_JOB_READY (event)
+    ∥ source: blockdev-add nbd (the mirror's target, connected meanwhile)
+    source: blockdev-mirror sync=top; BLOCK_JOB_READY (event)
     source: migrate; MIGRATION pre-switchover (event)          ← the guest is paused from here
     source: block-job-cancel; JOB_STATUS_CHANGE null (event)
     target: nbd-server-stop ∥ source: migrate-continue
@@ -218,29 +219,37 @@ class _Run:
         self.at_switchover = True
 
     async def _disk(self) -> None:
-        src, files = self.src, self.files
+        src = self.src
         await _together(self._source_snapshot, self._target_settings)
-        # Known beforehand: the target's disk is a fresh image, so the copy skips zeros
-        # (livemig learns it from the image's allocation).
-        await image.copy_to_nbd(
-            self.lab.source_disk, "raw", files.nbd_socket, _DISK, target_is_zero=True
-        )
-        self.clock.mark("base copied")
-        await block.blockdev_add(
-            src,
-            {
-                "driver": "nbd",
-                "node-name": _NBD_NODE,
-                "server": {"type": "unix", "path": str(files.nbd_socket)},
-                "export": _DISK,
-            },
-        )
+        await _together(self._copy_base, self._add_nbd_node)
         async with src.listen("BLOCK_JOB_READY", *_JOB_EVENTS) as stream:
             await block.blockdev_mirror(
                 src, job_id=_MIRROR, device=_OVERLAY, target=_NBD_NODE, sync="top"
             )
             await _wait_job(stream, _MIRROR, until="ready")
         self.clock.mark("mirror ready")
+
+    async def _copy_base(self) -> None:
+        # Known beforehand: the target's disk is a fresh image, so the copy skips zeros
+        # (livemig learns it from the image's allocation).
+        await image.copy_to_nbd(
+            self.lab.source_disk, "raw", self.files.nbd_socket, _DISK, target_is_zero=True
+        )
+        self.clock.mark("base copied")
+
+    async def _add_nbd_node(self) -> None:
+        """The source's NBD client, connected while the base is copied (a second client of
+        the export; the mirror only starts once the copy is done)."""
+        await block.blockdev_add(
+            self.src,
+            {
+                "driver": "nbd",
+                "node-name": _NBD_NODE,
+                "server": {"type": "unix", "path": str(self.files.nbd_socket)},
+                "export": _DISK,
+            },
+        )
+        self.clock.mark("← source blockdev-add nbd")
 
     async def _source_snapshot(self) -> None:
         await _together(

@@ -72,8 +72,9 @@ class RunRecord:
     @property
     def to_cont_ms(self) -> float | None:
         """From the variant's start to the target's ``cont`` answered, where known: livemig's
-        is computed from its result (see ``bench/runner.py``); bare-qmp's is its total."""
-        if self.variant == "bare-qmp":
+        is computed from its result (see ``bench/runner.py``); bare-qmp's and lxd-equivalent's
+        are their totals (libvirt's ``time_elapsed`` ends elsewhere: unknown)."""
+        if self.variant in ("bare-qmp", "lxd-equivalent"):
             return self.total_ms
         value = self.detail.get("to_cont_ms")
         return float(value) if isinstance(value, int | float) else None

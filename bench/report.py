@@ -414,6 +414,10 @@ def switchover_section(results: Results) -> list[str]:
                     lines.append(f"{entry[0]:>9.1f}  {entry[1]}")
             lines.append("```")
             lines.append("")
+            if isinstance(phases := run.detail.get("phases_ms"), dict) and phases:
+                how = "ms in each state" if variant == "livemig" else "ms since the first command"
+                steps = ", ".join(f"{k} {v}" for k, v in phases.items())
+                lines += [f"Phases ({how}): {steps}.", ""]
     return lines or ["- no converged run with a switchover timeline"]
 
 

@@ -378,6 +378,64 @@ def targets_table(checks: Sequence[TargetCheck]) -> list[str]:
     return lines
 
 
+#: livemig's states whose durations add up to "``migrate`` answered": connecting and prechecks
+#: (idle), capabilities (connected), snapshot (capabilities-set), base copy and mirror
+#: (snapshotted), ``migrate-incoming`` + ``migrate`` (mirroring).
+_BEFORE_RAM = ("idle", "connected", "capabilities-set", "snapshotted", "mirroring")
+_SPLIT = ("to migrate answered", "RAM until pre-switchover", "pre-switchover → cont", "after cont")
+
+
+def phase_split(r: RunRecord) -> dict[str, float] | None:
+    """Where one converged livemig or bare-qmp run spent its time, in :data:`_SPLIT` order
+    ("after cont": livemig's stats, quit and clean-up inside its total; bare-qmp's, off its
+    clock, up to the source's ``quit`` answered)."""
+    ph = r.detail.get("phases_ms")
+    if not r.converged or not isinstance(ph, dict) or r.total_ms is None:
+        return None
+    parts: tuple[float | None, ...]
+    try:
+        if r.variant == "livemig":
+            cont = r.to_cont_ms
+            window = [e for e in r.detail.get("switchover") or [] if e[1] == "← target cont"]
+            if cont is None or not window:
+                return None
+            before = sum(float(ph.get(s, 0.0)) for s in _BEFORE_RAM)
+            parts = (before, float(ph["state-transfer"]), float(window[-1][0]), r.total_ms - cont)
+        elif r.variant == "bare-qmp":
+            migrate = float(ph["← source migrate"])
+            paused = float(ph["source pre-switchover event received"])
+            quit_ms = r.detail.get("to_quit_ms")
+            after = float(quit_ms) - r.total_ms if isinstance(quit_ms, int | float) else None
+            parts = (migrate, paused - migrate, r.total_ms - paused, after)
+        else:
+            return None
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return {k: v for k, v in zip(_SPLIT, parts, strict=True) if v is not None}
+
+
+def split_table(results: Results) -> list[str]:
+    """Medians of :func:`phase_split` per scenario, livemig beside bare-qmp (each column its
+    own median: they need not add up to the total's)."""
+    lines = [
+        "| scenario | variant | " + " | ".join(f"{k} ms" for k in _SPLIT) + " | runs |",
+        "|---|---|" + "--:|" * (len(_SPLIT) + 1),
+    ]
+    for sc in results.config.scenarios:
+        for variant in ("livemig", "bare-qmp"):
+            splits = [
+                p
+                for r in results.records
+                if r.scenario == sc.name and r.variant == variant
+                if (p := phase_split(r)) is not None
+            ]
+            if not splits:
+                continue
+            cols = " | ".join(_num(_median(p.get(k) for p in splits)) for k in _SPLIT)
+            lines.append(f"| {sc.name} | {variant} | {cols} | {len(splits)} |")
+    return lines
+
+
 def _window_run(records: Sequence[RunRecord], scenario: str, variant: str) -> RunRecord | None:
     """The converged run of median downtime (the lower median), else the first converged."""
     runs = [
@@ -512,6 +570,14 @@ def markdown(results: Results, *, with_runs: bool = True) -> str:
         "## livemig over each peer (ratios of medians)",
         "",
         *ratios_table(results, cells),
+        "",
+        "## Where the time goes: livemig and bare-qmp (medians)",
+        "",
+        "livemig's first column includes connecting its monitors and the prechecks; bare-qmp's "
+        "starts at its first command. 'after cont' is inside livemig's total, outside "
+        "bare-qmp's.",
+        "",
+        *split_table(results),
         "",
         "## Targets",
         "",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.model import RunRecord
-from bench.report import check_targets, help_checks, markdown, summarize
+from bench.report import check_targets, help_checks, markdown, phase_split, summarize
 from bench.runner import Config, Results, livemig_to_cont_ms
 from bench.scenarios import select
 
@@ -106,3 +106,37 @@ def test_markdown_shows_ratios_and_the_median_downtime_window() -> None:
     assert "| idle-512M-non-shared | downtime | 1.02 |" in text
     assert "run 3" in text  # downtime 45 ms: the median of 40, 45, 50
     assert "run 1" not in text
+
+
+def test_phase_split() -> None:
+    livemig = RunRecord(
+        1,
+        SCENARIO.name,
+        "livemig",
+        "ok",
+        total_ms=158.0,
+        detail={**_result(), "to_cont_ms": livemig_to_cont_ms(_result())},
+    )
+    assert phase_split(livemig) == {
+        "to migrate answered": 15.0,  # idle + connected (the states before state-transfer here)
+        "RAM until pre-switchover": 100.0,
+        "pre-switchover → cont": 31.5,
+        "after cont": 11.5,
+    }
+    bare = RunRecord(
+        1,
+        SCENARIO.name,
+        "bare-qmp",
+        "ok",
+        total_ms=120.0,
+        detail={
+            "phases_ms": {"← source migrate": 30.0, "source pre-switchover event received": 100.0},
+            "to_quit_ms": 125.0,
+        },
+    )
+    assert phase_split(bare) == {
+        "to migrate answered": 30.0,
+        "RAM until pre-switchover": 70.0,
+        "pre-switchover → cont": 20.0,
+        "after cont": 5.0,
+    }

@@ -45,7 +45,6 @@ from livemig.drivers import block, image, jobs, migration, nbd, runstate
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent, open_monitor
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
 from livemig.fsm.plan import Policy
-from livemig.fsm.steps import SOURCE_CAPABILITIES, TARGET_CAPABILITIES, UNLIMITED_BANDWIDTH
 from livemig.guest._lab import Lab
 from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
 
@@ -57,6 +56,11 @@ _NBD_NODE = "bare-nbd"
 _MIRROR = "bare-mirror"
 _COMMIT = "bare-commit"
 _EXPORT = "bare-export"
+#: livemig's own (``livemig.fsm.steps`` here; ``livemig.fsm.settings`` on newer trees; a test
+#: checks they agree): source and target capabilities, and ``max-bandwidth`` "no cap" (1 TiB/s).
+SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
+TARGET_CAPABILITIES = ("events", "late-block-activate")
+UNLIMITED_BANDWIDTH = 1 << 40
 _JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
 #: Only for the bench's revert (never on the measured path).
 _POLL_S = 0.05

@@ -3,8 +3,10 @@ bare-qmp and --help targets, the switchover section. No QEMU."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+from bench import bare
 from bench.model import RunRecord
 from bench.report import check_targets, help_checks, markdown, phase_split, summarize
 from bench.runner import Config, Results, livemig_to_cont_ms
@@ -140,3 +142,20 @@ def test_phase_split() -> None:
         "pre-switchover → cont": 20.0,
         "after cont": 5.0,
     }
+
+
+def test_bare_qmp_sets_what_livemig_sets() -> None:
+    # The module holding livemig's settings moves between trees.
+    for name in ("livemig.fsm.settings", "livemig.fsm.steps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "SOURCE_CAPABILITIES"):
+            break
+    else:
+        raise AssertionError("livemig's capability constants not found")
+    assert bare.SOURCE_CAPABILITIES == module.SOURCE_CAPABILITIES
+    assert bare.TARGET_CAPABILITIES == module.TARGET_CAPABILITIES
+    assert bare.UNLIMITED_BANDWIDTH == module.UNLIMITED_BANDWIDTH
+    assert bare.source_parameters() == {"downtime-limit": 300, "max-bandwidth": 1 << 40}

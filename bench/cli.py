@@ -37,8 +37,8 @@ def _list_of(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark livemig against libvirt, an LXD-equivalent sequence and the "
-        "loopback floor on the test guest.",
+        description="Benchmark livemig against bare QMP, libvirt, an LXD-equivalent sequence "
+        "and the loopback floor on the test guest.",
     )
     p.add_argument("--runs", type=int, default=3, help="repetitions (default 3)")
     p.add_argument(
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         type=_list_of(VARIANTS, "variant"),
         default=list(VARIANTS),
-        help="default: livemig,lxd-equivalent,libvirt (the floor comes with livemig)",
+        help="default: livemig,bare-qmp,lxd-equivalent,libvirt (the floor comes with livemig)",
     )
     p.add_argument(
         "--deadline",

@@ -8,9 +8,9 @@ import attrs
 
 __all__ = ["VARIANTS", "RunRecord", "Status", "Variant"]
 
-Variant = Literal["livemig", "lxd-equivalent", "libvirt", "floor"]
+Variant = Literal["livemig", "bare-qmp", "lxd-equivalent", "libvirt", "floor"]
 #: The variants that migrate (the floor is computed from livemig's bytes).
-VARIANTS: tuple[Variant, ...] = ("livemig", "lxd-equivalent", "libvirt")
+VARIANTS: tuple[Variant, ...] = ("livemig", "bare-qmp", "lxd-equivalent", "libvirt")
 
 #: ``ok``: converged within the deadline; ``not-converged``: the deadline passed and the run was
 #: reverted; ``failed``: it broke (the error says how); ``skipped``: the variant is unavailable.
@@ -25,13 +25,15 @@ class RunRecord:
 
     :param total_ms: the variant's own measure of the whole migration (livemig: its result's
         ``total_ms``; libvirt: the job's ``time_elapsed``; lxd-equivalent: its own start to the
-        target's ``cont``; floor: the time to stream the same bytes through a unix socket).
+        target's ``cont``; bare-qmp: its first command to the target's ``cont`` answered; floor:
+        the time to stream the same bytes through a unix socket).
     :param downtime_ms: what QEMU reported (through libvirt for libvirt).
     :param heartbeat_gap_ms: the longest time between two consecutive guest heartbeats, as the
         host read them on the source and target consoles, around the migration.
     :param cpu_ms: user+system CPU time of the ``livemig`` process (livemig only).
     :param wall_ms: wall time of the ``livemig`` process, start to exit (livemig only).
-    :param problems: invariant violations found by ``Lab.verify`` (livemig, lxd-equivalent).
+    :param problems: invariant violations found by ``Lab.verify`` (livemig, bare-qmp,
+        lxd-equivalent).
     :param detail: variant-specific extras (phases, last progress sample, raw statistics).
     """
 
@@ -61,8 +63,25 @@ class RunRecord:
             return None
         return self.cpu_ms / self.wall_ms
 
+    def cpu_share_net(self, startup_ms: float | None) -> float | None:
+        """The CPU share with Python's start-up taken out: ``(cpu - startup) / wall``."""
+        if self.cpu_ms is None or not self.wall_ms or startup_ms is None:
+            return None
+        return (self.cpu_ms - startup_ms) / self.wall_ms
+
+    @property
+    def to_cont_ms(self) -> float | None:
+        """From the variant's start to the target's ``cont`` answered, where known: livemig's
+        is computed from its result (see ``bench/runner.py``); bare-qmp's and lxd-equivalent's
+        are their totals (libvirt's ``time_elapsed`` ends elsewhere: unknown)."""
+        if self.variant in ("bare-qmp", "lxd-equivalent"):
+            return self.total_ms
+        value = self.detail.get("to_cont_ms")
+        return float(value) if isinstance(value, int | float) else None
+
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self)
         out["converged"] = self.converged
         out["cpu_share"] = self.cpu_share
+        out["to_cont_ms"] = self.to_cont_ms
         return out

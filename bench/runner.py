@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ import attrs
 import trio
 import trio_asyncio
 
+from bench.bare import run_bare_qmp
+from bench.bare import summary as bare_summary
 from bench.child import run_measured
 from bench.floor import stream_through_unix_socket
 from bench.heartbeats import first_after, gap_around
@@ -48,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 _NOT_CONVERGED = frozenset({"DeadlineExceeded", "ConvergenceFailed"})
 #: Start-up CPU samples per repetition.
 _STARTUP_SAMPLES = 3
+#: Runs of each ``--help`` command line, timed once at the start.
+_HELP_SAMPLES = 10
 #: Time a lab run may take beyond the migration deadline (boot, verify, poweroff, teardown).
 _RUN_SLACK_S = 300.0
 
@@ -80,9 +85,11 @@ class Results:
     #: Variants that could not run, and why.
     skipped: dict[str, str] = attrs.field(factory=dict)
     notes: list[str] = attrs.field(factory=list)
-    #: CPU times of ``livemig``-like processes that only import the CLI (Python start-up and
-    #: imports), a few per repetition.
+    #: CPU times of ``livemig migrate`` children refused at their first connect, after every
+    #: import a migration needs (Python start-up and imports), a few per repetition.
     startup_cpu_ms: list[float] = attrs.field(factory=list)
+    #: Wall times of ``livemig --help`` and ``livemig migrate --help``, by command line.
+    help_wall_ms: dict[str, list[float]] = attrs.field(factory=dict)
     finished: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +101,7 @@ class Results:
             "skipped": self.skipped,
             "notes": self.notes,
             "startup_cpu_ms": self.startup_cpu_ms,
+            "help_wall_ms": self.help_wall_ms,
             "records": [r.to_json() for r in self.records],
         }
 
@@ -113,6 +121,8 @@ async def run_bench(config: Config, results: Results, save: Saver) -> None:
     try:
         async with trio_asyncio.open_loop(), contextlib.AsyncExitStack() as stack:
             peers = await _libvirt(config, results, stack, base)
+            if "livemig" in config.variants:
+                await _help_times(base, results)
             for rep in range(1, config.runs + 1):
                 for _ in range(_STARTUP_SAMPLES):
                     if (cpu := await _startup_cpu(base)) is not None:
@@ -256,6 +266,8 @@ async def _lab_run(
                 started = trio.current_time()
                 if variant == "livemig":
                     await _livemig(lab, record, deadline)
+                elif variant == "bare-qmp":
+                    await _bare(lab, record, deadline)
                 else:
                     await _lxd(lab, record, deadline)
                 ended = trio.current_time()
@@ -300,6 +312,8 @@ async def _livemig(lab: Lab, record: RunRecord, deadline: float) -> None:
         states=result.get("states"),
         phases_ms=result.get("phases_ms"),
         warnings=result.get("warnings"),
+        switchover=result.get("switchover"),
+        to_cont_ms=livemig_to_cont_ms(result),
     )
     record.total_ms = _num(result.get("total_ms"))
     record.downtime_ms = _num(result.get("downtime_ms"))
@@ -316,6 +330,48 @@ async def _livemig(lab: Lab, record: RunRecord, deadline: float) -> None:
     record.status = status
     if status != "ok":
         record.error = f"{outcome} in {result.get('failed_in')}: {result.get('error')}"
+
+
+def livemig_to_cont_ms(result: dict[str, Any]) -> float | None:
+    """From livemig's start to the target's ``cont`` answered, from its result: the time it
+    entered ``pre-switchover`` (the sum of the durations of the states before, ``phases_ms``)
+    plus the ``← target cont`` entry of its switchover window (whose 0 is the pre-switchover
+    event received, just before that state is entered: a fraction of a millisecond)."""
+    states, phases, window = (
+        result.get("states"),
+        result.get("phases_ms"),
+        result.get("switchover"),
+    )
+    if not (isinstance(states, list) and isinstance(phases, dict) and isinstance(window, list)):
+        return None
+    if "pre-switchover" not in states:
+        return None
+    before = states[: states.index("pre-switchover")]
+    if len(set(before)) != len(before) or not all(
+        isinstance(phases.get(s), int | float) for s in before
+    ):
+        return None
+    conts = [e[0] for e in window if isinstance(e, list) and e[1:] == ["← target cont"]]
+    if not conts or not isinstance(conts[-1], int | float):
+        return None
+    return round(float(sum(phases[s] for s in before)) + float(conts[-1]), 1)
+
+
+async def _bare(lab: Lab, record: RunRecord, deadline: float) -> None:
+    out = await run_bare_qmp(lab, deadline_s=deadline)
+    record.total_ms = out.total_ms
+    record.downtime_ms = _num(out.downtime_ms)
+    record.ram_bytes = out.ram_bytes
+    record.disk_bytes = out.disk_bytes
+    record.problems += out.revert_problems
+    record.detail.update(bare_summary(out))
+    if out.converged:
+        record.status = "ok"
+        if out.error:  # after the switchover: the figures may be missing
+            record.detail["warning"] = out.error
+    else:
+        record.status = "not-converged" if out.timed_out else "failed"
+        record.error = out.error
 
 
 async def _lxd(lab: Lab, record: RunRecord, deadline: float) -> None:
@@ -386,17 +442,63 @@ async def _floor(livemig: RunRecord, scenario: Scenario, rep: int) -> RunRecord:
     return record
 
 
+def _dead_socket(path: Path) -> Path:
+    """A unix socket file nobody listens on: it passes livemig's "is a socket" check, and
+    connecting to it is refused."""
+    if not path.is_socket():
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))
+    return path
+
+
 async def _startup_cpu(base: Path) -> float | None:
-    """CPU time of a process that only starts Python and imports livemig's CLI."""
+    """CPU time of ``livemig migrate --json`` refused at its first connect: Python start-up and
+    every import a migration loads (the CLI, trio, trio-asyncio, qemu.qmp, the drivers, the
+    state machine), then ``trio.run`` and one refused ``connect``; nothing is touched."""
+    where = base / "startup"
+    where.mkdir(exist_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "livemig",
+        "migrate",
+        "--source-qmp",
+        str(_dead_socket(where / "a.qmp")),
+        "--target-qmp",
+        str(_dead_socket(where / "b.qmp")),
+        "--storage",
+        "non-shared",
+        "--work-dir",
+        str(where / "work"),
+        "--json",
+    ]
     try:
-        child = await run_measured(
-            [sys.executable, "-c", "import livemig.cli"],
-            stderr_path=base / "startup.stderr",
-            deadline=60,
-        )
+        child = await run_measured(argv, stderr_path=where / "stderr", deadline=60)
     except OSError:
         return None
-    return child.cpu_s * 1000.0 if child.returncode == 0 else None
+    refused = child.returncode == 2 and b'"outcome": "refused"' in child.stdout
+    return child.cpu_s * 1000.0 if refused else None
+
+
+#: The command lines whose wall time is reported (each after ``python -m livemig``).
+HELP_COMMANDS: tuple[tuple[str, ...], ...] = (("--help",), ("migrate", "--help"))
+
+
+async def _help_times(base: Path, results: Results) -> None:
+    """Wall time of each of :data:`HELP_COMMANDS`, :data:`_HELP_SAMPLES` runs each."""
+    for args in HELP_COMMANDS:
+        name = " ".join(("livemig", *args))
+        for _ in range(_HELP_SAMPLES):
+            try:
+                child = await run_measured(
+                    [sys.executable, "-m", "livemig", *args],
+                    stderr_path=base / "help.stderr",
+                    deadline=60,
+                )
+            except OSError:
+                continue
+            if child.returncode == 0:
+                results.help_wall_ms.setdefault(name, []).append(child.wall_s * 1000.0)
 
 
 async def _environment() -> dict[str, Any]:

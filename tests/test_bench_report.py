@@ -1,0 +1,161 @@
+"""The bench's arithmetic: livemig's start → target cont, the start-up-excluded CPU share, the
+bare-qmp and --help targets, the switchover section. No QEMU."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from bench import bare
+from bench.model import RunRecord
+from bench.report import check_targets, help_checks, markdown, phase_split, summarize
+from bench.runner import Config, Results, livemig_to_cont_ms
+from bench.scenarios import select
+
+SCENARIO = select(names=["idle-512M-non-shared"])[0]
+
+
+def _result() -> dict[str, Any]:
+    return {
+        "states": ["idle", "connected", "state-transfer", "pre-switchover", "finalized"],
+        "phases_ms": {
+            "idle": 10.0,
+            "connected": 5.0,
+            "state-transfer": 100.0,
+            "pre-switchover": 40.0,
+            "finalized": 3.0,
+        },
+        "switchover": [
+            [-0.5, "source emitted pre-switchover"],
+            [0.0, "source pre-switchover event received"],
+            [30.0, "→ target cont"],
+            [31.5, "← target cont"],
+            [31.6, "window closed"],
+        ],
+    }
+
+
+def test_to_cont_is_the_pre_switchover_entry_plus_the_window_cont() -> None:
+    assert livemig_to_cont_ms(_result()) == 146.5
+
+
+def test_to_cont_unknown_without_a_switchover() -> None:
+    result = _result()
+    result["switchover"] = []
+    assert livemig_to_cont_ms(result) is None
+    result = _result()
+    result["states"] = ["idle", "reverted"]
+    assert livemig_to_cont_ms(result) is None
+
+
+def _records() -> list[RunRecord]:
+    name = SCENARIO.name
+    out = []
+    for rep, (total, down) in enumerate([(500.0, 40.0), (520.0, 50.0), (510.0, 45.0)], 1):
+        out.append(
+            RunRecord(
+                rep,
+                name,
+                "livemig",
+                "ok",
+                total_ms=total,
+                downtime_ms=down,
+                heartbeat_gap_ms=100.0,
+                cpu_ms=400.0,
+                wall_ms=1000.0,
+                detail={"to_cont_ms": total - 20, "switchover": [[0.0, f"run {rep}"]]},
+            )
+        )
+        out.append(
+            RunRecord(
+                rep, name, "bare-qmp", "ok", total_ms=400.0, downtime_ms=44.0, heartbeat_gap_ms=90
+            )
+        )
+    return out
+
+
+def test_cpu_share_without_startup() -> None:
+    cell = summarize(_records(), startup_ms=350.0)[(SCENARIO.name, "livemig")]
+    assert cell.cpu_share == 0.4
+    assert cell.cpu_share_net is not None
+    assert abs(cell.cpu_share_net - 0.05) < 1e-9
+
+
+def test_bare_targets() -> None:
+    cells = summarize(_records(), startup_ms=350.0)
+    checks = {c.target: c for c in check_targets(cells, [SCENARIO])}
+    total = checks["total ≤ 1.15 x bare-qmp (start → target cont)"]
+    assert (total.livemig, total.verdict) == ("490 ms", "FAIL")  # 490 > 1.15 x 400
+    assert checks["downtime ≤ 1.1 x bare-qmp"].verdict == "PASS"  # 45 ≤ 48.4
+    assert checks["CPU ≤ 5 % of wall (start-up excluded)"].verdict == "PASS"
+
+
+def test_help_checks() -> None:
+    checks = help_checks({"livemig --help": [90.0, 100.0, 200.0], "livemig migrate --help": [160]})
+    assert [c.verdict for c in checks] == ["PASS", "FAIL"]
+
+
+def test_markdown_shows_ratios_and_the_median_downtime_window() -> None:
+    config = Config(
+        runs=3,
+        scenarios=(SCENARIO,),
+        variants=("livemig", "bare-qmp"),
+        deadline_s=60,
+        install=False,
+    )
+    results = Results(config, records=_records(), startup_cpu_ms=[340.0, 350.0, 360.0])
+    text = markdown(results)
+    assert "| idle-512M-non-shared | downtime | 1.02 |" in text
+    assert "run 3" in text  # downtime 45 ms: the median of 40, 45, 50
+    assert "run 1" not in text
+
+
+def test_phase_split() -> None:
+    livemig = RunRecord(
+        1,
+        SCENARIO.name,
+        "livemig",
+        "ok",
+        total_ms=158.0,
+        detail={**_result(), "to_cont_ms": livemig_to_cont_ms(_result())},
+    )
+    assert phase_split(livemig) == {
+        "to migrate answered": 15.0,  # idle + connected (the states before state-transfer here)
+        "RAM until pre-switchover": 100.0,
+        "pre-switchover → cont": 31.5,
+        "after cont": 11.5,
+    }
+    bare = RunRecord(
+        1,
+        SCENARIO.name,
+        "bare-qmp",
+        "ok",
+        total_ms=120.0,
+        detail={
+            "phases_ms": {"← source migrate": 30.0, "source pre-switchover event received": 100.0},
+            "to_quit_ms": 125.0,
+        },
+    )
+    assert phase_split(bare) == {
+        "to migrate answered": 30.0,
+        "RAM until pre-switchover": 70.0,
+        "pre-switchover → cont": 20.0,
+        "after cont": 5.0,
+    }
+
+
+def test_bare_qmp_sets_what_livemig_sets() -> None:
+    # The module holding livemig's settings moves between trees.
+    for name in ("livemig.fsm.settings", "livemig.fsm.steps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "SOURCE_CAPABILITIES"):
+            break
+    else:
+        raise AssertionError("livemig's capability constants not found")
+    assert bare.SOURCE_CAPABILITIES == module.SOURCE_CAPABILITIES
+    assert bare.TARGET_CAPABILITIES == module.TARGET_CAPABILITIES
+    assert bare.UNLIMITED_BANDWIDTH == module.UNLIMITED_BANDWIDTH
+    assert bare.source_parameters() == {"downtime-limit": 300, "max-bandwidth": 1 << 40}

@@ -39,6 +39,8 @@ class BlockNode:
     :param read_only: whether it is opened read-only.
     :param active: ``False`` while an incoming QEMU has not taken the image over yet.
     :param virtual_size: the guest-visible size in bytes.
+    :param allocated_bytes: bytes its file takes on the host (``actual-size``: a sparse file
+        less than its size); ``None`` when QEMU cannot tell (an NBD client, …).
     """
 
     node_name: str | None
@@ -48,9 +50,11 @@ class BlockNode:
     read_only: bool
     active: bool
     virtual_size: int
+    allocated_bytes: int | None = None
 
     @classmethod
     def from_qmp(cls, node: Any) -> BlockNode:
+        image = member(node, "image", dict)
         return cls(
             node_name=optional_member(node, "node-name", str),
             driver=member(node, "drv", str),
@@ -58,7 +62,8 @@ class BlockNode:
             backing_file=optional_member(node, "backing_file", str),
             read_only=member(node, "ro", bool),
             active=member(node, "active", bool),
-            virtual_size=member(member(node, "image", dict), "virtual-size", int),
+            virtual_size=member(image, "virtual-size", int),
+            allocated_bytes=optional_member(image, "actual-size", int),
         )
 
 

@@ -24,9 +24,6 @@ class Host(Protocol):
     async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
         """Create an image file of ``size`` bytes (virtual)."""
 
-    async def allocated_bytes(self, path: Path) -> int | None:
-        """Bytes allocated to a local image file; ``None`` when it is not a local file."""
-
     async def copy_to_nbd(
         self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
     ) -> None:
@@ -45,11 +42,6 @@ class LocalHost:
 
     async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
         await image.create(path, fmt, size)
-
-    async def allocated_bytes(self, path: Path) -> int | None:
-        if not await trio.Path(path).is_file():
-            return None
-        return (await image.info(path)).actual_size
 
     async def copy_to_nbd(
         self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool

@@ -70,6 +70,9 @@ class RootDisk:
     base_image: tuple[str, str]
     base_size: int
     target_image: str
+    #: Bytes the source image and the target image take on their hosts (``None``: unknown).
+    base_allocated: int | None = None
+    target_allocated: int | None = None
 
 
 def resolve_disk(view: QemuView, name: str, side: str) -> str:
@@ -167,6 +170,8 @@ def _check_root_disk(
         base_image=(src.filename, src.driver),
         base_size=src.virtual_size,
         target_image=dst.filename,
+        base_allocated=src.allocated_bytes,
+        target_allocated=dst.allocated_bytes,
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from livemig.drivers import migration, runstate
@@ -23,9 +24,9 @@ from livemig.fsm.journal import FileJournal, Journal, JournalSink
 from livemig.fsm.machine import State
 from livemig.fsm.plan import Deadlines
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
-from livemig.fsm.runner import Connector, asyncio_loop, connect_monitor
+from livemig.fsm.runner import Connector, ReconnectingMonitor, asyncio_loop, connect_monitor
 from livemig.fsm.undo import Side, UndoStack
-from livemig.transports.errors import ConnectionLost, LivemigError, QMPError
+from livemig.transports.errors import LivemigError, QemuGone, QMPError
 
 __all__ = ["recover"]
 
@@ -71,8 +72,13 @@ async def _recover_one(
 ) -> MigrationResult:
     started = trio.current_time()
     problems: list[str] = []
-    source = await _try_connect(connector, journal.source_qmp, "source", deadlines, problems)
-    target = await _try_connect(connector, journal.target_qmp, "target", deadlines, problems)
+    state = State(journal.state)
+    source = await _try_connect(
+        connector, journal.source_qmp, "source", state=state, deadlines=deadlines, problems=problems
+    )
+    target = await _try_connect(
+        connector, journal.target_qmp, "target", state=state, deadlines=deadlines, problems=problems
+    )
     try:
         on_target = await _liveness(target, deadlines)
         on_source = await _liveness(source, deadlines)
@@ -115,14 +121,30 @@ async def _recover_one(
 
 
 async def _try_connect(
-    connector: Connector, path: str, name: str, deadlines: Deadlines, problems: list[str]
+    connector: Connector,
+    path: str,
+    name: str,
+    *,
+    state: State,
+    deadlines: Deadlines,
+    problems: list[str],
 ) -> Monitor | None:
+    """A monitor that reconnects when its link drops (so a dropped link is not taken for a dead
+    QEMU), each command and reconnect bounded by ``recover_step``; ``None`` when unreachable."""
+    step = deadlines.recover_step
+    monitor = ReconnectingMonitor(
+        connector,
+        Path(path),
+        name,
+        attrs.evolve(deadlines, connect=step, command=step),
+        state=lambda: state,
+    )
     try:
-        with trio.fail_after(deadlines.recover_step):
-            return await connector(Path(path), name)
-    except (LivemigError, trio.TooSlowError) as err:
+        await monitor.open()
+    except LivemigError as err:
         problems.append(f"{name} monitor unreachable ({err}): taken as gone")
         return None
+    return monitor
 
 
 async def _liveness(monitor: Monitor | None, deadlines: Deadlines) -> Liveness:
@@ -226,10 +248,10 @@ class _Gone:
     name = "target"
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
-        raise ConnectionLost(f"{command}: the target is gone", monitor=self.name)
+        raise QemuGone(f"{command}: the target is gone", monitor=self.name)
 
     def listen(self, *names: str) -> Any:
-        raise ConnectionLost("the target is gone", monitor=self.name)
+        raise QemuGone("the target is gone", monitor=self.name)
 
     async def aclose(self) -> None:
         return None

@@ -28,6 +28,7 @@ from livemig.transports.errors import (
     DeadlineExceeded,
     LivemigError,
     MigrationError,
+    QemuGone,
     QMPError,
     ToolError,
 )
@@ -66,9 +67,14 @@ async def run_undo(
         try:
             await _run(step, monitors, host, state, patience)
             return
-        except ConnectionLost:
-            if attempt and step.side is Side.TARGET:
+        except QemuGone:
+            if step.side is Side.TARGET:
                 return  # the target process is gone, and everything it held with it
+            raise
+        except ConnectionLost:
+            # The link dropped; the next command reconnects (or finds the QEMU gone). Not
+            # proof that the QEMU is gone: the fault campaign found a revert that took a
+            # dropped link for a dead target and left it running.
             if attempt == _ATTEMPTS - 1:
                 raise
         except (QMPError, ToolError, DeadlineExceeded):

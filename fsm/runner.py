@@ -37,11 +37,12 @@ from livemig.transports.errors import (
     DeadlineExceeded,
     Interrupted,
     LivemigError,
+    QemuGone,
     StepFailed,
     UsageError,
 )
 
-__all__ = ["Connector", "asyncio_loop", "connect_monitor", "migrate"]
+__all__ = ["Connector", "ReconnectingMonitor", "asyncio_loop", "connect_monitor", "migrate"]
 
 log = logging.getLogger("livemig.runner")
 
@@ -184,7 +185,14 @@ class _Runner:
     async def _connect(self, session: Session) -> None:
         plan = self.plan
         for name, endpoint in (("source", plan.source_qmp), ("target", plan.target_qmp)):
-            monitor = _Resilient(self.connector, endpoint.path, name, plan.deadlines, session)
+            monitor = ReconnectingMonitor(
+                self.connector,
+                endpoint.path,
+                name,
+                plan.deadlines,
+                state=lambda: session.state,
+                mark=session.mark,
+            )
             await monitor.open()
             session.exits.push_async_callback(_close, monitor, plan.deadlines.close)
             if name == "source":
@@ -383,21 +391,31 @@ class _deadline:  # noqa: N801 - used like trio.fail_after
             raise DeadlineExceeded(message, state=self._state.value) from err
 
 
-class _Resilient:
-    """A monitor that bounds every command by the plan's command deadline, and opens a new
-    connection when the old one dropped.
+class ReconnectingMonitor:
+    """A monitor that bounds every command by the command deadline, and opens a new connection
+    when the old one dropped (the runner's and ``livemig recover``'s).
 
     A dropped connection is not a dead QEMU: the command that saw the drop still fails (it may
     or may not have run, so the forward path reverts), but the next command reconnects. If
-    QEMU is really gone, the reconnect fails and raises :class:`ConnectionLost`. Without this, a
+    QEMU is really gone, the reconnect fails and raises :class:`QemuGone`. Without this, a
     flaky socket would turn into a guest stuck half-migrated.
+
+    :param state: the state to name in a deadline's error.
+    :param mark: told of every command sent and answered (the switchover timeline).
     """
 
     def __init__(
-        self, connector: Connector, path: Path, name: str, deadlines: Deadlines, session: Session
+        self,
+        connector: Connector,
+        path: Path,
+        name: str,
+        deadlines: Deadlines,
+        *,
+        state: Callable[[], State],
+        mark: Callable[[str], None] = lambda what: None,
     ) -> None:
         self._connector, self._path, self.name = connector, path, name
-        self._deadlines, self._session = deadlines, session
+        self._deadlines, self._state, self._mark = deadlines, state, mark
         self._inner: Monitor | None = None
         self._dropped: Monitor | None = None
 
@@ -427,7 +445,7 @@ class _Resilient:
             with trio.fail_after(self._deadlines.connect):
                 self._inner = await self._connector(self._path, self.name)
         except (LivemigError, trio.TooSlowError) as err:
-            raise ConnectionLost(f"gone: cannot reconnect ({err})", monitor=self.name) from err
+            raise QemuGone(f"gone: cannot reconnect ({err})", monitor=self.name) from err
         return self._inner
 
     def _lost(self, monitor: Monitor) -> None:
@@ -436,8 +454,8 @@ class _Resilient:
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         monitor = await self._current()
-        mark = self._session.mark
-        with _deadline(self._deadlines.command, f"{self.name} {command}", self._session.state):
+        mark = self._mark
+        with _deadline(self._deadlines.command, f"{self.name} {command}", self._state()):
             mark(f"→ {self.name} {command}")
             try:
                 reply = await monitor.execute(command, arguments)

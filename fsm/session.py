@@ -27,6 +27,7 @@ from livemig.fsm.machine import Facts, State
 from livemig.fsm.observations import Observation, observe
 from livemig.fsm.plan import Plan
 from livemig.fsm.policy import ConvergenceTracker
+from livemig.fsm.prechecks import RootDisk
 from livemig.fsm.undo import Side, UndoStack, UndoStep
 from livemig.transports.endpoints import UnixEndpoint
 from livemig.transports.errors import MigrationAborted, StepFailed
@@ -62,6 +63,8 @@ class Session:
     #: The root disk's image on the source: (filename, format), learnt at connect.
     base_image: tuple[str, str] | None = None
     base_size: int | None = None
+    #: The root disk as the prechecks found it.
+    root: RootDisk | None = None
     #: The root disk's node on each side (``--disk`` resolved at connect).
     disk_nodes: dict[Side, str] = attrs.field(factory=dict)
     #: The root disk's file on the target.

@@ -75,6 +75,7 @@ async def connect(session: Session) -> None:
     session.base_image = root.base_image
     session.base_size = root.base_size
     session.target_image = root.target_image
+    session.root = root
     session.observe(PrechecksPassed())
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
@@ -264,9 +265,9 @@ async def _copy_base(session: Session, nbd_socket: Path) -> None:
     assert session.base_image is not None
     filename, fmt = session.base_image
     host = session.host
-    target_is_zero = False
-    if session.target_image:
-        target_is_zero = await host.allocated_bytes(Path(session.target_image)) == 0
+    assert session.root is not None
+    # What each QEMU said of its image at connect: no qemu-img process for it.
+    target_is_zero = session.root.target_allocated == 0
     base_format: ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
     await host.copy_to_nbd(
         Path(filename),
@@ -275,7 +276,7 @@ async def _copy_base(session: Session, nbd_socket: Path) -> None:
         session.plan.export_name,
         target_is_zero=target_is_zero,
     )
-    session.disk_bytes = await host.allocated_bytes(Path(filename))
+    session.disk_bytes = session.root.base_allocated
 
 
 async def transfer_state(session: Session) -> None:

@@ -13,6 +13,7 @@ layer above can raise them without an upward import; ``livemig`` re-exports them
     │   ├── ConnectFailed            could not reach or greet the monitor
     │   ├── CommandFailed            QEMU answered a command with an error (error_class, desc)
     │   ├── ConnectionLost           "broken": the monitor went away (QEMU died, socket cut)
+    │   │   └── QemuGone             and cannot be reached again: its QEMU is gone
     │   ├── MonitorClosed            "closed": used after *we* closed it
     │   └── ProtocolError            the reply was not QMP (malformed JSON, wrong shape)
     ├── ProcessError                 a QEMU process would not start, or exited unexpectedly
@@ -50,6 +51,7 @@ __all__ = [
     "ProcessError",
     "ProtocolError",
     "QMPError",
+    "QemuGone",
     "StepFailed",
     "ToolError",
     "UsageError",
@@ -85,6 +87,11 @@ class ConnectFailed(QMPError):
 
 class ConnectionLost(QMPError):
     """The monitor went away under us (QEMU exited, the socket was cut)."""
+
+
+class QemuGone(ConnectionLost):
+    """The monitor cannot be reached again: its QEMU is gone (a dropped link alone is a plain
+    :class:`ConnectionLost`, and the next command reconnects)."""
 
 
 class MonitorClosed(QMPError):

@@ -117,7 +117,7 @@ _ON_ENTRY_KINDS = frozenset({FaultKind.CANCEL, FaultKind.CRASH})
 
 #: Names of the host operations (:class:`~livemig.drivers.host.Host` methods), as :class:`AtCommand`
 #: takes them.
-HOST_OPERATIONS = ("make-dir", "create-image", "allocated-bytes", "copy-to-nbd", "remove")
+HOST_OPERATIONS = ("make-dir", "create-image", "copy-to-nbd", "remove")
 #: Host operations that write to the work directory (where ``disk-full`` strikes).
 _WRITES_WORK_DIR = frozenset({"make-dir", "create-image"})
 #: Seconds the operation after a ``cancel`` waits, so that the runner's cancellation lands
@@ -500,10 +500,6 @@ class FaultyHost:
     async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
         await self._strike("create-image", ["qemu-img", "create", "-f", fmt, str(path)])
         await self._inner.create_image(path, fmt, size)
-
-    async def allocated_bytes(self, path: Path) -> int | None:
-        await self._strike("allocated-bytes", ["qemu-img", "info", str(path)])
-        return await self._inner.allocated_bytes(path)
 
     async def copy_to_nbd(
         self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool

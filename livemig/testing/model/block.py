@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from livemig.drivers.status import JobStatus
-from livemig.testing.model.host import ImageFile, SocketFile
+from livemig.testing.model.host import RECORD_BYTES, ImageFile, SocketFile
 
 if TYPE_CHECKING:
     from livemig.testing.model.qemu import FakeQemu
@@ -79,6 +79,8 @@ class Node:
             "active": self.active,
             "image": {"filename": self.filename, "format": self.driver, "virtual-size": self.size},
         }
+        if self.image is not None:
+            out["image"]["actual-size"] = len(self.image.records) * RECORD_BYTES
         if self.backing is not None:
             out["backing_file"] = self.backing.filename
         return out

@@ -20,7 +20,7 @@ from livemig.transports.errors import ToolError
 
 __all__ = ["RECORD_BYTES", "FakeHost", "ImageFile", "SocketFile"]
 
-#: Bytes one guest record takes on disk (for ``allocated_bytes``).
+#: Bytes one guest record takes on disk (a node's ``actual-size``).
 RECORD_BYTES = 4096
 
 
@@ -81,11 +81,6 @@ class FakeHost:
         if str(path.parent) not in self.dirs:
             raise ToolError(["qemu-img", "create", str(path)], 1, "No such file or directory")
         self.add_image(path, fmt, size)  # like qemu-img create, replaces what was there
-
-    async def allocated_bytes(self, path: Path) -> int | None:
-        await trio.lowlevel.checkpoint()
-        image = self.image(path)
-        return None if image is None else len(image.records) * RECORD_BYTES
 
     async def copy_to_nbd(
         self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool

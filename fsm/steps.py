@@ -372,8 +372,11 @@ async def switch_over(session: Session) -> None:
     machine enters ``switched-over``.
     """
     assert session.target_migration is not None
-    await _complete_mirror(session)
+    await _complete_mirror(session, stop_nbd=False)
     await migration.migrate_continue(session.source, MigrationStatus.PRE_SWITCHOVER)
+    # While QEMU sends the last of RAM: the export has no client left, and the target's guest
+    # does not run before the cont below, so the NBD server is stopped off the critical path.
+    await _stop_nbd_server(session)
     # The target completes once it has loaded the whole guest: the source has sent it all.
     await wait_migration(
         session.target_migration, {MigrationStatus.COMPLETED}, state=session.state, side="target"
@@ -477,9 +480,10 @@ async def _stop_nbd_server(session: Session) -> None:
         session.undo.discard(UndoKind.STOP_NBD_SERVER, Side.TARGET)
 
 
-async def _complete_mirror(session: Session) -> None:
+async def _complete_mirror(session: Session, *, stop_nbd: bool = True) -> None:
     """Cancel the READY mirror while the guest is paused: the target holds a consistent copy;
-    then stop the target's NBD server, which its guest's disk must not be exported by.
+    then (``stop_nbd``) stop the target's NBD server, which its guest's disk must not be
+    exported by.
 
     Only here: cancelled any earlier, writes made after the cancel never reach the target.
     Shared storage has no mirror: nothing to do.
@@ -495,10 +499,14 @@ async def _complete_mirror(session: Session) -> None:
     session.disk_bytes = (session.disk_bytes or 0) + job.offset
     async with src.listen(*JOB_EVENTS) as stream:
         await jobs.block_job_cancel(src, plan.mirror_job, force=False)
-        await wait_job(stream, src, plan.mirror_job, until="gone", state=session.state)
+        # Just seen READY, and the stream was open before the cancel: no need to look first.
+        await wait_job(
+            stream, src, plan.mirror_job, until="gone", state=session.state, look_first=False
+        )
         session.mark("mirror gone")
     session.undo.discard(UndoKind.CANCEL_JOB, Side.SOURCE)
-    await _stop_nbd_server(session)
+    if stop_nbd:
+        await _stop_nbd_server(session)
 
 
 async def _resume_target(session: Session) -> None:

@@ -4,8 +4,12 @@
 (``SO_PEERCRED``), then closes at once without reading or writing a byte: QMP is never spoken.
 Connecting needs no free monitor: a unix socket's peer credentials are those of the process that
 put it in the listening state, and the connection completes in the listen backlog even while
-QEMU serves another client (who is not disturbed; QEMU later accepts the closed connection, finds
-it hung up and listens again).
+QEMU serves another client, who is not disturbed; QEMU later accepts the closed connection, finds
+it hung up and listens again. Until then it takes one of the two places in QEMU's backlog
+(``listen(fd, 1)``): while a client holds the monitor, two probes fill it, and the next client to
+connect is refused with ``EAGAIN``, which qemu.qmp's asyncio reports as ``Invalid argument``
+(*measured*). So probe once, best while holding the monitor yourself (``livemig
+target-command`` does): the probe is then drained as soon as you leave.
 
 A socket QEMU did not bind itself (handed over as ``-chardev socket,fd=N`` by systemd, libvirt or
 a test) names the process that called ``listen()``: `qemu_argv` refuses a command line that is not

@@ -49,7 +49,6 @@ async def derive_target_command(
     :raise UsageError: when the socket is not a QEMU's, its monitor does not answer, or its
         command line cannot be derived from.
     """
-    _pid, argv = qemu_argv(source_qmp)
     qmp = target_qmp if target_qmp is not None else target_dir / source_qmp.name
     try:
         with trio.fail_after(MONITOR_TIMEOUT):
@@ -57,6 +56,9 @@ async def derive_target_command(
                 trio_asyncio.open_loop(),
                 open_monitor(source_qmp, name="source") as monitor,
             ):
+                # Found while the monitor is ours: the probe's connection then waits in QEMU's
+                # listen backlog only until we leave, and takes no slot from another client.
+                _pid, argv = qemu_argv(source_qmp)
                 machine = await runstate.query_machine(monitor)
                 devices = await block.query_block(monitor)
     except trio.TooSlowError as err:
@@ -78,6 +80,8 @@ async def derive_target_command(
 
 def run_target_command(args: argparse.Namespace) -> int:
     source: Path = args.source_qmp.absolute()
+    if not source.is_socket():
+        raise UsageError(f"{args.source_qmp} does not exist or is not a socket")
     target_dir: Path = (args.target_dir or source.parent / "target").absolute()
     target_qmp: Path | None = args.target_qmp.absolute() if args.target_qmp else None
     argv = trio.run(

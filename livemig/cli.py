@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON report (default: %(default)s)",
     )
 
+    tgt = sub.add_parser(
+        "target-command",
+        help="print the command line of a migration target for a running source QEMU",
+    )
+    tgt.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
+    tgt.add_argument(
+        "--target-dir",
+        type=Path,
+        help="the target's disk images and sockets (not created; default: 'target' beside "
+        "the source's QMP socket)",
+    )
+    tgt.add_argument(
+        "--target-qmp", type=Path, help="the target's QMP socket (default: in the target dir)"
+    )
+
     diag = sub.add_parser("diagram", help="draw the migration machine")
     diag.add_argument("--format", choices=("svg", "mermaid", "dot"), default="svg")
     diag.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
@@ -261,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from livemig.faults_command import run_faults  # noqa: PLC0415 - campaign code
 
             return run_faults(args)
+        if args.command == "target-command":
+            from livemig.target_command import run_target_command  # noqa: PLC0415 - trio, QMP
+
+            return run_target_command(args)
         if args.command == "demo":
             from livemig.demo import run_demo  # noqa: PLC0415 - pulls in the test guest
 

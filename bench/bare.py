@@ -281,7 +281,8 @@ class _Run:
         dst = self.dst
         await migration.set_capabilities(dst, dict.fromkeys(TARGET_CAPABILITIES, True))
         if self.lab.storage == "non-shared":
-            await nbd.nbd_server_start(dst, self.files.nbd_socket)
+            # The base copy and the mirror connect at once here (pipelined): two clients.
+            await nbd.nbd_server_start(dst, self.files.nbd_socket, max_connections=2)
             await nbd.block_export_add(
                 dst, export_id=_EXPORT, node_name=_DISK, name=_DISK, writable=True
             )

@@ -35,12 +35,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
+from bench.model import VariantFiles
 from livemig.drivers import block, image, jobs, migration, nbd, runstate
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent, open_monitor
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
@@ -98,20 +98,6 @@ class BareOutcome:
     revert_problems: list[str] = attrs.field(factory=list)
 
 
-@attrs.frozen
-class _Files:
-    overlay: Path
-    nbd_socket: Path
-    ram_socket: Path
-
-    @classmethod
-    def under(cls, work: Path) -> _Files:
-        return cls(work / "bare-overlay.qcow2", work / "bare-nbd.sock", work / "bare-ram.sock")
-
-    def all(self) -> tuple[Path, ...]:
-        return (self.overlay, self.nbd_socket, self.ram_socket)
-
-
 @attrs.define
 class _Clock:
     """ms since the first command; the switchover window once it opens."""
@@ -146,7 +132,7 @@ class _Clock:
 async def run_bare_qmp(lab: Lab, *, deadline_s: float) -> BareOutcome:
     """Migrate the lab's guest with the fewest commands; revert when ``deadline_s`` passes."""
     out = BareOutcome()
-    files = _Files.under(lab.work_dir)
+    files = VariantFiles.under(lab.work_dir, "bare")
     # Known beforehand: the disk's size (the overlay's).
     disk_size = (await image.info(lab.source_disk)).virtual_size
     before = trio.current_time()
@@ -201,7 +187,7 @@ class _Run:
     dst: Monitor
     src_migration: EventStream
     dst_migration: EventStream
-    files: _Files
+    files: VariantFiles
     clock: _Clock
     disk_size: int
     at_switchover: bool = False
@@ -391,7 +377,7 @@ async def _wait_job(stream: EventStream, job: str, *, until: str) -> QMPEvent | 
 # ---- the bench's revert (only when the deadline passed or something failed) -------------------
 
 
-async def _revert(src: Monitor, dst: Monitor, files: _Files, out: BareOutcome) -> None:
+async def _revert(src: Monitor, dst: Monitor, files: VariantFiles, out: BareOutcome) -> None:
     """Undo what was done, whatever point was reached; each step looks before it acts."""
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("cancel the migration", lambda: _cancel_migration(src)),

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Container
-from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
+from bench.model import VariantFiles
 from livemig.drivers import block, image, jobs, migration, nbd, runstate
 from livemig.drivers.host import LocalHost
 from livemig.drivers.qmp import Monitor, open_monitor
@@ -74,24 +74,10 @@ class LxdOutcome:
     revert_problems: list[str] = attrs.field(factory=list)
 
 
-@attrs.frozen
-class _Files:
-    overlay: Path
-    nbd_socket: Path
-    ram_socket: Path
-
-    @classmethod
-    def under(cls, work: Path) -> _Files:
-        return cls(work / "lxd-overlay.qcow2", work / "lxd-nbd.sock", work / "lxd-ram.sock")
-
-    def all(self) -> tuple[Path, ...]:
-        return (self.overlay, self.nbd_socket, self.ram_socket)
-
-
 async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
     """Migrate the lab's guest the way LXD does; revert when ``deadline_s`` passes first."""
     out = LxdOutcome()
-    files = _Files.under(lab.work_dir)
+    files = VariantFiles.under(lab.work_dir, "lxd")
     started = trio.current_time()
 
     def mark(phase: str) -> None:
@@ -146,7 +132,7 @@ async def _forward(
     lab: Lab,
     src: Monitor,
     dst: Monitor,
-    files: _Files,
+    files: VariantFiles,
     out: LxdOutcome,
     mark: Callable[[str], None],
     undo: UndoStack,
@@ -175,7 +161,7 @@ async def _forward(
 
 
 async def _disk(
-    lab: Lab, src: Monitor, dst: Monitor, files: _Files, out: LxdOutcome, *, undo: UndoStack
+    lab: Lab, src: Monitor, dst: Monitor, files: VariantFiles, out: LxdOutcome, *, undo: UndoStack
 ) -> None:
     base = await image.info(lab.source_disk)
     undo.push(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -85,3 +86,23 @@ class RunRecord:
         out["cpu_share"] = self.cpu_share
         out["to_cont_ms"] = self.to_cont_ms
         return out
+
+
+@attrs.frozen
+class VariantFiles:
+    """The files a hand-driven variant (bare-qmp, lxd-equivalent) creates in its work dir."""
+
+    overlay: Path
+    nbd_socket: Path
+    ram_socket: Path
+
+    @classmethod
+    def under(cls, work: Path, prefix: str) -> VariantFiles:
+        return cls(
+            work / f"{prefix}-overlay.qcow2",
+            work / f"{prefix}-nbd.sock",
+            work / f"{prefix}-ram.sock",
+        )
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.overlay, self.nbd_socket, self.ram_socket)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Container
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -37,6 +38,7 @@ from livemig.drivers.status import JobStatus, MigrationStatus
 from livemig.fsm.machine import State
 from livemig.fsm.plan import Deadlines
 from livemig.fsm.reverter import unwind
+from livemig.fsm.runner import ReconnectingMonitor, connect_monitor
 from livemig.fsm.undo import Side, UndoKind, UndoStack, UndoStep
 from livemig.guest._lab import Lab
 from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
@@ -105,7 +107,7 @@ async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
             if out.error is None:
                 out.timed_out = True
                 out.error = f"not at pre-switchover after {deadline_s:.0f} s"
-            await _revert(undo, src, dst, out)
+            await _revert(undo, lab, src, dst, out)
             if out.revert_problems:
                 return out  # keep the files: the overlay may still hold guest writes
         else:
@@ -226,19 +228,43 @@ async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) ->
     await runstate.cont(dst)
 
 
-async def _revert(undo: UndoStack, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
-    """Run the undo steps the forward path pushed, with livemig's interpreter, shielded."""
+async def _revert(undo: UndoStack, lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
+    """Run the undo steps the forward path pushed, with livemig's interpreter, shielded, over
+    the runner's reconnecting monitors: as in livemig's revert, a target that exited (QEMU quits
+    once its incoming migration is cancelled) counts as undone, not as a failed step."""
+    state = _reached(out)
+    deadlines = Deadlines()
+    monitors = {
+        Side.SOURCE: _reconnecting(src, lab.source_qmp, state, deadlines),
+        Side.TARGET: _reconnecting(dst, lab.target_qmp, state, deadlines),
+    }
     with trio.CancelScope(shield=True), trio.move_on_after(_REVERT_S) as scope:
+        for monitor in monitors.values():
+            await monitor.open()
         out.revert_problems += await unwind(
             undo,
-            {Side.SOURCE: src, Side.TARGET: dst},
+            monitors,
             LocalHost(),
-            state=_reached(out),
-            step_deadline=Deadlines().undo_step,
-            patience=Deadlines().liveness,
+            state=state,
+            step_deadline=deadlines.undo_step,
+            patience=deadlines.liveness,
         )
+        for monitor in monitors.values():
+            await monitor.aclose()  # also the connections it opened (closing is idempotent)
     if scope.cancelled_caught:
         out.revert_problems.append(f"the bench's revert did not finish in {_REVERT_S} s")
+
+
+def _reconnecting(
+    current: Monitor, path: Path, state: State, deadlines: Deadlines
+) -> ReconnectingMonitor:
+    """``current`` first; a new connection to ``path`` whenever it dropped."""
+    first = [current]
+
+    async def connector(path: Path, name: str) -> Monitor:
+        return first.pop() if first else await connect_monitor(path, name)
+
+    return ReconnectingMonitor(connector, path, current.name, deadlines, state=lambda: state)
 
 
 def _reached(out: LxdOutcome) -> State:

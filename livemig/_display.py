@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any
-
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from typing import IO, TYPE_CHECKING, Any
 
 from livemig.fsm.events import Event, MigrationResult, Reverting, StateEntered, Steered
 from livemig.fsm.events import Progress as ProgressEvent
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["HumanDisplay", "JsonLines", "summary_lines"]
 
@@ -39,6 +39,16 @@ class HumanDisplay:
     """State changes as lines, and a RAM progress bar while RAM streams (on a terminal only)."""
 
     def __init__(self, console: Console | None = None) -> None:
+        # rich only for people: a --json run does not pay for importing it (~80 ms).
+        from rich.console import Console  # noqa: PLC0415
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
         self.console = console or Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),

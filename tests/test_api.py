@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import livemig
 
@@ -77,3 +78,17 @@ def test_the_engine_does_not_import_the_test_machinery() -> None:
         [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_json_run_does_not_import_the_human_display(tmp_path: Path) -> None:
+    # rich (~80 ms of start-up) is for people; a --json run, the programs' interface, skips it.
+    probe = (
+        "import sys, livemig.cli;"
+        f"code = livemig.cli.main(['migrate', '--source-qmp', {str(tmp_path / 'a')!r},"
+        f" '--target-qmp', {str(tmp_path / 'b')!r}, '--json']);"
+        "print(code, 'rich' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip().splitlines()[-1] == "2 False"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +83,15 @@ def test_the_engine_does_not_import_the_test_machinery() -> None:
 
 def test_a_json_run_does_not_import_the_human_display(tmp_path: Path) -> None:
     # rich (~80 ms of start-up) is for people; a --json run, the programs' interface, skips it.
+    # Two socket files nobody listens on: refused at the first connect, after the display opened.
+    for name in ("a", "b"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(tmp_path / name))
     probe = (
         "import sys, livemig.cli;"
         f"code = livemig.cli.main(['migrate', '--source-qmp', {str(tmp_path / 'a')!r},"
-        f" '--target-qmp', {str(tmp_path / 'b')!r}, '--json']);"
+        f" '--target-qmp', {str(tmp_path / 'b')!r}, '--storage', 'shared',"
+        f" '--work-dir', {str(tmp_path / 'work')!r}, '--json']);"
         "print(code, 'rich' in sys.modules)"
     )
     out = subprocess.run(

@@ -54,10 +54,14 @@ class ImageInfo:
         )
 
 
+#: What ``qemu-img`` creates is its owner's only (0600): an overlay holds the guest's writes.
+_UMASK = 0o077
+
+
 async def _run(argv: Sequence[str]) -> bytes:
     try:
         result = await trio.run_process(
-            list(argv), capture_stdout=True, capture_stderr=True, check=False
+            list(argv), capture_stdout=True, capture_stderr=True, check=False, umask=_UMASK
         )
     except OSError as err:
         raise ToolError(argv, 127, f"cannot run {argv[0]}: {err}") from err

@@ -38,6 +38,12 @@ async def test_the_work_dir_is_created_for_its_owner_only(tmp_path: Path) -> Non
     assert stat.S_IMODE(work.stat().st_mode) == 0o700
 
 
+async def test_images_livemig_creates_are_its_owners_only(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.qcow2"
+    await LocalHost().create_image(overlay, "qcow2", 1 << 20)
+    assert stat.S_IMODE(overlay.stat().st_mode) == 0o600
+
+
 async def test_the_nbd_server_takes_one_client_at_a_time_and_the_secret_name(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -17,7 +17,7 @@ from attrs import validators as v
 
 from livemig.fsm.machine import StorageMode
 from livemig.fsm.policy import ConvergencePolicy, GiB, Ladder, Rung, StallRule
-from livemig.transports.endpoints import Endpoint, UnixEndpoint, parse_endpoint
+from livemig.transports.endpoints import Endpoint, TcpEndpoint, UnixEndpoint, parse_endpoint
 from livemig.transports.errors import UsageError
 
 __all__ = ["SENDS_AT_CAP", "Deadlines", "Plan", "Policy"]
@@ -236,9 +236,12 @@ class Plan:
         policy: Policy | None = None,
         deadlines: Deadlines | None = None,
         run_id: str | None = None,
+        insecure: bool = False,
     ) -> Plan:
         """Build a plan from caller input, filling in defaults.
 
+        :param insecure: allow plain TCP to an address off this host (guest memory and disk
+            in the clear); refused otherwise.
         :raise UsageError: on any bad value; nothing is touched.
         """
         try:
@@ -255,16 +258,23 @@ class Plan:
         rid = run_id or secrets.token_hex(4)
         if not re.fullmatch(r"[a-z0-9]{1,16}", rid):
             raise UsageError(f"run id must be 1-16 lowercase letters or digits, not {rid!r}")
+        ram = (
+            parse_endpoint(migrate_uri)
+            if migrate_uri
+            else UnixEndpoint(work / f"lm-{rid}-ram.sock")
+        )
+        disk = parse_endpoint(nbd) if nbd else UnixEndpoint(work / f"lm-{rid}-nbd.sock")
+        if not insecure:
+            _refuse_off_host(ram, "the RAM stream")
+            _refuse_off_host(disk, "the disk copy")
         return cls(
             source_qmp=_unix(source_qmp, "source QMP"),
             target_qmp=_unix(target_qmp, "target QMP"),
             storage=mode,
             work_dir=work,
             run_id=rid,
-            migrate_uri=parse_endpoint(migrate_uri)
-            if migrate_uri
-            else UnixEndpoint(work / f"lm-{rid}-ram.sock"),
-            nbd=parse_endpoint(nbd) if nbd else UnixEndpoint(work / f"lm-{rid}-nbd.sock"),
+            migrate_uri=ram,
+            nbd=disk,
             disk_node=disk_node,
             policy=policy or Policy(),
             deadlines=deadlines or Deadlines(),
@@ -300,6 +310,14 @@ class Plan:
     @property
     def export_name(self) -> str:
         return f"lm-{self.run_id}-{self.export_token}"
+
+
+def _refuse_off_host(endpoint: Endpoint, what: str) -> None:
+    if isinstance(endpoint, TcpEndpoint) and not endpoint.loopback:
+        raise UsageError(
+            f"{what} over {endpoint} would carry the guest in the clear off this host; use a "
+            "unix socket or a loopback address, or allow it with --insecure"
+        )
 
 
 def _unix(value: str | Path, what: str) -> UnixEndpoint:

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument(
         "--migrate-uri", help="where the target listens for RAM (default: unix socket)"
     )
+    mig.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain TCP off this host (guest memory in the clear)",
+    )
     _common_args(mig)
 
     demo = sub.add_parser("demo", help="boot the test guest and migrate it to a second QEMU")
@@ -346,6 +351,7 @@ def _migrate_command(args: argparse.Namespace) -> int:
         migrate_uri=args.migrate_uri,
         policy=policy,
         deadlines=deadlines,
+        insecure=args.insecure,
     )
     result = run_with_display(plan, as_json=args.json)
     return exit_code(result)

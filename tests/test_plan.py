@@ -47,11 +47,26 @@ def test_names_are_unique_per_run() -> None:
         ({"disk_node": "bad name"}, "bad block node name"),
         ({"source_qmp": "tcp:host:4444"}, "must be a unix socket"),
         ({"migrate_uri": "tcp:host:notaport"}, "bad tcp endpoint"),
+        ({"migrate_uri": "tcp:192.0.2.7:4444"}, "in the clear off this host"),
+        ({"migrate_uri": "tcp:peer.example:4444"}, "in the clear off this host"),
+        ({"nbd": "tcp:[2001:db8::1]:10809"}, "disk copy over"),
     ],
 )
 def test_bad_input_is_a_usage_error(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         make(**overrides)
+
+
+@pytest.mark.parametrize(
+    "uri", ["tcp:127.0.0.1:4444", "tcp:127.1.2.3:4444", "tcp:[::1]:4444", "tcp:localhost:1"]
+)
+def test_plain_tcp_on_loopback_needs_no_insecure(uri: str) -> None:
+    assert isinstance(make(migrate_uri=uri).migrate_uri, TcpEndpoint)
+
+
+def test_plain_tcp_off_host_is_allowed_when_asked() -> None:
+    plan = make(migrate_uri="tcp:192.0.2.7:4444", insecure=True)
+    assert plan.migrate_uri == TcpEndpoint("192.0.2.7", 4444)
 
 
 def test_policy_and_deadlines_validate() -> None:

@@ -54,6 +54,17 @@ class TcpEndpoint:
     def flat_address(self) -> dict[str, Any]:
         return {"type": "inet", "host": self.host, "port": str(self.port)}
 
+    @property
+    def loopback(self) -> bool:
+        """Whether the address stays on this host (``localhost``, 127.0.0.0/8, ``::1``); any
+        other name may resolve off it."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
     def __str__(self) -> str:
         return self.uri
 

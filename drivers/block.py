@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from livemig.drivers.qmp import Monitor, json_array, member, optional_member, qmp_arguments, query
+from livemig.drivers.qapi import Monitor, json_array, member, optional_member, qmp_arguments, query
 
 __all__ = [
     "BlockDevice",

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from livemig.drivers.qmp import Monitor, json_array, json_object, member, optional_member, query
+from livemig.drivers.qapi import Monitor, json_array, json_object, member, optional_member, query
 from livemig.drivers.status import MigrationStatus
 
 __all__ = [

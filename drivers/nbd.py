@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from livemig.drivers.qmp import Monitor, json_array, member, qmp_arguments, query
+from livemig.drivers.qapi import Monitor, json_array, member, qmp_arguments, query
 
 __all__ = [
     "BlockExport",

@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from livemig.drivers.qmp import Monitor, member, query
+from livemig.drivers.qapi import Monitor, member, query
 from livemig.drivers.status import RunState
 
 __all__ = [

@@ -3,7 +3,7 @@
 The best any orchestrator could do on this QEMU: everything is known beforehand (no probing, no
 prechecks, the monitors are already connected), every wait is a QMP event (no progress
 polling), and commands to the two monitors that do not depend on each other go out together.
-The settings are livemig's own (:mod:`livemig.fsm.steps`): source capabilities ``events`` +
+The settings are livemig's own (:mod:`livemig.fsm.settings`): source capabilities ``events`` +
 ``pause-before-switchover``, target ``events`` + ``late-block-activate``, ``downtime-limit``
 300 ms and ``max-bandwidth`` 1 TiB/s ("unlimited"). No convergence steering (no auto-converge,
 no raised downtime limit): a guest that dirties RAM faster than it is sent never converges.
@@ -56,8 +56,8 @@ _NBD_NODE = "bare-nbd"
 _MIRROR = "bare-mirror"
 _COMMIT = "bare-commit"
 _EXPORT = "bare-export"
-#: livemig's own (``livemig.fsm.steps`` here; ``livemig.fsm.settings`` on newer trees; a test
-#: checks they agree): source and target capabilities, and ``max-bandwidth`` "no cap" (1 TiB/s).
+#: livemig's own (``livemig.fsm.settings``; a test checks they agree): source and target
+#: capabilities, and ``max-bandwidth`` "no cap" (1 TiB/s).
 SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
 TARGET_CAPABILITIES = ("events", "late-block-activate")
 UNLIMITED_BANDWIDTH = 1 << 40

@@ -1,7 +1,7 @@
 """What the engine saw QEMU (or itself) do, as values: the only input of the machine's facts.
 
-An action of :mod:`livemig.fsm.steps` runs QMP commands and waits for events; what it learns it
-reports as one of these frozen values (``session.observe(MirrorReady("lm-mirror"))``). The
+A script of :mod:`livemig.fsm.script` asks for QMP commands and event waits; what it learns it
+reports as one of these frozen values (``yield Observe(MirrorReady("lm-mirror"))``). The
 machine folds it into its :class:`~livemig.fsm.machine.Facts` with :func:`observe`, which is pure
 (no I/O, no clock) and refuses an observation the table cannot have at that point — the mirror
 ready before any overlay, the target resumed while RAM still streams — so an engine bug that

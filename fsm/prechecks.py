@@ -1,6 +1,6 @@
 """Whether a migration may start, decided from what both QEMUs said: pure, no I/O, no clock.
 
-The ``connect`` action (:mod:`livemig.fsm.steps`) asks each QEMU what it is — run state, RAM,
+The ``connect`` script (:mod:`livemig.fsm.script`) asks each QEMU what it is — run state, RAM,
 version, machine, migration, jobs, block graph, disks, capabilities — into one :class:`QemuView`
 per side, and :func:`precheck` decides: it raises :class:`PrecheckError` naming the first thing
 that would make the migration wrong (nothing has been touched yet), or answers with the

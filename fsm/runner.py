@@ -22,14 +22,15 @@ import trio_asyncio
 from livemig.drivers import qmp
 from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import EventStream, Monitor
+from livemig.fsm.engine import perform
 from livemig.fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
 from livemig.fsm.journal import FileJournal, JournalSink
 from livemig.fsm.machine import NO_RETURN, Facts, MigrationMachine, State, Trigger
 from livemig.fsm.observations import UndoFinished
 from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.reverter import Liveness, guest_runs, unwind
+from livemig.fsm.script import DURING, SCRIPTS, Context
 from livemig.fsm.session import Session
-from livemig.fsm.steps import ACTIONS, DURING
 from livemig.fsm.undo import Side
 from livemig.transports.errors import (
     ConnectFailed,
@@ -127,6 +128,7 @@ class _Runner:
         async with AsyncExitStack() as exits:
             session = Session(
                 plan=self.plan,
+                ctx=Context(self.plan),
                 source=_Unconnected("source"),
                 target=_Unconnected("target"),
                 facts=Facts(storage=self.plan.storage),
@@ -201,7 +203,7 @@ class _Runner:
                 session.target = monitor
 
     async def _step(self, session: Session, trigger: Trigger) -> None:
-        action = ACTIONS[trigger]
+        script = SCRIPTS[trigger]
         seconds = _action_deadline(trigger, self.plan.deadlines, session)
         # Past the point of no return a cancel (the operator's ^C) cannot take the guest back:
         # the run finishes (bounded by its deadline) rather than stop half-way.
@@ -214,9 +216,9 @@ class _Runner:
             async with trio.open_nursery() as during:
                 session.during = during
                 if (beside := DURING.get(self.machine.current)) is not None:
-                    during.start_soon(beside, session)
+                    during.start_soon(perform, session, beside(session.ctx))
                 try:
-                    await action(session)
+                    await perform(session, script(session.ctx))
                 finally:
                     session.during = None
                     during.cancel_scope.cancel()
@@ -303,9 +305,9 @@ class _Runner:
             outcome=outcome,
             states=tuple(self.states),
             total_ms=total,
-            downtime_ms=session.downtime_ms,
-            ram_bytes=session.ram_bytes,
-            disk_bytes=session.disk_bytes,
+            downtime_ms=session.ctx.downtime_ms,
+            ram_bytes=session.ctx.ram_bytes,
+            disk_bytes=session.ctx.disk_bytes,
             error=_describe(error) if error is not None else None,
             error_type=type(error).__name__ if error is not None else None,
             failed_in=self.failed_in,
@@ -360,7 +362,7 @@ def _action_deadline(trigger: Trigger, d: Deadlines, session: Session) -> float:
     """The one deadline of ``trigger``'s action. The RAM phase's scales by the guest's RAM and
     the bandwidth cap, both known by then (connect, set-capabilities)."""
     if trigger is Trigger.AWAIT_SWITCHOVER:
-        return d.ram_phase(session.guest_ram or 0, session.bandwidth)
+        return d.ram_phase(session.ctx.guest_ram or 0, session.ctx.bandwidth)
     return {
         Trigger.CONNECT: d.command * 4,
         Trigger.SET_CAPABILITIES: d.command * 4,
@@ -418,6 +420,7 @@ class ReconnectingMonitor:
         self._deadlines, self._state, self._mark = deadlines, state, mark
         self._inner: Monitor | None = None
         self._dropped: Monitor | None = None
+        self._reconnecting = trio.Lock()
 
     async def open(self) -> None:
         """The first connection: a socket that accepts but does not greet is bad input.
@@ -437,6 +440,13 @@ class ReconnectingMonitor:
     async def _current(self) -> Monitor:
         if self._inner is not None:
             return self._inner
+        # Commands run at once (a gather of queries) must not each open a connection.
+        async with self._reconnecting:
+            return await self._reconnect()
+
+    async def _reconnect(self) -> Monitor:
+        if self._inner is not None:
+            return self._inner  # another command reconnected while this one waited
         if self._dropped is not None:
             await _close(self._dropped, self._deadlines.close)
             self._dropped = None

@@ -1,18 +1,17 @@
-"""The runner's working set for one migration, and the waits its actions share.
+"""The engine's working set for one migration, and the event waits it performs.
 
 A :class:`Session` is the one mutable owner of everything a run touches: the two monitors, the
-facts the guards read, the undo stack, the event sink. Actions (:mod:`livemig.fsm.steps`) and the
-undo
-interpreter (:mod:`livemig.fsm.reverter`) receive it; only the runner creates it.
+facts the guards read, the undo stack, the open event streams, the event sink. The engine
+(:mod:`livemig.fsm.engine`) performs the scripts' effects on it; only the runner creates it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Callable, Container
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 import trio
@@ -21,15 +20,14 @@ from livemig.drivers import jobs
 from livemig.drivers.host import Host
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent
 from livemig.drivers.status import JobStatus, MigrationStatus
+from livemig.fsm.effects import JobGone, Stream
 from livemig.fsm.events import Event
 from livemig.fsm.journal import Journal, JournalSink
 from livemig.fsm.machine import Facts, State
 from livemig.fsm.observations import Observation, observe
 from livemig.fsm.plan import Plan
-from livemig.fsm.policy import ConvergenceTracker
-from livemig.fsm.prechecks import RootDisk
+from livemig.fsm.script import Context
 from livemig.fsm.undo import Side, UndoStack, UndoStep
-from livemig.transports.endpoints import UnixEndpoint
 from livemig.transports.errors import MigrationAborted, StepFailed
 
 __all__ = ["Session", "wait_job", "wait_migration"]
@@ -46,7 +44,13 @@ JOB_EVENTS = (
 
 @attrs.define
 class Session:
+    """The engine's working set for one run (see the module docstring).
+
+    :param ctx: what the pure scripts read and learn (:class:`~livemig.fsm.script.Context`).
+    """
+
     plan: Plan
+    ctx: Context
     source: Monitor
     target: Monitor
     facts: Facts
@@ -55,45 +59,34 @@ class Session:
     exits: AsyncExitStack
     host: Host
     undo: UndoStack = attrs.field(factory=UndoStack)
-    state: State = State.IDLE
-    #: The source's MIGRATION events, open from just before ``migrate`` to the end of the run.
-    source_migration: EventStream | None = None
-    #: The target's MIGRATION events, likewise.
-    target_migration: EventStream | None = None
-    #: The root disk's image on the source: (filename, format), learnt at connect.
-    base_image: tuple[str, str] | None = None
-    base_size: int | None = None
-    #: The root disk as the prechecks found it.
-    root: RootDisk | None = None
-    #: The root disk's node on each side (``--disk`` resolved at connect).
-    disk_nodes: dict[Side, str] = attrs.field(factory=dict)
-    #: The root disk's file on the target.
-    target_image: str | None = None
-    warnings: list[str] = attrs.field(factory=list)
-    #: Filled from the final ``query-migrate``.
-    downtime_ms: int | None = None
-    ram_bytes: int | None = None
-    disk_bytes: int | None = None
-    #: The guest's base RAM in bytes, learnt at connect: the RAM phase's deadline scales by it.
-    guest_ram: int | None = None
-    #: The ``max-bandwidth`` set with the capabilities (``None``: uncapped), likewise.
-    bandwidth: int | None = None
-    #: The convergence policy's state while RAM streams (set with the capabilities).
-    convergence: ConvergenceTracker | None = None
+    #: The event streams the scripts opened (:class:`~livemig.fsm.effects.Listen`).
+    #: Each with the exit that closes it.
+    streams: dict[tuple[Side, Stream], tuple[EventStream, AsyncExitStack]] = attrs.field(
+        factory=dict
+    )
     #: Where the run is journalled (``None``: not journalled).
     journal: JournalSink | None = None
-    #: The engine's nursery for the current action (see :meth:`spawn`).
+    #: The engine's nursery for the current action (what is spawned beside it).
     during: trio.Nursery | None = None
     #: The switchover window, while it is open: ``(ms since the run started, what)``.
     window: list[tuple[float, str]] | None = None
     #: The window once closed (the target's ``cont`` answered), for the result.
     switchover: tuple[tuple[float, str], ...] = ()
 
+    @property
+    def state(self) -> State:
+        return self.ctx.state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self.ctx.state = state
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.ctx.warnings
+
     def run_files(self) -> list[Path]:
-        """Files this run may create: the overlay and the unix sockets of the target."""
-        plan = self.plan
-        sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
-        return [plan.overlay_path, *sockets]
+        return self.ctx.run_files()
 
     async def write_journal(self, *, durable: bool = True) -> None:
         """Journal where the run stands; see :mod:`livemig.fsm.journal`."""
@@ -114,11 +107,12 @@ class Session:
         )
         await self.journal.write(journal, durable=durable)
 
-    def open_window(self, paused: QMPEvent) -> None:
-        """The source paused the guest (its ``pre-switchover`` event is ``paused``): from now on
-        every millisecond is downtime; record what happens until :meth:`close_window`."""
+    def open_window(self, emitted_at: float) -> None:
+        """The source paused the guest (QEMU emitted its ``pre-switchover`` at ``emitted_at``,
+        host clock): from now on every millisecond is downtime; record what happens until
+        :meth:`close_window`."""
         self.window = [(self.now_ms(), "source pre-switchover event received")]
-        lag_ms = (time.time() - paused.timestamp) * 1000.0  # QEMU stamps events on the host clock
+        lag_ms = (time.time() - emitted_at) * 1000.0  # QEMU stamps events on the host clock
         if 0.0 <= lag_ms < 10_000.0:
             self.window.insert(0, (self.now_ms() - lag_ms, "source emitted pre-switchover"))
 
@@ -141,13 +135,6 @@ class Session:
     def now_ms(self) -> float:
         return (trio.current_time() - self.started_at) * 1000.0
 
-    def spawn(self, task: Callable[[Session], Awaitable[None]]) -> None:
-        """Run ``task`` beside the current action, in the engine's nursery: it is cancelled
-        when the action is done, and its failure fails the action."""
-        if self.during is None:
-            raise RuntimeError("background tasks run only during an action")
-        self.during.start_soon(task, self)
-
     def observe(self, observation: Observation) -> None:
         """Fold what an action saw into the facts (:func:`livemig.fsm.observations.observe`).
 
@@ -162,9 +149,6 @@ class Session:
             self.undo.push(step)
         await self.write_journal()
 
-    def fail(self, message: str) -> StepFailed:
-        return StepFailed(message, state=self.state.value)
-
 
 async def wait_job(
     stream: EventStream,
@@ -175,8 +159,9 @@ async def wait_job(
     state: State,
     errors_fatal: bool = True,
     look_first: bool = True,
-) -> None:
-    """Wait until job ``job_id`` is READY, or gone (concluded and dismissed).
+) -> JobGone | None:
+    """Wait until job ``job_id`` is READY (``None``), or gone (concluded and dismissed: how it
+    ended, as the events on the way told).
 
     ``stream`` must have been opened before the command that started or changed the job, so no
     event is missed. The job's present status is read once first, in case it is there already.
@@ -192,10 +177,11 @@ async def wait_job(
         job = present.get(job_id)
         if job is None:
             if until == "gone":
-                return
+                return JobGone(completed=None)
             raise StepFailed(f"job {job_id} does not exist", state=state.value)
         if until == "ready" and job.status is JobStatus.READY:
-            return
+            return None
+    completed, offset = True, None
     async for event in stream:
         if not _about_job(event, job_id):
             continue
@@ -203,17 +189,21 @@ async def wait_job(
         if errors_fatal and (event.name == "BLOCK_JOB_ERROR" or error):
             detail = error or event.data.get("operation") or "I/O error"
             raise StepFailed(f"job {job_id}: {event.name}: {detail}", state=state.value)
+        if event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            offset = event.data.get("offset")
         status = _job_status(event)
         if status is None:
             continue
+        if status is JobStatus.ABORTING or event.name == "BLOCK_JOB_CANCELLED":
+            completed = False
         if until == "ready" and status is JobStatus.READY:
-            return
+            return None
         if until == "ready" and status.ending:
             raise StepFailed(
                 f"job {job_id} ended ({status}) before it was ready", state=state.value
             )
         if until == "gone" and status is JobStatus.NULL:
-            return
+            return JobGone(completed, offset if isinstance(offset, int) else None)
     raise StepFailed(f"event stream ended while waiting for job {job_id}", state=state.value)
 
 
@@ -265,12 +255,3 @@ async def wait_migration_event(
         if status.dead_end:
             raise MigrationAborted(f"{side} migration {status}", state=state.value)
     raise MigrationAborted(f"{side} migration event stream ended", state=state.value)
-
-
-def plain(value: Any) -> Any:
-    """JSON-friendly copy of a QMP value (for undo step arguments)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value

@@ -243,6 +243,10 @@ class FaultInjector:
     :param cut_nbd: cuts the NBD link between the two QEMUs. Needed for ``cut-nbd``.
     :param on_crash: called the moment livemig "dies" (``crash``), e.g. to keep its journal as
         a killed process leaves it: the run goes on afterwards, touching nothing.
+    :param transit: seconds each side's command travels before it reaches the injector. On fake
+        QEMUs (which answer in no time) two sides' commands sent at once would otherwise reach it
+        in the order trio happens to run their tasks; distinct transits order them, so a plan
+        strikes the same command in every replay.
     :raise UsageError: when the plan needs a callback that was not given.
     """
 
@@ -250,6 +254,7 @@ class FaultInjector:
     kill: Callable[[Side], Awaitable[None]] | None = attrs.field(default=None, kw_only=True)
     cut_nbd: Callable[[], Awaitable[None]] | None = attrs.field(default=None, kw_only=True)
     on_crash: Callable[[], None] | None = attrs.field(default=None, kw_only=True)
+    transit: Mapping[Side, float] = attrs.field(factory=dict, kw_only=True)
     #: Give this to the runner as ``interrupt``; ``cancel`` sets it.
     interrupt: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: The state the runner last announced.
@@ -410,6 +415,8 @@ class FaultyMonitor:
         """Send ``command`` (by ``call``), or what the injector makes of it."""
         if self._dropped:
             raise self._lost(command)
+        if (transit := self._injector.transit.get(self._side)) is not None:
+            await trio.sleep(transit)
         kind = await self._injector.strike(command, self._side)
         if self._dropped:  # another task's command dropped it while this one waited
             raise self._lost(command)

@@ -22,6 +22,7 @@ from livemig.fsm.journal import Journal, MemoryJournal
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
+from livemig.fsm.undo import Side
 from livemig.testing.faults import Fault, FaultInjector, FaultPlan, Fired
 from livemig.testing.model.invariants import Verdict, check_invariants
 from livemig.testing.model.world import World
@@ -130,8 +131,13 @@ async def migrate_with_faults(
     plan_of_faults = faults if isinstance(faults, FaultPlan) else FaultPlan(faults)
     plan = plan_for(world, run_id=run_id, deadlines=deadlines)
     journal = _Journal(MemoryJournal())
+    transit = {Side.SOURCE: world.knobs.source_transit, Side.TARGET: world.knobs.target_transit}
     injector = FaultInjector(
-        plan_of_faults, kill=world.kill, cut_nbd=world.cut_nbd, on_crash=journal.keep
+        plan_of_faults,
+        kill=world.kill,
+        cut_nbd=world.cut_nbd,
+        on_crash=journal.keep,
+        transit=transit,
     )
     states: list[str] = []
 
@@ -150,7 +156,9 @@ async def migrate_with_faults(
     )
     if injector.crashed:
         journal.put_back()
-        during = FaultInjector(FaultPlan(recovery_faults), kill=world.kill, cut_nbd=world.cut_nbd)
+        during = FaultInjector(
+            FaultPlan(recovery_faults), kill=world.kill, cut_nbd=world.cut_nbd, transit=transit
+        )
         recovered = await recover(
             world.work_dir,
             deadlines=deadlines,

@@ -62,6 +62,10 @@ class Knobs:
     copy_seconds: float = 0.031
     #: Seconds an aborting job takes to end (its in-flight requests drain).
     job_abort_seconds: float = 0.0047
+    #: Seconds a command to each side travels (:attr:`FaultInjector.transit`): distinct, so
+    #: commands sent to both at once reach a fault in one order.
+    source_transit: float = 0.00037
+    target_transit: float = 0.00053
 
 
 @attrs.frozen

@@ -1,0 +1,623 @@
+"""The forward actions as pure scripts: one per trigger, each a generator of effects.
+
+This is where livemig decides *what* to send and in which order; the engine
+(:mod:`livemig.fsm.engine`) only performs what a script yields (:mod:`livemig.fsm.effects`) and
+sends back the reply. No I/O, no clock, no trio here: a script is driven by hand in the tests
+with the replies (and faults) they choose, and every command it would send can be read.
+
+Rules every script keeps:
+
+- it yields :class:`PushUndo` for what it is about to create *before* the effect that creates
+  it, so a fault at any point leaves every step needed to get back (a step for something never
+  created does nothing);
+- what it learns it reports as an :class:`Observe` of a fact; the guard of the trigger checks
+  it, so a script that did not get there cannot move the machine;
+- it sets no deadline (the runner bounds each action, the engine each command) and opens no
+  concurrency of its own beyond asking for it (:class:`Gather`, :class:`Spawn`).
+
+What one run learns on the way (the root disk, the guest's size, the final numbers) is kept in
+its :class:`Context`, which the scripts read and fill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.drivers.migration import MigrationStats
+from livemig.drivers.status import MigrationStatus
+from livemig.fsm.effects import (
+    AskRuns,
+    AwaitJob,
+    AwaitMigration,
+    Call,
+    ClearUndo,
+    Clock,
+    CloseWindow,
+    DropUndo,
+    Emit,
+    Gather,
+    JobGone,
+    Listen,
+    Mark,
+    MigrationEvent,
+    Observe,
+    OnHost,
+    OpenWindow,
+    Operation,
+    PushUndo,
+    Script,
+    Shielded,
+    Sleep,
+    Spawn,
+    Stream,
+    WriteJournal,
+    call,
+)
+from livemig.fsm.events import Progress, Steered
+from livemig.fsm.machine import State, StorageMode, Trigger
+from livemig.fsm.observations import (
+    CapabilitiesSet,
+    MigrationStatusChanged,
+    MirrorReady,
+    OverlayActive,
+    PostcopyCommitted,
+    PostcopyStarted,
+    PrechecksPassed,
+    SourceReleased,
+    TargetResumed,
+)
+from livemig.fsm.plan import Plan
+from livemig.fsm.policy import (
+    PROGRESS_INTERVAL_S,
+    Abort,
+    Capabilities,
+    ConvergenceTracker,
+    Decision,
+    ProgressSample,
+    SetDowntime,
+    StartPostcopy,
+    Throttle,
+)
+from livemig.fsm.prechecks import QemuView, RootDisk, precheck
+from livemig.fsm.settings import choose_settings
+from livemig.fsm.undo import Side, UndoKind, UndoStep
+from livemig.transports.endpoints import UnixEndpoint
+from livemig.transports.errors import (
+    CommandFailed,
+    ConvergenceFailed,
+    LivemigError,
+    StepFailed,
+)
+
+if TYPE_CHECKING:
+    from livemig.drivers.image import ImageFormat
+
+__all__ = ["DURING", "SCRIPTS", "Context"]
+
+SOURCE, TARGET = Side.SOURCE, Side.TARGET
+
+
+@attrs.define
+class Context:
+    """What the scripts of one run read (the plan, the state the action runs in) and what they
+    learn on the way. Plain data: the runner creates it, the scripts fill it, the result is
+    built from it."""
+
+    plan: Plan
+    #: The state the current action runs in (the runner sets it on every state entry).
+    state: State = State.IDLE
+    #: The root disk as the prechecks found it (at connect).
+    root: RootDisk | None = None
+    #: The guest's base RAM in bytes (at connect): the RAM phase's deadline scales by it.
+    guest_ram: int | None = None
+    #: The ``max-bandwidth`` set with the capabilities (``None``: uncapped), likewise.
+    bandwidth: int | None = None
+    #: The convergence policy's state while RAM streams (set with the capabilities).
+    convergence: ConvergenceTracker | None = None
+    warnings: list[str] = attrs.field(factory=list)
+    #: Filled from the final ``query-migrate`` and the disk copy.
+    downtime_ms: int | None = None
+    ram_bytes: int | None = None
+    disk_bytes: int | None = None
+
+    def fail(self, message: str) -> StepFailed:
+        return StepFailed(message, state=self.state.value)
+
+    def run_files(self) -> list[Path]:
+        """Files this run may create: the overlay and the unix sockets of the target."""
+        plan = self.plan
+        sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
+        return [plan.overlay_path, *sockets]
+
+    def disk(self) -> RootDisk:
+        if self.root is None:
+            raise self.fail("no root disk: connect did not run")
+        return self.root
+
+
+def connect(ctx: Context) -> Script:
+    """Ask both QEMUs what they are, at once, and let
+    :func:`~livemig.fsm.prechecks.precheck` decide. Touches nothing."""
+    replies = yield Gather(_view_calls(SOURCE) + _view_calls(TARGET))
+    source, target = _view(replies[: len(_VIEW)]), _view(replies[len(_VIEW) :])
+    ctx.root = precheck(ctx.plan, source, target)
+    ctx.guest_ram = source.ram_bytes
+    yield Observe(PrechecksPassed())
+    # From here a revert's last resorts: the target is quit (it never ran the guest), then the
+    # source guest is made to run. Pushed first, so they run last. Before this point nothing
+    # was touched, and a failed precheck leaves both QEMUs exactly as they were.
+    yield PushUndo((UndoStep(UndoKind.RESUME_GUEST, SOURCE), UndoStep(UndoKind.QUIT, TARGET)))
+
+
+#: Everything the prechecks read of one QEMU (read-only queries), by :class:`QemuView` field.
+_VIEW: tuple[tuple[str, Operation], ...] = (
+    ("status", runstate.query_status),
+    ("ram_bytes", runstate.query_memory_size_summary),
+    ("version", runstate.query_version),
+    ("machine", runstate.query_machine),
+    ("migration", migration.query_migrate),
+    ("jobs", jobs.query_jobs),
+    ("nodes", block.query_named_block_nodes),
+    ("disks", block.query_block),
+    ("capabilities", migration.query_capabilities),
+)
+
+
+def _view_calls(side: Side) -> tuple[Call, ...]:
+    return tuple(call(side, op) for _, op in _VIEW)
+
+
+def _view(replies: Sequence[Any]) -> QemuView:
+    return QemuView(**{name: reply for (name, _), reply in zip(_VIEW, replies, strict=True)})
+
+
+def set_capabilities(ctx: Context) -> Script:
+    """Probe both sides (at once), set what :func:`~livemig.fsm.settings.choose_settings` picks
+    of what each offers. The source's old values are pushed for undo first; the target is quit
+    on revert, so its settings need none."""
+    policy = ctx.plan.policy
+    src_caps, dst_caps, src_params, dst_params = yield Gather(
+        (
+            call(SOURCE, migration.query_capabilities),
+            call(TARGET, migration.query_capabilities),
+            call(SOURCE, migration.query_parameters),
+            call(TARGET, migration.query_parameters),
+        )
+    )
+    chosen = choose_settings(
+        policy,
+        source_capabilities=src_caps,
+        target_capabilities=dst_caps,
+        source_parameters=src_params,
+        target_parameters=dst_params,
+    )
+    ctx.warnings += [f"{what} is not offered; migrating without it" for what in chosen.not_offered]
+    yield call(TARGET, migration.set_capabilities, chosen.target_capabilities)
+    if chosen.target_parameters:
+        yield call(TARGET, migration.set_parameters, chosen.target_parameters)
+    yield PushUndo(
+        (
+            UndoStep(
+                UndoKind.RESTORE_CAPABILITIES,
+                SOURCE,
+                {"capabilities": dict(chosen.restore_capabilities)},
+            ),
+        )
+    )
+    yield call(SOURCE, migration.set_capabilities, chosen.source_capabilities)
+    yield PushUndo(
+        (
+            UndoStep(
+                UndoKind.RESTORE_PARAMETERS,
+                SOURCE,
+                {"parameters": plain(dict(chosen.restore_parameters))},
+            ),
+        )
+    )
+    yield call(SOURCE, migration.set_parameters, chosen.source_parameters)
+    convergence = policy.convergence()
+    ctx.bandwidth = convergence.bandwidth_cap
+    ctx.convergence = ConvergenceTracker(
+        policy=convergence,
+        capabilities=Capabilities(
+            auto_converge=chosen.source_capabilities.get("auto-converge", False),
+            postcopy_allowed=policy.postcopy,
+            postcopy_on_source=chosen.source_capabilities.get("postcopy-ram", False),
+            postcopy_on_target=chosen.target_capabilities.get("postcopy-ram", False),
+        ),
+    )
+    yield Observe(CapabilitiesSet())
+
+
+def snapshot(ctx: Context) -> Script:
+    """Put a qcow2 overlay on the root disk: from here the base is frozen."""
+    plan, root = ctx.plan, ctx.disk()
+    overlay = plan.overlay_path
+    yield OnHost("make_dir", (plan.work_dir,))
+    # Only once the overlay node is gone: while the guest still writes to it (its merge
+    # failed), removing the file would lose every write since the snapshot.
+    yield PushUndo(
+        (UndoStep(UndoKind.DELETE_FILE, SOURCE, {"path": str(overlay), "node": plan.overlay_node}),)
+    )
+    yield OnHost("create_image", (overlay, "qcow2", root.base_size))
+    yield PushUndo((UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.overlay_node}),))
+    yield call(
+        SOURCE,
+        block.blockdev_add,
+        {
+            "driver": "qcow2",
+            "node-name": plan.overlay_node,
+            "file": {"driver": "file", "filename": str(overlay)},
+            "backing": None,
+        },
+    )
+    yield PushUndo(
+        (
+            UndoStep(
+                UndoKind.MERGE_OVERLAY,
+                SOURCE,
+                {"node": plan.overlay_node, "base": root.source_node, "job": plan.commit_job},
+            ),
+        )
+    )
+    yield call(SOURCE, block.blockdev_snapshot, node=root.source_node, overlay=plan.overlay_node)
+    yield Observe(OverlayActive(plan.overlay_node))
+
+
+def mirror(ctx: Context) -> Script:
+    """Copy the frozen base to the target, then mirror the overlay there until READY."""
+    plan, root = ctx.plan, ctx.disk()
+    if not isinstance(plan.nbd, UnixEndpoint):
+        raise ctx.fail("the disk copy needs a unix NBD endpoint on this host")
+    yield PushUndo(
+        (
+            UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.nbd.path)}),
+            UndoStep(UndoKind.STOP_NBD_SERVER, TARGET),
+        )
+    )
+    yield call(TARGET, nbd.nbd_server_start, plan.nbd.path)
+    yield PushUndo((UndoStep(UndoKind.DELETE_EXPORT, TARGET, {"export": plan.export_id}),))
+    yield call(
+        TARGET,
+        nbd.block_export_add,
+        export_id=plan.export_id,
+        node_name=root.target_node,
+        name=plan.export_name,
+        writable=True,
+    )
+    yield from _copy_base(ctx, plan.nbd.path)
+    yield PushUndo((UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.nbd_node}),))
+    yield call(
+        SOURCE,
+        block.blockdev_add,
+        {
+            "driver": "nbd",
+            "node-name": plan.nbd_node,
+            "server": plan.nbd.flat_address(),
+            "export": plan.export_name,
+        },
+    )
+    yield Listen(SOURCE, Stream.JOBS)
+    yield PushUndo((UndoStep(UndoKind.CANCEL_JOB, SOURCE, {"job": plan.mirror_job}),))
+    yield call(
+        SOURCE,
+        block.blockdev_mirror,
+        job_id=plan.mirror_job,
+        device=plan.overlay_node,
+        target=plan.nbd_node,
+        sync="top",
+    )
+    yield Spawn(lambda: report_mirror(ctx))
+    yield AwaitJob(SOURCE, plan.mirror_job, until="ready")
+    yield Observe(MirrorReady(plan.mirror_job))
+
+
+def report_mirror(ctx: Context) -> Script:
+    """Disk progress while the mirror catches up (the READY event itself ends the wait)."""
+    while True:
+        for job in (yield call(SOURCE, jobs.query_block_jobs)):
+            if job.device == ctx.plan.mirror_job:
+                yield Emit(
+                    Progress(
+                        state=ctx.state.value, at_ms=0.0, disk_done=job.offset, disk_total=job.len
+                    )
+                )
+        yield Sleep(PROGRESS_INTERVAL_S)
+
+
+def _copy_base(ctx: Context, nbd_socket: Path) -> Script:
+    """Copy the frozen base into the target's export; zeros are not sent.
+
+    A base with a backing chain (a qcow2 on a base image, of any depth) is flattened: the copy
+    reads the guest-visible data through the chain, so the target holds it all in its one
+    image. (Recreating the chain would need the same base images on the target; flat needs
+    nothing there and costs only the chain's allocated data once, zeros skipped.)
+
+    When the target's image is still fully unallocated it reads as zeros, so zero areas are
+    skipped altogether and it stays sparse; otherwise they are written as zeroes (no payload),
+    so no old data survives where the source is zero.
+    """
+    root = ctx.disk()
+    filename, fmt = root.base_image
+    base_format: ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
+    # What each QEMU said of its image at connect: no qemu-img process for it.
+    yield OnHost(
+        "copy_to_nbd",
+        (Path(filename), base_format, nbd_socket, ctx.plan.export_name),
+        {"target_is_zero": root.target_allocated == 0},
+    )
+    ctx.disk_bytes = root.base_allocated
+
+
+def transfer_state(ctx: Context) -> Script:
+    """Start the RAM stream: the target listens, the source sends."""
+    plan = ctx.plan
+    yield Listen(TARGET, Stream.MIGRATION)
+    yield Listen(SOURCE, Stream.MIGRATION)
+    if isinstance(plan.migrate_uri, UnixEndpoint):
+        path = str(plan.migrate_uri.path)
+        yield PushUndo((UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": path}),))
+    yield call(TARGET, migration.migrate_incoming, plan.migrate_uri.uri)
+    yield PushUndo((UndoStep(UndoKind.CANCEL_MIGRATION, SOURCE),))
+    yield call(SOURCE, migration.migrate, plan.migrate_uri.uri)
+    yield Observe(MigrationStatusChanged(MigrationStatus.SETUP))
+
+
+def await_switchover(ctx: Context) -> Script:
+    """Wait for ``pre-switchover`` (the source guest is paused); :func:`steer` runs meanwhile
+    (:data:`DURING`).
+
+    The pause arrives as a QMP event, so it is noticed at once: it is guest downtime. Progress is
+    polled only to report it and to feed the convergence policy.
+    """
+    del ctx
+    paused: MigrationEvent = yield AwaitMigration(
+        SOURCE, frozenset({MigrationStatus.PRE_SWITCHOVER})
+    )
+    yield OpenWindow(paused.emitted_at)
+    yield Observe(MigrationStatusChanged(MigrationStatus.PRE_SWITCHOVER))
+
+
+def steer(ctx: Context) -> Script:
+    """Poll progress, report it, and act on what the convergence policy decides: run beside the
+    action of ``state-transfer`` (:data:`DURING`); a policy that aborts raises
+    :class:`ConvergenceFailed` here, which ends that action."""
+    interval = min(ctx.plan.policy.progress_interval, PROGRESS_INTERVAL_S)
+    while True:
+        stats: MigrationStats = yield call(SOURCE, migration.query_migrate)
+        yield Emit(_progress(ctx, stats))
+        sample = ProgressSample.from_stats((yield Clock()), stats)
+        if sample is not None and ctx.convergence is not None:
+            ctx.convergence, decision = ctx.convergence.observe(sample)
+            if decision is not None:
+                yield from _carry_out(ctx, decision)
+        yield Sleep(interval)
+
+
+def _carry_out(ctx: Context, decision: Decision) -> Script:
+    action = decision.action
+    yield Emit(Steered(ctx.state.value, 0.0, type(action).__name__, decision.reason))
+    match action:
+        case SetDowntime() | Throttle():
+            yield call(SOURCE, migration.set_parameters, action.parameters())
+        case StartPostcopy():
+            yield call(SOURCE, migration.start_postcopy)
+            yield Observe(PostcopyStarted())
+        case Abort(reason=reason):
+            raise ConvergenceFailed(reason, state=ctx.state.value)
+
+
+def _progress(ctx: Context, stats: MigrationStats) -> Progress:
+    ram = stats.ram
+    return Progress(
+        state=ctx.state.value,
+        at_ms=0.0,
+        migration_status=stats.status,
+        ram_transferred=ram.transferred if ram else None,
+        ram_remaining=ram.remaining if ram else None,
+        ram_total=ram.total if ram else None,
+        dirty_pages_rate=ram.dirty_pages_rate if ram else None,
+        passes=ram.dirty_sync_count if ram else None,
+        mbps=ram.mbps if ram else None,
+        expected_downtime_ms=stats.expected_downtime_ms,
+    )
+
+
+def switch_over(ctx: Context) -> Script:
+    """Switch over: a consistent disk copy, the last of RAM, then the target runs.
+
+    Everything here is guest downtime (the source paused at ``pre-switchover``): only what must
+    happen, in the order it must. The target's ``cont`` answered is the point of no return: the
+    machine enters ``switched-over``.
+    """
+    yield from _complete_mirror(ctx, stop_nbd=False)
+    go_on = call(SOURCE, migration.migrate_continue, MigrationStatus.PRE_SWITCHOVER)
+    if ctx.plan.storage is StorageMode.NON_SHARED:
+        # At once with the continue: the export has no client left, and the target's guest
+        # does not run before the cont below, so its NBD server stops off the critical path.
+        yield Gather((go_on, call(TARGET, nbd.nbd_server_stop)))
+        yield from _nbd_server_stopped()
+    else:
+        yield go_on
+    # The target completes once it has loaded the whole guest: the source has sent it all.
+    yield AwaitMigration(TARGET, _COMPLETED)
+    yield Mark("target completed event received")
+    yield Observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
+    yield from _resume_target()
+    yield CloseWindow()
+
+
+_COMPLETED = frozenset({MigrationStatus.COMPLETED})
+
+
+def finalize(ctx: Context) -> Script:
+    """Past the point of no return: read the statistics and stop the source; problems are
+    warnings now (the guest runs on the target). From ``post-copy``, first wait for the last
+    pages to reach the target.
+    """
+    if ctx.state is State.POSTCOPY:
+        # The source serves the pages the target still lacks until both say completed.
+        yield AwaitMigration(TARGET, _COMPLETED)
+        yield AwaitMigration(SOURCE, _COMPLETED)
+        yield Observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
+    yield from _read_statistics(ctx, source_completed=ctx.state is State.POSTCOPY)
+    if (yield AskRuns(TARGET)) is False:
+        # The target died (or stopped) after it took over: the source, paused with the guest
+        # as it was at the switchover, is the only copy left. Keep it for the operator.
+        raise ctx.fail(
+            "the target no longer runs the guest after the switchover; the source QEMU is kept "
+            "as it is (paused, holding the guest as of the switchover)"
+        )
+    yield from _clean_up_source(ctx)
+
+
+def switch_over_postcopy(ctx: Context) -> Script:
+    """Switch over into post-copy: the target runs and pulls the pages it lacks.
+
+    The ``migrate-continue`` into post-copy is the point of no return: from it on, neither side
+    alone holds the whole guest until post-copy completes, so a fault can no longer revert.
+    """
+    yield from _complete_mirror(ctx)
+    yield Observe(PostcopyCommitted())
+    yield WriteJournal()
+    yield call(SOURCE, migration.migrate_continue, MigrationStatus.PRE_SWITCHOVER)
+    yield AwaitMigration(TARGET, frozenset({MigrationStatus.POSTCOPY_ACTIVE}))
+    yield Mark("target postcopy-active event received")
+    yield Observe(MigrationStatusChanged(MigrationStatus.POSTCOPY_ACTIVE))
+    yield call(TARGET, runstate.cont)
+    yield CloseWindow()
+    yield Observe(TargetResumed())
+    yield DropUndo(UndoKind.QUIT, TARGET)
+
+
+def _read_statistics(ctx: Context, *, source_completed: bool) -> Script:
+    """The source's final numbers, once it says completed.
+
+    Only after the switchover, off the guest's downtime, and only as nice-to-have: a source that
+    fails (or dies) now must not make us revert, which would quit the one complete copy (the
+    fault campaign found this).
+    """
+    try:
+        if not source_completed:
+            yield AwaitMigration(SOURCE, _COMPLETED)
+        stats: MigrationStats = yield call(SOURCE, migration.query_migrate)
+    except LivemigError as err:
+        ctx.warnings.append(f"could not read the migration's statistics: {err}")
+        return
+    ctx.downtime_ms = stats.downtime_ms
+    ctx.ram_bytes = stats.ram.transferred if stats.ram else None
+
+
+def _stop_nbd_server(ctx: Context) -> Script:
+    """The target must stop exporting its disk before its guest may write to it."""
+    if ctx.plan.storage is StorageMode.NON_SHARED:
+        yield call(TARGET, nbd.nbd_server_stop)
+        yield from _nbd_server_stopped()
+
+
+def _nbd_server_stopped() -> Script:
+    yield DropUndo(UndoKind.DELETE_EXPORT, TARGET)
+    yield DropUndo(UndoKind.STOP_NBD_SERVER, TARGET)
+
+
+def _complete_mirror(ctx: Context, *, stop_nbd: bool = True) -> Script:
+    """Cancel the READY mirror while the guest is paused: the target holds a consistent copy;
+    then (``stop_nbd``) stop the target's NBD server, which its guest's disk must not be
+    exported by.
+
+    Only here: cancelled any earlier, writes made after the cancel never reach the target.
+    Shared storage has no mirror: nothing to do.
+    """
+    if ctx.plan.storage is StorageMode.SHARED:
+        return
+    job = ctx.plan.mirror_job
+    # No look at the job first (a round trip of downtime): how it ends tells. A READY mirror
+    # cancelled softly completes, and the target holds a consistent copy; one that is no
+    # longer READY is cancelled (aborting), one that failed reports its error, and one that is
+    # gone refuses the cancel. The stream is opened before the cancel, so no event is missed.
+    yield Listen(SOURCE, Stream.JOBS)
+    yield call(SOURCE, jobs.block_job_cancel, job, force=False)
+    ended: JobGone = yield AwaitJob(SOURCE, job, until="gone", look_first=False)
+    if not ended.completed:
+        raise ctx.fail("the mirror was no longer in sync with the target (it was cancelled)")
+    ctx.disk_bytes = (ctx.disk_bytes or 0) + (ended.offset or 0)
+    yield Mark("mirror gone")
+    yield DropUndo(UndoKind.CANCEL_JOB, SOURCE)
+    if stop_nbd:
+        yield from _stop_nbd_server(ctx)
+
+
+def _resume_target() -> Script:
+    try:
+        yield call(TARGET, runstate.cont)
+    except CommandFailed:
+        # QEMU refused: the target does not run the guest, so reverting is safe.
+        raise
+    except BaseException as err:
+        # No answer, a garbled one, a dropped link, a cancel: cont may or may not have run, and
+        # guessing is wrong either way (split brain one way; the other, a guest paused on both
+        # sides, as the fault campaign found). Ask the target.
+        runs = yield AskRuns(TARGET)
+        if runs is False:
+            raise
+        # It runs, or we cannot tell: no revert may resume the source beside it.
+        yield Observe(TargetResumed())
+        if runs is None or not isinstance(err, Exception):
+            raise
+        # It runs: cont took effect and only its answer was lost. Go on with the switchover.
+    else:
+        yield Observe(TargetResumed())
+    yield DropUndo(UndoKind.QUIT, TARGET)
+
+
+def _clean_up_source(ctx: Context) -> Script:
+    """After the point of no return: only warnings from here.
+
+    Each step is shielded: the guest already runs on the target, so a cancel (SIGINT) now must
+    let this short cleanup finish, not leave the source QEMU and the files behind (the fault
+    campaign found that). Each command is still bounded by the command deadline.
+    """
+    steps: list[tuple[str, Any]] = []
+    if ctx.plan.policy.stop_source:
+        steps.append(("quit the source", call(SOURCE, runstate.quit)))
+    steps += [(f"remove {p}", OnHost("remove", (p,))) for p in ctx.run_files()]
+    for what, effect in steps:
+        try:
+            yield Shielded(effect)
+        except Exception as err:
+            ctx.warnings.append(f"could not {what}: {err}")
+    yield ClearUndo()
+    yield Observe(SourceReleased())
+
+
+def plain(value: Any) -> Any:
+    """JSON-friendly copy of a QMP value (for undo step arguments)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+ScriptOf = Callable[[Context], Script]
+
+#: What the engine runs beside the action of a state, from entering it until the action is done.
+DURING: Mapping[State, ScriptOf] = {State.STATE_TRANSFER: steer}
+
+#: The script of each forward trigger.
+SCRIPTS: Mapping[Trigger, ScriptOf] = {
+    Trigger.CONNECT: connect,
+    Trigger.SET_CAPABILITIES: set_capabilities,
+    Trigger.SNAPSHOT: snapshot,
+    Trigger.MIRROR: mirror,
+    Trigger.TRANSFER_STATE: transfer_state,
+    Trigger.AWAIT_SWITCHOVER: await_switchover,
+    Trigger.SWITCH_OVER: switch_over,
+    Trigger.FINALIZE: finalize,
+    Trigger.SWITCH_OVER_POSTCOPY: switch_over_postcopy,
+}

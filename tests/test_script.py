@@ -1,0 +1,583 @@
+"""The forward scripts driven by hand: no QEMU, no engine, no trio, no clock.
+
+Each test plays the engine: it answers every effect a script yields (or throws a fault into it)
+and reads back the exact sequence of effects — which commands go to which QEMU, in which order,
+and which undo step is pushed before the thing it undoes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from support.views import DST, SRC, view
+
+from livemig.drivers import jobs, migration
+from livemig.drivers.jobs import BlockJobInfo
+from livemig.drivers.migration import MigrationStats, RamStats
+from livemig.drivers.status import JobStatus, MigrationStatus
+from livemig.fsm import engine, script
+from livemig.fsm.effects import (
+    AskRuns,
+    AwaitJob,
+    AwaitMigration,
+    Call,
+    ClearUndo,
+    Clock,
+    CloseWindow,
+    DropUndo,
+    Effect,
+    Emit,
+    Gather,
+    JobGone,
+    Listen,
+    Mark,
+    MigrationEvent,
+    Observe,
+    OnHost,
+    OpenWindow,
+    PushUndo,
+    Script,
+    Shielded,
+    Sleep,
+    Spawn,
+    WriteJournal,
+    call,
+)
+from livemig.fsm.events import Progress
+from livemig.fsm.machine import State
+from livemig.fsm.observations import TargetResumed
+from livemig.fsm.plan import Plan
+from livemig.fsm.prechecks import RootDisk
+from livemig.fsm.script import Context
+from livemig.fsm.undo import Side
+from livemig.transports.errors import (
+    CommandFailed,
+    ConnectionLost,
+    PrecheckError,
+    StepFailed,
+)
+
+Answer = Callable[[Effect], Any]
+
+
+def plan(storage: str = "non-shared", *, stop_source: bool = True) -> Plan:
+    p = Plan.create(
+        source_qmp="/s.qmp",
+        target_qmp="/t.qmp",
+        storage=storage,
+        work_dir=Path("/w"),
+        run_id="r1",
+    )
+    return attrs.evolve(p, policy=attrs.evolve(p.policy, stop_source=stop_source))
+
+
+def context(storage: str = "non-shared", state: State = State.IDLE, **kw: Any) -> Context:
+    ctx = Context(plan(storage, **kw), state=state)
+    ctx.root = RootDisk(
+        source_node="root",
+        target_node="root-t",
+        base_image=("/src.raw", "raw"),
+        base_size=64 << 20,
+        target_image="/dst.raw",
+        base_allocated=1 << 20,
+        target_allocated=0,
+    )
+    return ctx
+
+
+def ready_mirror(ctx: Context, **changes: Any) -> BlockJobInfo:
+    job = BlockJobInfo(
+        device=ctx.plan.mirror_job,
+        type="mirror",
+        status=JobStatus.READY,
+        ready=True,
+        offset=4096,
+        len=4096,
+        busy=False,
+        paused=False,
+        speed=0,
+        error=None,
+    )
+    return attrs.evolve(job, **changes)
+
+
+def answers(replies: Mapping[str, Any] | None = None) -> Answer:
+    """The engine's part: a driver call gets ``replies[name]`` (a callable is called, an error
+    raised), every other effect what the engine would send back in a quiet run."""
+    table = dict(replies or {})
+
+    def answer(effect: Effect) -> Any:
+        match effect:
+            case Call():
+                reply = table.get(effect.name)
+                if isinstance(reply, BaseException):
+                    raise reply
+                return reply() if callable(reply) else reply
+            case Gather(calls=calls):
+                return tuple(answer(c) for c in calls)
+            case AwaitMigration(until=until):
+                (status,) = until
+                return MigrationEvent(status, 0.0)
+            case AwaitJob(until="gone"):
+                return JobGone(completed=True, offset=4096)
+            case AskRuns():
+                return True
+            case Shielded(effect=inner):
+                return answer(inner)
+            case Clock():
+                return 100.0
+        return None
+
+    return answer
+
+
+def drive(body: Script, answer: Answer, seen: list[Effect] | None = None) -> list[Effect]:
+    """Run ``body`` to its end as the engine would; every effect it yields goes to ``seen``."""
+    seen = [] if seen is None else seen
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            effect = body.send(reply) if error is None else body.throw(error)
+        except StopIteration:
+            return seen
+        seen.append(effect)
+        try:
+            reply, error = answer(effect), None
+        except BaseException as err:
+            reply, error = None, err
+
+
+def words(effects: list[Effect]) -> list[str]:
+    """Each effect in a word or two, so a sequence reads (and diffs) as a list."""
+    out = []
+    for e in effects:
+        match e:
+            case Call(side=side):
+                out.append(f"{side}:{e.name}")
+            case Gather(calls=calls):
+                out.append("gather:" + ",".join(f"{c.side}:{c.name}" for c in calls))
+            case OnHost(op=op):
+                out.append(f"host:{op}")
+            case PushUndo(steps=steps):
+                out.append("push:" + ",".join(f"{s.kind}/{s.side}" for s in steps))
+            case DropUndo(kind=kind, side=side):
+                out.append(f"drop:{kind}/{side}")
+            case Observe(observation=o):
+                out.append(f"observe:{type(o).__name__}")
+            case Listen(side=side, stream=stream):
+                out.append(f"listen:{side}:{stream}")
+            case AwaitJob(side=side, until=until, look_first=look):
+                out.append(f"await-job:{side}:{until}" + ("" if look else ":no-look"))
+            case AwaitMigration(side=side, until=until):
+                out.append(f"await-migration:{side}:" + ",".join(sorted(until)))
+            case AskRuns(side=side):
+                out.append(f"ask-runs:{side}")
+            case Shielded(effect=inner):
+                out.append("shielded:" + words([inner])[0])
+            case _:
+                out.append(type(e).__name__.lower())
+    return out
+
+
+def test_the_core_imports_no_io() -> None:
+    """The scripts, their effects and the table import neither trio, asyncio, qemu.qmp nor
+    transitions: the decisions can be read and run without an event loop."""
+    code = (
+        "import sys\n"
+        "import livemig.fsm.script, livemig.fsm.effects, livemig.fsm.machine\n"
+        "print(sorted(m for m in ('trio', 'asyncio', 'qemu', 'trio_asyncio', 'transitions')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_connect_reads_both_qemus_at_once_and_pushes_only_once_the_prechecks_pass() -> None:
+    ctx = context()
+    view_of = {Side.SOURCE: SRC, Side.TARGET: DST}
+
+    def answer(effect: Effect) -> Any:
+        assert isinstance(effect, Gather | Observe | PushUndo)
+        if isinstance(effect, Gather):
+            fields = [f.name for f in attrs.fields(type(SRC))]
+            per_side = [c for c in effect.calls if c.side is Side.SOURCE]
+            assert len(per_side) == len(fields)
+            return tuple(
+                getattr(view_of[c.side], fields[i % len(fields)])
+                for i, c in enumerate(effect.calls)
+            )
+        return None
+
+    effects = drive(script.connect(ctx), answer)
+    queries = [
+        "query_status",
+        "query_memory_size_summary",
+        "query_version",
+        "query_machine",
+        "query_migrate",
+        "query_jobs",
+        "query_named_block_nodes",
+        "query_block",
+        "query_capabilities",
+    ]
+    gather = ",".join([f"source:{q}" for q in queries] + [f"target:{q}" for q in queries])
+    assert words(effects) == [
+        f"gather:{gather}",
+        "observe:PrechecksPassed",
+        "push:resume-guest/source,quit/target",
+    ]
+    assert ctx.root is not None
+    assert ctx.root.source_node == "root"
+    assert ctx.guest_ram == SRC.ram_bytes
+
+
+def test_a_failed_precheck_leaves_nothing_to_undo() -> None:
+    running_target = view("/dst.raw")  # a target that already runs a guest
+
+    def answer(effect: Effect) -> Any:
+        assert isinstance(effect, Gather)
+        fields = [f.name for f in attrs.fields(type(SRC))]
+        sides = {Side.SOURCE: SRC, Side.TARGET: running_target}
+        return tuple(
+            getattr(sides[c.side], fields[i % len(fields)]) for i, c in enumerate(effect.calls)
+        )
+
+    seen: list[Effect] = []
+    with pytest.raises(PrecheckError):
+        drive(script.connect(context()), answer, seen)
+    assert [type(e) for e in seen] == [Gather]
+
+
+def test_capabilities_set_the_target_first_and_push_the_sources_old_values_first() -> None:
+    ctx = context(state=State.CONNECTED)
+    caps = {"events": False, "pause-before-switchover": False, "postcopy-ram": False}
+    effects = drive(
+        script.set_capabilities(ctx),
+        answers({"query_capabilities": caps, "query_parameters": {"downtime-limit": 300}}),
+    )
+    assert words(effects) == [
+        "gather:source:query_capabilities,target:query_capabilities,"
+        "source:query_parameters,target:query_parameters",
+        "target:set_capabilities",
+        "push:restore-capabilities/source",
+        "source:set_capabilities",
+        "push:restore-parameters/source",
+        "source:set_parameters",
+        "observe:CapabilitiesSet",
+    ]
+    push = effects[2]
+    assert isinstance(push, PushUndo)
+    (restore,) = push.steps
+    assert restore.args["capabilities"]["events"] is False
+    assert ctx.convergence is not None
+
+
+def test_snapshot_pushes_each_undo_before_what_it_undoes() -> None:
+    ctx = context(state=State.CAPABILITIES_SET)
+    effects = drive(script.snapshot(ctx), answers())
+    assert words(effects) == [
+        "host:make_dir",
+        "push:delete-file/source",
+        "host:create_image",
+        "push:delete-node/source",
+        "source:blockdev_add",
+        "push:merge-overlay/source",
+        "source:blockdev_snapshot",
+        "observe:OverlayActive",
+    ]
+    snap = effects[6]
+    assert isinstance(snap, Call)
+    assert snap.kwargs == {"node": "root", "overlay": ctx.plan.overlay_node}
+
+
+def test_mirror_exports_copies_then_listens_before_it_starts_the_mirror() -> None:
+    ctx = context(state=State.SNAPSHOTTED)
+    effects = drive(script.mirror(ctx), answers())
+    assert words(effects) == [
+        "push:delete-file/target,stop-nbd-server/target",
+        "target:nbd_server_start",
+        "push:delete-export/target",
+        "target:block_export_add",
+        "host:copy_to_nbd",
+        "push:delete-node/source",
+        "source:blockdev_add",
+        "listen:source:jobs",
+        "push:cancel-job/source",
+        "source:blockdev_mirror",
+        "spawn",
+        "await-job:source:ready",
+        "observe:MirrorReady",
+    ]
+    copy = effects[4]
+    assert isinstance(copy, OnHost)
+    assert copy.kwargs == {"target_is_zero": True}  # the target's image was unallocated
+    assert ctx.disk_bytes == 1 << 20
+    export = effects[3]
+    assert isinstance(export, Call)
+    assert export.kwargs["node_name"] == "root-t"
+
+
+def test_the_mirror_reporter_emits_disk_progress() -> None:
+    ctx = context(state=State.SNAPSHOTTED)
+    spawned = next(e for e in drive(script.mirror(ctx), answers()) if isinstance(e, Spawn)).script()
+    assert next(spawned) == call(Side.SOURCE, jobs.query_block_jobs)
+    emitted = spawned.send((ready_mirror(ctx, offset=10, len=40),))
+    assert isinstance(emitted, Emit)
+    assert isinstance(emitted.event, Progress)
+    assert (emitted.event.disk_done, emitted.event.disk_total) == (10, 40)
+    assert isinstance(spawned.send(None), Sleep)
+
+
+def test_transfer_listens_on_both_sides_before_either_command() -> None:
+    effects = drive(script.transfer_state(context(state=State.MIRRORING)), answers())
+    assert words(effects) == [
+        "listen:target:migration",
+        "listen:source:migration",
+        "push:delete-file/target",
+        "target:migrate_incoming",
+        "push:cancel-migration/source",
+        "source:migrate",
+        "observe:MigrationStatusChanged",
+    ]
+
+
+def test_the_pause_opens_the_window_when_qemu_emitted_it() -> None:
+    effects = drive(
+        script.await_switchover(context(state=State.STATE_TRANSFER)),
+        lambda e: (
+            MigrationEvent(MigrationStatus.PRE_SWITCHOVER, 1234.5)
+            if isinstance(e, AwaitMigration)
+            else None
+        ),
+    )
+    assert effects[1] == OpenWindow(1234.5)
+
+
+def test_the_precopy_switchover_sends_only_what_must_happen_in_the_window() -> None:
+    ctx = context(state=State.PRE_SWITCHOVER)
+    effects = drive(script.switch_over(ctx), answers({"query_block_jobs": (ready_mirror(ctx),)}))
+    assert words(effects) == [
+        # No look at the mirror first: how its cancel ends tells whether the copy is consistent.
+        "listen:source:jobs",
+        "source:block_job_cancel",
+        "await-job:source:gone:no-look",
+        "mark",
+        "drop:cancel-job/source",
+        # The NBD server stops at once with the continue, before the target may run.
+        "gather:source:migrate_continue,target:nbd_server_stop",
+        "drop:delete-export/target",
+        "drop:stop-nbd-server/target",
+        "await-migration:target:completed",
+        "mark",
+        "observe:MigrationStatusChanged",
+        "target:cont",
+        "observe:TargetResumed",
+        "drop:quit/target",
+        "closewindow",
+    ]
+    assert ctx.disk_bytes == 4096
+
+
+def test_the_shared_switchover_has_no_mirror_and_no_nbd() -> None:
+    effects = drive(script.switch_over(context("shared", State.PRE_SWITCHOVER)), answers())
+    assert words(effects) == [
+        "source:migrate_continue",
+        "await-migration:target:completed",
+        "mark",
+        "observe:MigrationStatusChanged",
+        "target:cont",
+        "observe:TargetResumed",
+        "drop:quit/target",
+        "closewindow",
+    ]
+
+
+def test_a_mirror_no_longer_in_sync_fails_the_switchover_before_the_continue() -> None:
+    """A mirror that was no longer READY is cancelled (not completed) by the soft cancel: the
+    target's copy is not consistent, and the source must not go on."""
+    ctx = context(state=State.PRE_SWITCHOVER)
+    base = answers()
+
+    def answer(effect: Effect) -> Any:
+        if isinstance(effect, AwaitJob):
+            return JobGone(completed=False, offset=10)
+        return base(effect)
+
+    seen: list[Effect] = []
+    with pytest.raises(StepFailed, match="no longer in sync"):
+        drive(script.switch_over(ctx), answer, seen)
+    assert words(seen) == [
+        "listen:source:jobs",
+        "source:block_job_cancel",
+        "await-job:source:gone:no-look",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("runs", "goes_on", "resumed"),
+    [(False, False, False), (None, False, True), (True, True, True)],
+    ids=["target-paused", "cannot-tell", "target-runs"],
+)
+def test_a_lost_cont_reply_asks_the_target_before_deciding(
+    runs: bool | None, goes_on: bool, resumed: bool
+) -> None:
+    ctx = context("shared", State.PRE_SWITCHOVER)
+    base = answers({"cont": ConnectionLost("dropped", monitor="target")})
+
+    def answer(effect: Effect) -> Any:
+        return runs if isinstance(effect, AskRuns) else base(effect)
+
+    seen: list[Effect] = []
+    if goes_on:
+        drive(script.switch_over(ctx), answer, seen)
+    else:
+        with pytest.raises(ConnectionLost):
+            drive(script.switch_over(ctx), answer, seen)
+    after_cont = words(seen)[words(seen).index("target:cont") + 1 :]
+    assert after_cont[0] == "ask-runs:target"
+    assert (Observe(TargetResumed()) in seen) is resumed
+    assert seen.count(Observe(TargetResumed())) <= 1
+    assert ("drop:quit/target" in after_cont) is goes_on
+
+
+def test_a_refused_cont_reverts_without_asking() -> None:
+    refused = CommandFailed(
+        monitor="target", command="cont", arguments=None, error_class="GenericError", desc="no"
+    )
+    seen: list[Effect] = []
+    with pytest.raises(CommandFailed):
+        drive(
+            script.switch_over(context("shared", State.PRE_SWITCHOVER)),
+            answers({"cont": refused}),
+            seen,
+        )
+    assert words(seen)[-1] == "target:cont"  # raised at once: no asking, nothing observed
+
+
+def test_finalize_keeps_the_source_when_the_target_no_longer_runs() -> None:
+    ctx = context(state=State.SWITCHED_OVER)
+    base = answers({"query_migrate": MigrationStats(MigrationStatus.COMPLETED, downtime_ms=42)})
+    seen: list[Effect] = []
+    with pytest.raises(StepFailed, match="source QEMU is kept"):
+        drive(
+            script.finalize(ctx),
+            lambda e: False if isinstance(e, AskRuns) else base(e),
+            seen,
+        )
+    assert "source:quit" not in " ".join(words(seen))
+    assert ctx.downtime_ms == 42
+
+
+def test_finalize_cleans_up_shielded_and_a_failed_step_is_a_warning() -> None:
+    ctx = context(state=State.SWITCHED_OVER)
+    stats = MigrationStats(
+        MigrationStatus.COMPLETED, downtime_ms=42, ram=RamStats(transferred=7, remaining=0, total=7)
+    )
+    effects = drive(
+        script.finalize(ctx),
+        answers({"query_migrate": stats, "quit": ConnectionLost("gone", monitor="source")}),
+    )
+    assert words(effects) == [
+        "await-migration:source:completed",
+        "source:query_migrate",
+        "ask-runs:target",
+        "shielded:source:quit",
+        *["shielded:host:remove"] * len(ctx.run_files()),
+        "clearundo",
+        "observe:SourceReleased",
+    ]
+    assert (ctx.downtime_ms, ctx.ram_bytes) == (42, 7)
+    assert any("could not quit the source" in w for w in ctx.warnings)
+
+
+def test_finalize_from_postcopy_waits_for_both_sides() -> None:
+    ctx = context("shared", State.POSTCOPY, stop_source=False)
+    effects = drive(
+        script.finalize(ctx),
+        answers({"query_migrate": MigrationStats(MigrationStatus.COMPLETED)}),
+    )
+    assert words(effects)[:4] == [
+        "await-migration:target:completed",
+        "await-migration:source:completed",
+        "observe:MigrationStatusChanged",
+        "source:query_migrate",
+    ]
+    assert "shielded:source:quit" not in words(effects)
+
+
+def test_postcopy_journals_before_the_point_of_no_return() -> None:
+    effects = drive(script.switch_over_postcopy(context("shared", State.PRE_SWITCHOVER)), answers())
+    said = words(effects)
+    assert said[:3] == ["observe:PostcopyCommitted", "writejournal", "source:migrate_continue"]
+    assert isinstance(effects[1], WriteJournal)
+    assert said.index("await-migration:target:postcopy-active") < said.index("target:cont")
+
+
+def test_steering_reports_each_poll_and_sleeps_on_the_engines_clock() -> None:
+    ctx = context(state=State.STATE_TRANSFER)
+    ctx.convergence = None
+    steer = script.steer(ctx)
+    assert next(steer) == call(Side.SOURCE, migration.query_migrate)
+    stats = MigrationStats(
+        MigrationStatus.ACTIVE, ram=RamStats(transferred=5, remaining=3, total=8)
+    )
+    emitted = steer.send(stats)
+    assert isinstance(emitted, Emit)
+    assert isinstance(emitted.event, Progress)
+    assert emitted.event.ram_remaining == 3
+    assert emitted.event.state == "state-transfer"
+    assert isinstance(steer.send(None), Clock)
+    assert steer.send(100.0) == Sleep(min(ctx.plan.policy.progress_interval, 0.5))
+
+
+def test_every_effect_kind_is_performed_by_the_engine() -> None:
+    """The engine's ``match`` has a case for every effect kind (a kind added to the effects
+    without a case would be silently ignored)."""
+    import inspect
+
+    source = inspect.getsource(engine._perform)
+    for kind in (
+        Call, Gather, OnHost, PushUndo, DropUndo, ClearUndo, Observe, Listen, AwaitJob,
+        AwaitMigration, AskRuns, Shielded, Spawn, Emit, Clock, Sleep, Mark, OpenWindow,
+        CloseWindow, WriteJournal,
+    ):  # fmt: skip
+        assert f"case {kind.__name__}(" in source, kind.__name__
+
+
+async def test_a_gather_raises_the_first_failure_in_its_own_order() -> None:
+    """Whichever reply comes first, the error raised is the first failed call's in ``calls``
+    order: a run does not depend on timing."""
+
+    class Slow:
+        name = "source"
+
+        async def execute(self, *_: object) -> Any:
+            await trio.sleep(0.01)
+            raise ConnectionLost("slow failure", monitor="source")
+
+    class Fast:
+        name = "target"
+
+        async def execute(self, *_: object) -> Any:
+            raise ConnectionLost("fast failure", monitor="target")
+
+    class _Session:
+        def monitor(self, side: Side) -> Any:
+            return Slow() if side is Side.SOURCE else Fast()
+
+    async def op(monitor: Any) -> Any:
+        return await monitor.execute()
+
+    gather = (call(Side.SOURCE, op), call(Side.TARGET, op))
+    with pytest.raises(ConnectionLost, match="slow failure"):
+        await engine._gather(_Session(), gather)  # type: ignore[arg-type]

@@ -33,6 +33,11 @@ class RunRecord:
         host read them on the source and target consoles, around the migration.
     :param cpu_ms: user+system CPU time of the ``livemig`` process (livemig only).
     :param wall_ms: wall time of the ``livemig`` process, start to exit (livemig only).
+    :param startup_cpu_ms: livemig only: the start-up CPU measured in this run's own lab, its
+        guest running, just before the migration (median of refused ``livemig migrate``
+        children, see ``bench/runner.py``). Start-up costs more CPU on a machine the guest keeps
+        busy than on an idle one, so this, not the idle figure, is what the migration's CPU is
+        net of.
     :param problems: invariant violations found by ``Lab.verify`` (livemig, bare-qmp,
         lxd-equivalent).
     :param detail: variant-specific extras (phases, last progress sample, raw statistics).
@@ -49,6 +54,7 @@ class RunRecord:
     disk_bytes: int | None = None
     cpu_ms: float | None = None
     wall_ms: float | None = None
+    startup_cpu_ms: float | None = None
     problems: list[str] = attrs.field(factory=list)
     error: str | None = None
     loadavg: float | None = None
@@ -65,10 +71,12 @@ class RunRecord:
         return self.cpu_ms / self.wall_ms
 
     def cpu_share_net(self, startup_ms: float | None) -> float | None:
-        """The CPU share with Python's start-up taken out: ``(cpu - startup) / wall``."""
-        if self.cpu_ms is None or not self.wall_ms or startup_ms is None:
+        """The CPU share with Python's start-up taken out: ``(cpu - startup) / wall``; the
+        start-up measured in this run's lab when there is one, else ``startup_ms``."""
+        startup = self.startup_cpu_ms if self.startup_cpu_ms is not None else startup_ms
+        if self.cpu_ms is None or not self.wall_ms or startup is None:
             return None
-        return (self.cpu_ms - startup_ms) / self.wall_ms
+        return (self.cpu_ms - startup) / self.wall_ms
 
     @property
     def to_cont_ms(self) -> float | None:

@@ -485,10 +485,20 @@ def notes(results: Results) -> list[str]:
         out.append(
             f"- Start-up: a `livemig migrate --json` refused at its first connect (two unix "
             f"socket files nobody listens on), after every import a migration loads, uses "
-            f"{startup:.0f} ms of CPU (median of {len(results.startup_cpu_ms)}). It is part of "
-            "livemig's raw CPU figure; the start-up-excluded share is (CPU - this) / wall, and "
-            "the CPU target uses it."
+            f"{startup:.0f} ms of CPU on the idle machine (median of "
+            f"{len(results.startup_cpu_ms)}). It is part of livemig's raw CPU figure. Each "
+            "livemig run also measures it in its own lab, the guest running as during the "
+            "migration, just before migrating; the start-up-excluded share is (CPU - that "
+            "run's start-up) / wall (the idle figure where a run has none), and the CPU target "
+            "uses it."
         )
+        loaded: dict[str, list[float]] = {}
+        for r in results.records:
+            if r.variant == "livemig" and r.startup_cpu_ms is not None:
+                loaded.setdefault(r.scenario, []).append(r.startup_cpu_ms)
+        if loaded:
+            per = ", ".join(f"{k} {_num(_median(v))} ms" for k, v in loaded.items())
+            out.append(f"- Start-up CPU under each scenario's load (median over its runs): {per}.")
     for command, times in results.help_wall_ms.items():
         median = _median(times)
         out.append(

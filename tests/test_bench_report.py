@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import attrs
+
 from bench import bare
 from bench.model import RunRecord
 from bench.report import check_targets, help_checks, markdown, phase_split, summarize
@@ -79,6 +81,22 @@ def test_cpu_share_without_startup() -> None:
     assert cell.cpu_share == 0.4
     assert cell.cpu_share_net is not None
     assert abs(cell.cpu_share_net - 0.05) < 1e-9
+
+
+def test_cpu_share_nets_out_each_runs_own_startup_when_it_has_one() -> None:
+    records = [
+        attrs.evolve(r, startup_cpu_ms=380.0 + 10 * r.rep) if r.variant == "livemig" else r
+        for r in _records()
+    ]
+    cell = summarize(records, startup_ms=350.0)[(SCENARIO.name, "livemig")]
+    assert cell.cpu_share_net is not None
+    # (400 - 400) / 1000 for the median run (startups 390, 400, 410), not (400 - 350) / 1000
+    assert abs(cell.cpu_share_net - 0.0) < 1e-9
+    config = Config(
+        runs=3, scenarios=(SCENARIO,), variants=("livemig",), deadline_s=60, install=False
+    )
+    text = markdown(Results(config, records=records, startup_cpu_ms=[350.0]))
+    assert "under each scenario's load (median over its runs): idle-512M-non-shared 400 ms" in text
 
 
 def test_bare_targets() -> None:

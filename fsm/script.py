@@ -9,7 +9,8 @@ Rules every script keeps:
 
 - it yields :class:`PushUndo` for what it is about to create *before* the effect that creates
   it, so a fault at any point leaves every step needed to get back (a step for something never
-  created does nothing);
+  created does nothing); the steps of one action go in one push where they can, since each push
+  is a durable journal write (an ``fsync`` of file and directory) on the critical path;
 - what it learns it reports as an :class:`Observe` of a fact; the guard of the trigger checks
   it, so a script that did not get there cannot move the machine;
 - it sets no deadline (the runner bounds each action, the engine each command) and opens no
@@ -115,6 +116,8 @@ class Context:
     root: RootDisk | None = None
     #: The guest's base RAM in bytes (at connect): the RAM phase's deadline scales by it.
     guest_ram: int | None = None
+    #: The migration capabilities each side offers (at connect), by side.
+    offered: dict[Side, Mapping[str, bool]] = attrs.field(factory=dict)
     #: The ``max-bandwidth`` set with the capabilities (``None``: uncapped), likewise.
     bandwidth: int | None = None
     #: The convergence policy's state while RAM streams (set with the capabilities).
@@ -147,6 +150,7 @@ def connect(ctx: Context) -> Script:
     source, target = _view(replies[: len(_VIEW)]), _view(replies[len(_VIEW) :])
     ctx.root = precheck(ctx.plan, source, target)
     ctx.guest_ram = source.ram_bytes
+    ctx.offered = {SOURCE: source.capabilities, TARGET: target.capabilities}
     yield Observe(PrechecksPassed())
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
@@ -177,29 +181,22 @@ def _view(replies: Sequence[Any]) -> QemuView:
 
 
 def set_capabilities(ctx: Context) -> Script:
-    """Probe both sides (at once), set what :func:`~livemig.fsm.settings.choose_settings` picks
-    of what each offers. The source's old values are pushed for undo first; the target is quit
-    on revert, so its settings need none."""
+    """Set what :func:`~livemig.fsm.settings.choose_settings` picks of what each side offers
+    (the capabilities as seen at connect; the parameters probed here, both sides at once). The
+    source's old values are pushed for undo first; the target is quit on revert, so its
+    settings need none. The two sides are set at once, each in its own order."""
     policy = ctx.plan.policy
-    src_caps, dst_caps, src_params, dst_params = yield Gather(
-        (
-            call(SOURCE, migration.query_capabilities),
-            call(TARGET, migration.query_capabilities),
-            call(SOURCE, migration.query_parameters),
-            call(TARGET, migration.query_parameters),
-        )
+    src_params, dst_params = yield Gather(
+        (call(SOURCE, migration.query_parameters), call(TARGET, migration.query_parameters))
     )
     chosen = choose_settings(
         policy,
-        source_capabilities=src_caps,
-        target_capabilities=dst_caps,
+        source_capabilities=ctx.offered[SOURCE],
+        target_capabilities=ctx.offered[TARGET],
         source_parameters=src_params,
         target_parameters=dst_params,
     )
     ctx.warnings += [f"{what} is not offered; migrating without it" for what in chosen.not_offered]
-    yield call(TARGET, migration.set_capabilities, chosen.target_capabilities)
-    if chosen.target_parameters:
-        yield call(TARGET, migration.set_parameters, chosen.target_parameters)
     yield PushUndo(
         (
             UndoStep(
@@ -207,11 +204,6 @@ def set_capabilities(ctx: Context) -> Script:
                 SOURCE,
                 {"capabilities": dict(chosen.restore_capabilities)},
             ),
-        )
-    )
-    yield call(SOURCE, migration.set_capabilities, chosen.source_capabilities)
-    yield PushUndo(
-        (
             UndoStep(
                 UndoKind.RESTORE_PARAMETERS,
                 SOURCE,
@@ -219,7 +211,16 @@ def set_capabilities(ctx: Context) -> Script:
             ),
         )
     )
-    yield call(SOURCE, migration.set_parameters, chosen.source_parameters)
+    target_calls = [call(TARGET, migration.set_capabilities, chosen.target_capabilities)]
+    if chosen.target_parameters:
+        target_calls.append(call(TARGET, migration.set_parameters, chosen.target_parameters))
+    yield Gather(
+        (
+            *target_calls,
+            call(SOURCE, migration.set_capabilities, chosen.source_capabilities),
+            call(SOURCE, migration.set_parameters, chosen.source_parameters),
+        )
+    )
     convergence = policy.convergence()
     ctx.bandwidth = convergence.bandwidth_cap
     ctx.convergence = ConvergenceTracker(
@@ -239,13 +240,24 @@ def snapshot(ctx: Context) -> Script:
     plan, root = ctx.plan, ctx.disk()
     overlay = plan.overlay_path
     yield OnHost("make_dir", (plan.work_dir,))
-    # Only once the overlay node is gone: while the guest still writes to it (its merge
-    # failed), removing the file would lose every write since the snapshot.
+    # All three at once, one journal write: each is safe to run when its thing does not exist
+    # yet, and the stack unwinds them in the order they must run. The file goes only once the
+    # overlay node is gone: while the guest still writes to it (its merge failed), removing the
+    # file would lose every write since the snapshot.
     yield PushUndo(
-        (UndoStep(UndoKind.DELETE_FILE, SOURCE, {"path": str(overlay), "node": plan.overlay_node}),)
+        (
+            UndoStep(
+                UndoKind.DELETE_FILE, SOURCE, {"path": str(overlay), "node": plan.overlay_node}
+            ),
+            UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.overlay_node}),
+            UndoStep(
+                UndoKind.MERGE_OVERLAY,
+                SOURCE,
+                {"node": plan.overlay_node, "base": root.source_node, "job": plan.commit_job},
+            ),
+        )
     )
     yield OnHost("create_image", (overlay, "qcow2", root.base_size))
-    yield PushUndo((UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.overlay_node}),))
     yield call(
         SOURCE,
         block.blockdev_add,
@@ -256,15 +268,6 @@ def snapshot(ctx: Context) -> Script:
             "backing": None,
         },
     )
-    yield PushUndo(
-        (
-            UndoStep(
-                UndoKind.MERGE_OVERLAY,
-                SOURCE,
-                {"node": plan.overlay_node, "base": root.source_node, "job": plan.commit_job},
-            ),
-        )
-    )
     yield call(SOURCE, block.blockdev_snapshot, node=root.source_node, overlay=plan.overlay_node)
     yield Observe(OverlayActive(plan.overlay_node))
 
@@ -274,14 +277,18 @@ def mirror(ctx: Context) -> Script:
     plan, root = ctx.plan, ctx.disk()
     if not isinstance(plan.nbd, UnixEndpoint):
         raise ctx.fail("the disk copy needs a unix NBD endpoint on this host")
+    # Every undo step of the copy at once, one journal write (each is safe to run when its
+    # thing does not exist yet; the stack unwinds them in the order they must run).
     yield PushUndo(
         (
             UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.nbd.path)}),
             UndoStep(UndoKind.STOP_NBD_SERVER, TARGET),
+            UndoStep(UndoKind.DELETE_EXPORT, TARGET, {"export": plan.export_id}),
+            UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.nbd_node}),
+            UndoStep(UndoKind.CANCEL_JOB, SOURCE, {"job": plan.mirror_job}),
         )
     )
     yield call(TARGET, nbd.nbd_server_start, plan.nbd.path)
-    yield PushUndo((UndoStep(UndoKind.DELETE_EXPORT, TARGET, {"export": plan.export_id}),))
     yield call(
         TARGET,
         nbd.block_export_add,
@@ -291,7 +298,6 @@ def mirror(ctx: Context) -> Script:
         writable=True,
     )
     yield from _copy_base(ctx, plan.nbd.path)
-    yield PushUndo((UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.nbd_node}),))
     yield call(
         SOURCE,
         block.blockdev_add,
@@ -303,7 +309,6 @@ def mirror(ctx: Context) -> Script:
         },
     )
     yield Listen(SOURCE, Stream.JOBS)
-    yield PushUndo((UndoStep(UndoKind.CANCEL_JOB, SOURCE, {"job": plan.mirror_job}),))
     yield call(
         SOURCE,
         block.blockdev_mirror,
@@ -359,11 +364,14 @@ def transfer_state(ctx: Context) -> Script:
     plan = ctx.plan
     yield Listen(TARGET, Stream.MIGRATION)
     yield Listen(SOURCE, Stream.MIGRATION)
+    steps = [UndoStep(UndoKind.CANCEL_MIGRATION, SOURCE)]
     if isinstance(plan.migrate_uri, UnixEndpoint):
-        path = str(plan.migrate_uri.path)
-        yield PushUndo((UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": path}),))
+        steps.insert(
+            0, UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.migrate_uri.path)})
+        )
+    # Both at once, one journal write: a cancel with no migration running is a no-op.
+    yield PushUndo(tuple(steps))
     yield call(TARGET, migration.migrate_incoming, plan.migrate_uri.uri)
-    yield PushUndo((UndoStep(UndoKind.CANCEL_MIGRATION, SOURCE),))
     yield call(SOURCE, migration.migrate, plan.migrate_uri.uri)
     yield Observe(MigrationStatusChanged(MigrationStatus.SETUP))
 

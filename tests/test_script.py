@@ -258,28 +258,43 @@ def test_a_failed_precheck_leaves_nothing_to_undo() -> None:
     assert [type(e) for e in seen] == [Gather]
 
 
-def test_capabilities_set_the_target_first_and_push_the_sources_old_values_first() -> None:
+def test_capabilities_push_the_sources_old_values_then_set_both_sides_at_once() -> None:
     ctx = context(state=State.CONNECTED)
     caps = {"events": False, "pause-before-switchover": False, "postcopy-ram": False}
+    ctx.offered = {Side.SOURCE: caps, Side.TARGET: caps}
     effects = drive(
         script.set_capabilities(ctx),
-        answers({"query_capabilities": caps, "query_parameters": {"downtime-limit": 300}}),
+        answers({"query_parameters": {"downtime-limit": 300}}),
     )
     assert words(effects) == [
-        "gather:source:query_capabilities,target:query_capabilities,"
-        "source:query_parameters,target:query_parameters",
-        "target:set_capabilities",
-        "push:restore-capabilities/source",
-        "source:set_capabilities",
-        "push:restore-parameters/source",
-        "source:set_parameters",
+        "gather:source:query_parameters,target:query_parameters",
+        "push:restore-capabilities/source,restore-parameters/source",
+        "gather:target:set_capabilities,source:set_capabilities,source:set_parameters",
         "observe:CapabilitiesSet",
     ]
-    push = effects[2]
+    push = effects[1]
     assert isinstance(push, PushUndo)
-    (restore,) = push.steps
+    restore, params = push.steps
     assert restore.args["capabilities"]["events"] is False
+    assert params.args["parameters"] == {"downtime-limit": 300}
+    sets = effects[2]
+    assert isinstance(sets, Gather)
+    assert sets.calls[0].args[0]["events"] is True  # the target's, chosen from what it offers
     assert ctx.convergence is not None
+
+
+def test_capabilities_come_from_what_each_side_offered_at_connect() -> None:
+    ctx = context(state=State.CONNECTED)
+    ctx.offered = {
+        Side.SOURCE: {"events": False, "pause-before-switchover": False, "postcopy-ram": False},
+        Side.TARGET: {"events": False, "pause-before-switchover": False},
+    }
+    effects = drive(script.set_capabilities(ctx), answers({"query_parameters": {}}))
+    sets = effects[2]
+    assert isinstance(sets, Gather)
+    target_caps, source_caps = sets.calls[0].args[0], sets.calls[1].args[0]
+    assert "postcopy-ram" not in target_caps  # never asked of a side that did not offer it
+    assert source_caps["pause-before-switchover"] is True
 
 
 def test_snapshot_pushes_each_undo_before_what_it_undoes() -> None:
@@ -287,15 +302,13 @@ def test_snapshot_pushes_each_undo_before_what_it_undoes() -> None:
     effects = drive(script.snapshot(ctx), answers())
     assert words(effects) == [
         "host:make_dir",
-        "push:delete-file/source",
+        "push:delete-file/source,delete-node/source,merge-overlay/source",
         "host:create_image",
-        "push:delete-node/source",
         "source:blockdev_add",
-        "push:merge-overlay/source",
         "source:blockdev_snapshot",
         "observe:OverlayActive",
     ]
-    snap = effects[6]
+    snap = effects[4]
     assert isinstance(snap, Call)
     assert snap.kwargs == {"node": "root", "overlay": ctx.plan.overlay_node}
 
@@ -304,25 +317,23 @@ def test_mirror_exports_copies_then_listens_before_it_starts_the_mirror() -> Non
     ctx = context(state=State.SNAPSHOTTED)
     effects = drive(script.mirror(ctx), answers())
     assert words(effects) == [
-        "push:delete-file/target,stop-nbd-server/target",
+        "push:delete-file/target,stop-nbd-server/target,delete-export/target,"
+        "delete-node/source,cancel-job/source",
         "target:nbd_server_start",
-        "push:delete-export/target",
         "target:block_export_add",
         "host:copy_to_nbd",
-        "push:delete-node/source",
         "source:blockdev_add",
         "listen:source:jobs",
-        "push:cancel-job/source",
         "source:blockdev_mirror",
         "spawn",
         "await-job:source:ready",
         "observe:MirrorReady",
     ]
-    copy = effects[4]
+    copy = effects[3]
     assert isinstance(copy, OnHost)
     assert copy.kwargs == {"target_is_zero": True}  # the target's image was unallocated
     assert ctx.disk_bytes == 1 << 20
-    export = effects[3]
+    export = effects[2]
     assert isinstance(export, Call)
     assert export.kwargs["node_name"] == "root-t"
 
@@ -343,9 +354,8 @@ def test_transfer_listens_on_both_sides_before_either_command() -> None:
     assert words(effects) == [
         "listen:target:migration",
         "listen:source:migration",
-        "push:delete-file/target",
+        "push:delete-file/target,cancel-migration/source",
         "target:migrate_incoming",
-        "push:cancel-migration/source",
         "source:migrate",
         "observe:MigrationStatusChanged",
     ]

@@ -185,11 +185,13 @@ class _Runner:
         return None
 
     async def _connect(self, session: Session) -> None:
+        """Open both monitors at once; each is closed on the way out once it is open."""
         plan = self.plan
-        for name, endpoint in (("source", plan.source_qmp), ("target", plan.target_qmp)):
+
+        async def open_one(name: str, path: Path) -> None:
             monitor = ReconnectingMonitor(
                 self.connector,
-                endpoint.path,
+                path,
                 name,
                 plan.deadlines,
                 state=lambda: session.state,
@@ -201,6 +203,10 @@ class _Runner:
                 session.source = monitor
             else:
                 session.target = monitor
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_one, "source", plan.source_qmp.path)
+            nursery.start_soon(open_one, "target", plan.target_qmp.path)
 
     async def _step(self, session: Session, trigger: Trigger) -> None:
         script = SCRIPTS[trigger]

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import trio
 
-from livemig.drivers import image
+from livemig.drivers import image, qcow2
 from livemig.drivers.image import ImageFormat
 
 __all__ = ["Host", "LocalHost"]
@@ -41,7 +41,11 @@ class LocalHost:
         await trio.Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def create_image(self, path: Path, fmt: ImageFormat, size: int) -> None:
-        await image.create(path, fmt, size)
+        if fmt == "qcow2":
+            # The empty overlay: written here, no qemu-img process (see drivers/qcow2.py).
+            await qcow2.write_empty_qcow2(path, size)
+        else:
+            await image.create(path, fmt, size)
 
     async def copy_to_nbd(
         self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool

@@ -10,7 +10,8 @@ no raised downtime limit): a guest that dirties RAM faster than it is sent never
 
 Non-shared storage, in order (``∥``: the two lanes run concurrently)::
 
-    source: migrate-set-capabilities, migrate-set-parameters, (qemu-img create overlay),
+    source: migrate-set-capabilities, migrate-set-parameters, (overlay file written, as
+            livemig writes it: drivers/qcow2.py),
             blockdev-add overlay, blockdev-snapshot
     ∥ target: migrate-set-capabilities, nbd-server-start, block-export-add, migrate-incoming
     qemu-img convert -n --target-is-zero base → the target's export (as livemig copies it)
@@ -41,7 +42,7 @@ import attrs
 import trio
 
 from bench.model import VariantFiles
-from livemig.drivers import block, image, jobs, migration, nbd, runstate
+from livemig.drivers import block, image, jobs, migration, nbd, qcow2, runstate
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent, open_monitor
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
 from livemig.fsm.plan import Policy
@@ -244,7 +245,7 @@ class _Run:
     async def _source_snapshot(self) -> None:
         await _together(
             self._source_settings,
-            lambda: image.create(self.files.overlay, "qcow2", self.disk_size),
+            lambda: qcow2.write_empty_qcow2(self.files.overlay, self.disk_size),
         )
         await block.blockdev_add(
             self.src,

@@ -112,18 +112,26 @@ def empty_qcow2(size: int) -> list[tuple[int, bytes]]:
 
 
 def _write(path: Path, pieces: list[tuple[int, bytes]]) -> None:
-    # 0600 like every file livemig makes: the overlay will hold the guest's writes.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    end = max(offset + len(data) for offset, data in pieces)
     try:
-        for offset, data in pieces:
-            os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
+        # 0600 like every file livemig makes: the overlay will hold the guest's writes.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            # The blocks qemu-img allocates, reserved first: a work dir without room for them
+            # fails here, at once, not later under the guest's first writes.
+            os.posix_fallocate(fd, 0, end)
+            for offset, data in pieces:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the overlay {path}: {err.strerror}") from err
 
 
 async def write_empty_qcow2(path: Path, size: int) -> None:
-    """Create (or replace) ``path`` as an empty qcow2 image of ``size`` bytes (in a worker
-    thread: no file I/O in the event loop).
+    """Create (or replace) ``path`` as an empty qcow2 image of ``size`` bytes, its metadata
+    blocks allocated as ``qemu-img`` allocates them (in a worker thread: no file I/O in the
+    event loop).
 
     :raise UsageError: for a size :func:`empty_qcow2` refuses.
     :raise OSError: when the file cannot be written.

@@ -25,6 +25,7 @@ async def test_the_overlay_is_what_qemu_img_creates(tmp_path: Path, size: int) -
     await qcow2.write_empty_qcow2(ours, size)
     await trio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", theirs, str(size)])
     assert ours.read_bytes() == theirs.read_bytes()
+    assert ours.stat().st_blocks == theirs.stat().st_blocks  # allocated alike, not sparser
     await _consistent(ours)
     assert stat.S_IMODE(ours.stat().st_mode) == 0o600
 
@@ -58,6 +59,23 @@ async def _consistent(image: Path) -> None:
         ["qemu-img", "check", image], capture_stdout=True, capture_stderr=True, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_no_room_for_the_overlay_fails_at_once_and_says_where(tmp_path: Path) -> None:
+    where = tmp_path / "full"
+    where.mkdir()
+    mount = await trio.run_process(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", where],
+        check=False,
+        capture_stderr=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(OSError, match=r"cannot write the overlay .*No space left on device"):
+            await qcow2.write_empty_qcow2(where / "overlay.qcow2", 64 * MIB)
+    finally:
+        await trio.run_process(["umount", where], check=False)
 
 
 @pytest.mark.parametrize("size", [0, -1, qcow2.MAX_SIZE + 1])

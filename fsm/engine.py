@@ -141,8 +141,9 @@ async def _perform(session: Session, effect: Effect) -> Any:
 async def _gather(session: Session, calls: tuple[Call, ...]) -> tuple[Any, ...]:
     """The calls of each side in order, the two sides at once: one QEMU's commands keep the
     order the script gave (what it sees does not depend on trio's scheduling), and the two
-    QEMUs' round trips overlap. Every call runs to its end; the first failure *in ``calls``
-    order* is raised, so which reply came first does not change the outcome."""
+    QEMUs' round trips overlap. A side stops at its first failure (what follows on that side
+    may rely on it); the other side runs to its end. The first failure *in ``calls`` order* is
+    raised, so which reply came first does not change the outcome."""
     replies: list[Any] = [None] * len(calls)
     errors: list[Exception | None] = [None] * len(calls)
 
@@ -153,6 +154,7 @@ async def _gather(session: Session, calls: tuple[Call, ...]) -> tuple[Any, ...]:
                     replies[i] = await c.op(session.monitor(side), *c.args, **c.kwargs)
                 except Exception as err:
                     errors[i] = err
+                    return
 
     async with trio.open_nursery() as nursery:
         for side in dict.fromkeys(c.side for c in calls):

@@ -591,3 +591,34 @@ async def test_a_gather_raises_the_first_failure_in_its_own_order() -> None:
     gather = (call(Side.SOURCE, op), call(Side.TARGET, op))
     with pytest.raises(ConnectionLost, match="slow failure"):
         await engine._gather(_Session(), gather)  # type: ignore[arg-type]
+
+
+async def test_a_gather_stops_a_side_at_its_first_failure_and_lets_the_other_finish() -> None:
+    sent: list[str] = []
+
+    class Monitor:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def execute(self, command: str) -> Any:
+            sent.append(f"{self.name}:{command}")
+            if command == "fails":
+                raise ConnectionLost("refused", monitor=self.name)
+            return command
+
+    class _Session:
+        def monitor(self, side: Side) -> Any:
+            return Monitor(side.value)
+
+    async def op(monitor: Any, command: str) -> Any:
+        return await monitor.execute(command)
+
+    gather = (
+        call(Side.SOURCE, op, "fails"),
+        call(Side.SOURCE, op, "after"),
+        call(Side.TARGET, op, "one"),
+        call(Side.TARGET, op, "two"),
+    )
+    with pytest.raises(ConnectionLost, match="refused"):
+        await engine._gather(_Session(), gather)  # type: ignore[arg-type]
+    assert sorted(sent) == ["source:fails", "target:one", "target:two"]

@@ -6,7 +6,7 @@ left as ``None`` are not sent, so QEMU's defaults apply.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -23,6 +23,7 @@ __all__ = [
     "blockdev_snapshot",
     "query_block",
     "query_named_block_nodes",
+    "snapshot_all",
 ]
 
 
@@ -160,6 +161,21 @@ async def blockdev_snapshot(monitor: Monitor, node: str, overlay: str) -> None:
     """``blockdev-snapshot``: put ``overlay`` (added with no backing) on top of ``node``; the
     guest's writes go to ``overlay`` from now on and ``node`` is frozen."""
     await monitor.execute("blockdev-snapshot", {"node": node, "overlay": overlay})
+
+
+async def snapshot_all(monitor: Monitor, pairs: Sequence[tuple[str, str]]) -> None:
+    """``transaction`` of one ``blockdev-snapshot`` per ``(node, overlay)``: every overlay goes
+    on at the same instant, or none does, so the frozen bases are one crash-consistent point in
+    time across the guest's disks."""
+    await monitor.execute(
+        "transaction",
+        {
+            "actions": [
+                {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
+                for node, overlay in pairs
+            ]
+        },
+    )
 
 
 async def blockdev_mirror(

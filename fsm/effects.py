@@ -17,7 +17,7 @@ effect                 the engine                                              s
 `ClearUndo`            empties the stack (the source was released)
 `Observe`              folds an observation into the machine's facts
 `Listen`               opens one QEMU's event stream until the run ends
-`AwaitJob`             waits for a block job to be READY or gone            `JobGone` | ``None``
+`AwaitJob`             waits for block jobs to be READY or gone                a `JobGone` each
 `AwaitMigration`       waits for a ``MIGRATION`` status                        `MigrationEvent`
 `AskRuns`              asks (shielded) whether a QEMU runs the guest           ``bool | None``
 `Shielded`             performs one effect safe from cancellation              its reply
@@ -164,14 +164,15 @@ class Listen:
 
 @attrs.frozen
 class AwaitJob:
-    """Wait on ``side``'s job stream until block job ``job`` is READY (the reply is ``None``),
-    or gone (a `JobGone`). An error the job reports on the way fails the wait.
+    """Wait on ``side``'s job stream until every block job of ``jobs`` is READY (the reply is a
+    ``None`` per job), or gone (a `JobGone` per job), in ``jobs`` order. An error a job reports
+    on the way fails the wait.
 
-    :param look_first: read the job's present status first (``False`` when it is known).
+    :param look_first: read the jobs' present status first (``False`` when it is known).
     """
 
     side: Side
-    job: str
+    jobs: tuple[str, ...] = attrs.field(converter=tuple[str, ...])
     until: Literal["ready", "gone"]
     look_first: bool = True
 

@@ -46,7 +46,7 @@ from livemig.fsm.effects import (
     WriteJournal,
 )
 from livemig.fsm.reverter import Liveness, guest_runs
-from livemig.fsm.session import JOB_EVENTS, Session, wait_job, wait_migration_event
+from livemig.fsm.session import JOB_EVENTS, Session, wait_jobs, wait_migration_event
 from livemig.fsm.undo import Side
 from livemig.transports.errors import StepFailed
 
@@ -91,11 +91,11 @@ async def _perform(session: Session, effect: Effect) -> Any:
             session.observe(observation)
         case Listen():
             await _listen(session, effect)
-        case AwaitJob(side=side, job=job, until=until, look_first=look_first):
-            return await wait_job(
+        case AwaitJob(side=side, jobs=job_ids, until=until, look_first=look_first):
+            return await wait_jobs(
                 _stream(session, side, Stream.JOBS),
                 session.monitor(side),
-                job,
+                job_ids,
                 until=until,
                 state=session.state,
                 look_first=look_first,

@@ -6,11 +6,13 @@ All frozen values. Times are milliseconds since the migration started, from the 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 __all__ = [
+    "DiskResult",
     "Event",
     "MigrationResult",
     "Outcome",
@@ -51,6 +53,8 @@ class Progress:
     expected_downtime_ms: int | None = None
     disk_done: int | None = None
     disk_total: int | None = None
+    #: The disk ``disk_done``/``disk_total`` are of (``None``: the sum over every copied disk).
+    disk: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": "progress"}
@@ -115,6 +119,30 @@ class Outcome(enum.StrEnum):
 
 
 @attrs.frozen
+class DiskResult:
+    """One disk of a migration: how it reached the target.
+
+    :param name: its guest device's id (else its BlockBackend's name, else its node).
+    :param copied: copied (frozen base, then the overlay mirrored); ``False``: shared, the target
+        opens the same image.
+    :param source: the source's image; :param target: the target's.
+    :param bytes_sent: what the base copy and the mirror sent for it (``None``: not copied, or
+        not told).
+    """
+
+    name: str
+    copied: bool
+    source: str
+    target: str
+    bytes_sent: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["storage"] = "non-shared" if out.pop("copied") else "shared"
+        return out
+
+
+@attrs.frozen
 class MigrationResult:
     """How a migration ended.
 
@@ -146,9 +174,16 @@ class MigrationResult:
     phases_ms: tuple[tuple[str, float], ...] = ()
     interrupted: bool = False
     switchover: tuple[tuple[float, str], ...] = ()
+    #: Each disk the run moved (empty when it never got past connect).
+    disks: tuple[DiskResult, ...] = ()
+    #: The target livemig launched (``--to local``): its QMP socket, pid, serial, images.
+    target: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self, recurse=False)
+        out["disks"] = [d.to_json() for d in self.disks]
+        if self.target is None:
+            del out["target"]
         out["switchover"] = [[round(ms, 2), what] for ms, what in self.switchover]
         out["outcome"] = self.outcome.value
         out["states"] = list(self.states)

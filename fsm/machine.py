@@ -55,6 +55,7 @@ __all__ = [
     "Facts",
     "MigrationMachine",
     "State",
+    "StorageChoice",
     "StorageMode",
     "Trigger",
     "allows",
@@ -112,12 +113,29 @@ class Trigger(enum.StrEnum):
 
 
 class StorageMode(enum.StrEnum):
-    """How the guest's disk reaches the target."""
+    """The route a migration takes: whether any disk is copied."""
 
-    #: Both QEMUs open the same image (Ceph-like); only RAM and device state move.
+    #: Both QEMUs open the same images (Ceph-like); only RAM and device state move.
     SHARED = "shared"
-    #: The disk is copied: frozen base, then the overlay mirrored over NBD.
+    #: Disks are copied: each one's frozen base, then its overlay mirrored over NBD (the
+    #: migration may still leave some disks shared: ``auto``).
     NON_SHARED = "non-shared"
+
+
+class StorageChoice(enum.StrEnum):
+    """What a plan asks for; the prechecks turn it into the route (:class:`StorageMode`)."""
+
+    #: The target opens every disk's image as the same file.
+    SHARED = "shared"
+    #: Every disk is copied.
+    NON_SHARED = "non-shared"
+    #: Per disk: one the target opens as the same file is shared, every other one copied.
+    AUTO = "auto"
+
+    @property
+    def route(self) -> StorageMode | None:
+        """The route this choice takes whatever the disks (``None``: decided at connect)."""
+        return None if self is StorageChoice.AUTO else StorageMode(self.value)
 
 
 @attrs.define
@@ -127,7 +145,8 @@ class Facts:
     The runner is the only writer; the machine never changes it.
     """
 
-    storage: StorageMode
+    #: The route; a plan's ``auto`` is decided at connect (:class:`PrechecksPassed`).
+    storage: StorageMode | None
     prechecks_passed: bool = False
     capabilities_set: bool = False
     overlay_active: bool = False

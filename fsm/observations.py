@@ -38,7 +38,10 @@ __all__ = [
 
 @attrs.frozen
 class PrechecksPassed:
-    """Both QEMUs answered and every precheck passed; nothing was touched."""
+    """Both QEMUs answered and every precheck passed; nothing was touched. ``storage`` is the
+    route the disks take (``None``: the one the plan named)."""
+
+    storage: StorageMode | None = None
 
 
 @attrs.frozen
@@ -46,18 +49,24 @@ class CapabilitiesSet:
     """Migration capabilities and parameters are set on both sides."""
 
 
+def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @attrs.frozen
 class OverlayActive:
-    """``blockdev-snapshot`` answered: the source's writes go to the overlay ``node``."""
+    """The snapshot answered: the source's writes go to the overlay ``nodes`` (one per copied
+    disk)."""
 
-    node: str
+    nodes: tuple[str, ...] = attrs.field(converter=_names)
 
 
 @attrs.frozen
 class MirrorReady:
-    """The mirror ``job`` reported READY: every new write reaches the target."""
+    """Every mirror of ``jobs`` (one per copied disk) reported READY: every new write reaches
+    the target."""
 
-    job: str
+    jobs: tuple[str, ...] = attrs.field(converter=_names)
 
 
 @attrs.frozen
@@ -144,8 +153,11 @@ def observe(state: State, facts: Facts, observation: Observation) -> Facts:
     ):
         raise GuardFailed(f"{name} cannot be observed in {state.value}", state=state.value)
     match observation:
-        case PrechecksPassed():
-            return attrs.evolve(facts, prechecks_passed=True)
+        case PrechecksPassed(storage=storage):
+            route = storage if storage is not None else facts.storage
+            if route is None:
+                raise GuardFailed("the prechecks decided no storage route", state=state.value)
+            return attrs.evolve(facts, prechecks_passed=True, storage=route)
         case CapabilitiesSet():
             return attrs.evolve(facts, capabilities_set=True)
         case OverlayActive():

@@ -9,18 +9,18 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 from attrs import validators as v
 
-from livemig.fsm.machine import StorageMode
+from livemig.fsm.machine import StorageChoice
 from livemig.fsm.policy import ConvergencePolicy, GiB, Ladder, Rung, StallRule
 from livemig.transports.endpoints import Endpoint, TcpEndpoint, UnixEndpoint, parse_endpoint
 from livemig.transports.errors import UsageError
 
-__all__ = ["SENDS_AT_CAP", "Deadlines", "Plan", "Policy"]
+__all__ = ["SENDS_AT_CAP", "Deadlines", "DiskNames", "Plan", "Policy"]
 
 #: How many times the RAM phase's deadline lets a capped link send each GiB (see
 #: :meth:`Deadlines.ram_phase`).
@@ -198,11 +198,15 @@ class Plan:
     :param source_qmp: the source QEMU's monitor socket.
     :param target_qmp: the target QEMU's monitor socket; the target was started with the same
         devices, ``-S`` and ``-incoming defer``.
-    :param storage: shared (both open one image) or non-shared (the disk is copied).
     :param work_dir: where the overlay and the sockets go; must be reachable by both QEMUs.
-    :param disk_node: the root disk: its block node, its BlockBackend name (``-drive
-        …,id=drive0``) or its guest device's id, resolved on each side to the node the disk
-        runs on (the two QEMUs may name it differently: ``-drive`` nodes are auto-named).
+    :param storage: how the disks reach the target: ``shared`` (the target opens the same
+        images), ``non-shared`` (every disk is copied) or ``auto`` (decided per disk at connect:
+        a disk the target opens as the same file is shared, every other one is copied).
+    :param disks: the disks to move, each named by its block node, its BlockBackend name
+        (``-drive …,id=drive0``) or its guest device's id, resolved on each side to the node
+        the disk runs on (the two QEMUs may name it differently: ``-drive`` nodes are
+        auto-named). Empty (the default): every disk attached to a guest device. Read-only
+        media and empty drives are never copied; a writable disk left out must be shared.
     :param run_id: makes every node, job and file name of this run unique.
     :param migrate_uri: where the target listens for the RAM stream.
     :param nbd: where the target serves its disk for the mirror (non-shared only).
@@ -210,12 +214,14 @@ class Plan:
 
     source_qmp: UnixEndpoint
     target_qmp: UnixEndpoint
-    storage: StorageMode
+    storage: StorageChoice = attrs.field(converter=StorageChoice)
     work_dir: Path
     run_id: str
     migrate_uri: Endpoint
     nbd: Endpoint
-    disk_node: str = attrs.field(default="root", validator=_node_name)
+    disks: tuple[str, ...] = attrs.field(
+        default=(), converter=tuple[str, ...], validator=v.deep_iterable(_node_name)
+    )
     policy: Policy = Policy()
     deadlines: Deadlines = Deadlines()
     #: Random part of the NBD export's name: only the mirror and the base copy, which are told
@@ -228,9 +234,9 @@ class Plan:
         *,
         source_qmp: str | Path,
         target_qmp: str | Path,
-        storage: StorageMode | str,
+        storage: StorageChoice | str,
         work_dir: str | Path,
-        disk_node: str = "root",
+        disks: Sequence[str] = (),
         migrate_uri: str | None = None,
         nbd: str | None = None,
         policy: Policy | None = None,
@@ -245,9 +251,9 @@ class Plan:
         :raise UsageError: on any bad value; nothing is touched.
         """
         try:
-            mode = StorageMode(storage)
+            mode = StorageChoice(storage)
         except ValueError as err:
-            choices = ", ".join(m.value for m in StorageMode)
+            choices = ", ".join(m.value for m in StorageChoice)
             raise UsageError(f"storage must be one of {choices}, not {storage!r}") from err
         if os.path.realpath(source_qmp) == os.path.realpath(target_qmp):
             raise UsageError(
@@ -275,41 +281,94 @@ class Plan:
             run_id=rid,
             migrate_uri=ram,
             nbd=disk,
-            disk_node=disk_node,
+            disks=_unique(disks),
             policy=policy or Policy(),
             deadlines=deadlines or Deadlines(),
         )
 
     # Names of everything this run creates: unique per run so a leftover from an earlier,
-    # crashed run can never collide with this one.
+    # crashed run can never collide with this one; per disk, by the disk's index in the run.
+
+    def names(self, index: int) -> DiskNames:
+        """The names of what this run creates for its ``index``-th copied disk."""
+        return DiskNames(self.work_dir, f"lm-{self.run_id}-d{index}", self.export_token)
 
     @property
     def overlay_path(self) -> Path:
-        return self.work_dir / f"lm-{self.run_id}-overlay.qcow2"
+        return self.names(0).overlay_path
 
     @property
     def overlay_node(self) -> str:
-        return f"lm-{self.run_id}-overlay"
+        return self.names(0).overlay_node
 
     @property
     def nbd_node(self) -> str:
-        return f"lm-{self.run_id}-nbd"
+        return self.names(0).nbd_node
 
     @property
     def mirror_job(self) -> str:
-        return f"lm-{self.run_id}-mirror"
+        return self.names(0).mirror_job
 
     @property
     def commit_job(self) -> str:
-        return f"lm-{self.run_id}-commit"
+        return self.names(0).commit_job
 
     @property
     def export_id(self) -> str:
-        return f"lm-{self.run_id}-export"
+        return self.names(0).export_id
 
     @property
     def export_name(self) -> str:
-        return f"lm-{self.run_id}-{self.export_token}"
+        return self.names(0).export_name
+
+
+@attrs.frozen
+class DiskNames:
+    """What a run creates for one copied disk, by name: ``prefix`` is ``lm-<run id>-d<index>``
+    (at most 25 characters: QEMU node names stay under its 32-character limit)."""
+
+    work_dir: Path
+    prefix: str
+    export_token: str
+
+    @property
+    def overlay_path(self) -> Path:
+        return self.work_dir / f"{self.prefix}-overlay.qcow2"
+
+    @property
+    def overlay_node(self) -> str:
+        return f"{self.prefix}-overlay"
+
+    @property
+    def nbd_node(self) -> str:
+        return f"{self.prefix}-nbd"
+
+    @property
+    def mirror_job(self) -> str:
+        return f"{self.prefix}-mirror"
+
+    @property
+    def commit_job(self) -> str:
+        return f"{self.prefix}-commit"
+
+    @property
+    def export_id(self) -> str:
+        return f"{self.prefix}-export"
+
+    @property
+    def export_name(self) -> str:
+        return f"{self.prefix}-{self.export_token}"
+
+
+def _unique(disks: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(disks, str):
+        disks = (disks,)
+    seen: list[str] = []
+    for name in disks:
+        if name in seen:
+            raise UsageError(f"disk {name!r} is named twice")
+        seen.append(name)
+    return tuple(seen)
 
 
 def _refuse_off_host(endpoint: Endpoint, what: str) -> None:

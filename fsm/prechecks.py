@@ -4,7 +4,8 @@ The ``connect`` script (:mod:`livemig.fsm.script`) asks each QEMU what it is —
 version, machine, migration, jobs, block graph, disks, capabilities — into one :class:`QemuView`
 per side, and :func:`precheck` decides: it raises :class:`PrecheckError` naming the first thing
 that would make the migration wrong (nothing has been touched yet), or answers with the
-:class:`RootDisk` the run will move. Every rule is here, in the order an operator would fix them.
+:class:`Verdict`: the disks the run moves, each copied or shared. Every rule is here, in the
+order an operator would fix them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from livemig.drivers.jobs import JobInfo
 from livemig.drivers.migration import MigrationStats
 from livemig.drivers.runstate import QemuVersion, RunStatus
 from livemig.drivers.status import RunState
-from livemig.fsm.machine import StorageMode
-from livemig.fsm.plan import Plan
+from livemig.fsm.machine import StorageChoice, StorageMode
+from livemig.fsm.plan import DiskNames, Plan
 from livemig.transports.errors import PrecheckError
 
-__all__ = ["REQUIRED_CAPABILITIES", "QemuView", "RootDisk", "precheck", "same_path"]
+__all__ = ["REQUIRED_CAPABILITIES", "Disk", "QemuView", "Verdict", "precheck", "same_path"]
 
 #: What each side must offer. Without ``events`` no ``MIGRATION`` event is sent (every wait
 #: for a status would never end); without ``pause-before-switchover`` the source does not stop
@@ -60,12 +61,17 @@ class QemuView:
 
 
 @attrs.frozen
-class RootDisk:
-    """The disk the run moves: its node on each side (the two may differ: ``-drive`` nodes
-    are auto-named) and what the base copy needs to know."""
+class Disk:
+    """One disk the run moves: its node on each side (the two may differ: ``-drive`` nodes
+    are auto-named), whether it is copied, and what the base copy needs to know."""
 
+    #: How it is reported: its guest device's id, else its BlockBackend's name, else its node.
+    name: str
     source_node: str
     target_node: str
+    #: Copied to the target (overlay, base copy, mirror); ``False``: the target opens the same
+    #: image (shared storage).
+    copied: bool
     #: The source image (filename, format driver).
     base_image: tuple[str, str]
     base_size: int
@@ -73,38 +79,61 @@ class RootDisk:
     #: Bytes the source image and the target image take on their hosts (``None``: unknown).
     base_allocated: int | None = None
     target_allocated: int | None = None
+    #: What the run creates for it (copied disks only).
+    names: DiskNames | None = None
+
+    def created(self) -> DiskNames:
+        """The names of what the run creates for this copied disk."""
+        if self.names is None:
+            raise ValueError(f"disk {self.name!r} is not copied")
+        return self.names
 
 
-def resolve_disk(view: QemuView, name: str, side: str) -> str:
-    """The node the disk ``name`` runs on: ``name`` itself when it is a node, else the top node
-    of the disk whose BlockBackend (``-drive …,id=``) or guest device has that name.
+@attrs.frozen
+class Verdict:
+    """What :func:`precheck` decided: the disks to move (in the source's device order) and the
+    route they make."""
 
-    :raise PrecheckError: when nothing there has that name.
+    disks: tuple[Disk, ...]
+
+    @property
+    def copied(self) -> tuple[Disk, ...]:
+        return tuple(d for d in self.disks if d.copied)
+
+    @property
+    def storage(self) -> StorageMode:
+        return StorageMode.NON_SHARED if self.copied else StorageMode.SHARED
+
+
+def resolve_disk(view: QemuView, name: str, side: str) -> BlockDevice:
+    """The disk ``name`` names: its top node, its BlockBackend (``-drive …,id=``) or its guest
+    device.
+
+    :raise PrecheckError: when no disk there has that name.
     """
-    if view.node(name) is not None:
-        return name
     for disk in view.disks:
         if disk.node_name is not None and disk.named(name):
-            return disk.node_name
+            return disk
+    what = "a block node but no disk's top node" if view.node(name) is not None else "no disk"
     raise PrecheckError(
-        f"the {side} has no disk {name!r} (--disk: a block node, a -drive id or a device id)"
+        f"the {side} has {what} {name!r} (--disk: a disk's block node, its -drive id or its "
+        "device id)"
     )
 
 
 def precheck(
     plan: Plan, source: QemuView, target: QemuView, *, same_file: SameFile = same_path
-) -> RootDisk:
-    """Decide whether ``plan`` may start on these two QEMUs.
+) -> Verdict:
+    """Decide whether ``plan`` may start on these two QEMUs, and which disks it moves how.
 
     :raise PrecheckError: naming what is wrong.
     """
     _check_guests(source, target)
-    root = _check_root_disk(plan, source, target, same_file)
-    _check_other_disks(plan, source, target, root, same_file)
+    verdict = _check_disks(plan, source, target, same_file)
     for side, view in (("source", source), ("target", target)):
         if missing := [c for c in REQUIRED_CAPABILITIES[side] if c not in view.capabilities]:
             raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
-    return root
+    return verdict
 
 
 def _check_guests(source: QemuView, target: QemuView) -> None:
@@ -136,13 +165,92 @@ def _check_guests(source: QemuView, target: QemuView) -> None:
         raise PrecheckError("the source has block jobs running; wait for them to end")
 
 
-def _check_root_disk(
-    plan: Plan, source: QemuView, target: QemuView, same_file: SameFile
-) -> RootDisk:
-    name = plan.disk_node
-    src_node = resolve_disk(source, name, "source")
-    dst_node = resolve_disk(target, name, "target")
-    src, dst = source.node(src_node), target.node(dst_node)
+def _disk_name(disk: BlockDevice) -> str:
+    return disk.device_id or disk.backend or disk.node_name or disk.qdev
+
+
+def _counterpart(disk: BlockDevice, target: QemuView, named: str | None) -> BlockDevice:
+    """The target's disk for the source's ``disk``: the one on the same guest device, else
+    (for a disk named on the command line) the one of that name."""
+    for there in target.disks:
+        if there.qdev == disk.qdev:
+            return there
+    if named is not None:
+        return resolve_disk(target, named, "target")
+    raise PrecheckError(
+        f"the target has no disk for {disk.qdev} (the source's {_disk_name(disk)}, "
+        f"{disk.filename}): start it with the same devices"
+    )
+
+
+def _check_disks(plan: Plan, source: QemuView, target: QemuView, same_file: SameFile) -> Verdict:
+    """Every disk of the source, in device order: read-only media must be on the target too
+    (never copied), empty drives are skipped, writable disks are moved — copied or shared as
+    ``plan.storage`` says — and a writable disk ``plan.disks`` leaves out must be shared."""
+    chosen: dict[str, str] = {}  # source top node -> the name it was chosen by
+    for name in plan.disks:
+        disk = resolve_disk(source, name, "source")
+        if not disk.writable:
+            raise PrecheckError(
+                f"disk {name!r} is read-only media ({disk.filename}): it is not copied, the "
+                "target opens its own"
+            )
+        assert disk.node_name is not None
+        if disk.node_name in chosen:
+            raise PrecheckError(f"{chosen[disk.node_name]!r} and {name!r} name one disk")
+        chosen[disk.node_name] = name
+    moved: list[Disk] = []
+    for disk in source.disks:
+        if disk.node_name is None:
+            continue  # an empty drive: nothing to move
+        named = chosen.get(disk.node_name)
+        there = _counterpart(disk, target, named)
+        label = named or _disk_name(disk)
+        if not disk.writable:
+            if there.node_name is None:
+                raise PrecheckError(
+                    f"the target's {_disk_name(there)} has no medium; the source's holds "
+                    f"{disk.filename} (read-only media are not copied: insert it there)"
+                )
+            continue
+        if there.node_name is None:
+            raise PrecheckError(
+                f"the target's {_disk_name(there)} has no medium for the source's disk "
+                f"{label!r} ({disk.filename})"
+            )
+        if plan.disks and named is None:
+            _check_left_out(plan, disk, there, same_file)
+            continue
+        moved.append(
+            _check_disk(plan, label, disk, there, source=source, target=target, same_file=same_file)
+        )
+    copied = 0
+    for i, move in enumerate(moved):
+        if move.copied:
+            moved[i] = attrs.evolve(move, names=plan.names(copied))
+            copied += 1
+    for move in moved:
+        if move.names is None:
+            continue
+        for leftover in (move.names.overlay_node, move.names.nbd_node):
+            if source.node(leftover) is not None:
+                raise PrecheckError(f"the source already has a node named {leftover!r}")
+    return Verdict(tuple(moved))
+
+
+def _check_disk(
+    plan: Plan,
+    name: str,
+    disk: BlockDevice,
+    there: BlockDevice,
+    *,
+    source: QemuView,
+    target: QemuView,
+    same_file: SameFile,
+) -> Disk:
+    assert disk.node_name is not None
+    assert there.node_name is not None
+    src, dst = source.node(disk.node_name), target.node(there.node_name)
     if src is None or dst is None:  # a disk's top node that the block graph does not list
         raise PrecheckError(f"disk {name!r} has no block node QEMU describes")
     if src.virtual_size != dst.virtual_size:
@@ -150,23 +258,23 @@ def _check_root_disk(
             f"disk {name!r} sizes differ: source {src.virtual_size}, target {dst.virtual_size}"
         )
     one_file = same_file(src.filename, dst.filename)
-    if plan.storage is StorageMode.SHARED and not one_file:
+    if plan.storage is StorageChoice.SHARED and not one_file:
         raise PrecheckError(
             f"storage is shared but the disks are different images ({src.filename} and "
-            f"{dst.filename}); use --storage non-shared"
+            f"{dst.filename}); use --storage non-shared or auto"
         )
-    if plan.storage is StorageMode.NON_SHARED and one_file:
+    if plan.storage is StorageChoice.NON_SHARED and one_file:
         raise PrecheckError(
-            f"storage is non-shared but both QEMUs open {src.filename}; use --storage shared"
+            f"storage is non-shared but both QEMUs open {src.filename}; use --storage shared "
+            "or auto"
         )
-    for leftover in (plan.overlay_node, plan.nbd_node):
-        if source.node(leftover) is not None:
-            raise PrecheckError(f"the source already has a node named {leftover!r}")
-    if plan.storage is StorageMode.NON_SHARED and src.driver not in ("raw", "qcow2"):
+    if not one_file and src.driver not in ("raw", "qcow2"):
         raise PrecheckError(f"disk {name!r} is {src.driver}; livemig copies raw and qcow2 images")
-    return RootDisk(
-        source_node=src_node,
-        target_node=dst_node,
+    return Disk(
+        name=name,
+        source_node=disk.node_name,
+        target_node=there.node_name,
+        copied=not one_file,
         base_image=(src.filename, src.driver),
         base_size=src.virtual_size,
         target_image=dst.filename,
@@ -175,36 +283,19 @@ def _check_root_disk(
     )
 
 
-def _check_other_disks(
-    plan: Plan, source: QemuView, target: QemuView, root: RootDisk, same_file: SameFile
-) -> None:
-    """Refuse a VM with writable disks livemig would not carry over.
-
-    Only ``--disk`` is copied (non-shared): any other writable disk would be left behind, and
-    the guest would come up on the target with that disk's writes lost. With shared storage,
-    the other disks are fine when the target opens the same files. Read-only media and empty
-    drives do not count. ``query-block`` lists one entry per device, so the protocol and format
-    nodes of one disk are one disk here.
-    """
-    others = [d for d in source.disks if d.writable and d.node_name != root.source_node]
-    if not others:
-        return
-    if plan.storage is StorageMode.NON_SHARED:
-        names = ", ".join(f"{d.node_name} ({d.filename})" for d in others)
+def _check_left_out(plan: Plan, disk: BlockDevice, there: BlockDevice, same_file: SameFile) -> None:
+    """A writable disk ``--disk`` leaves out is not copied: it must be shared, or the guest
+    would come up on the target with that disk's writes lost."""
+    name = _disk_name(disk)
+    if plan.storage is StorageChoice.NON_SHARED:
         raise PrecheckError(
-            f"the source has writable disks besides {plan.disk_node!r} that livemig does not "
-            f"copy: {names}; detach them or make them read-only"
+            f"the source has a writable disk {name!r} ({disk.filename}) that --disk leaves out "
+            "and livemig would not copy; name it too, or detach it or make it read-only"
         )
-    there_by_device = {d.qdev: d for d in target.disks}
-    for disk in others:
-        there = there_by_device.get(disk.qdev)
-        if there is None or there.filename is None or disk.filename is None:
-            raise PrecheckError(
-                f"storage is shared but the target has no disk for {disk.qdev} "
-                f"({disk.node_name}, {disk.filename})"
-            )
-        if not same_file(disk.filename, there.filename):
-            raise PrecheckError(
-                f"storage is shared but disk {disk.node_name!r} is {disk.filename} on the source "
-                f"and {there.filename} on the target"
-            )
+    assert disk.filename is not None
+    assert there.filename is not None
+    if not same_file(disk.filename, there.filename):
+        raise PrecheckError(
+            f"disk {name!r} is left out by --disk but is not shared: {disk.filename} on the "
+            f"source, {there.filename} on the target"
+        )

@@ -23,7 +23,14 @@ from livemig.drivers import qmp
 from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import EventStream, Monitor
 from livemig.fsm.engine import perform
-from livemig.fsm.events import Event, MigrationResult, Outcome, Reverting, StateEntered
+from livemig.fsm.events import (
+    DiskResult,
+    Event,
+    MigrationResult,
+    Outcome,
+    Reverting,
+    StateEntered,
+)
 from livemig.fsm.journal import FileJournal, JournalSink
 from livemig.fsm.machine import NO_RETURN, Facts, MigrationMachine, State, Trigger
 from livemig.fsm.observations import UndoFinished
@@ -131,7 +138,7 @@ class _Runner:
                 ctx=Context(self.plan),
                 source=_Unconnected("source"),
                 target=_Unconnected("target"),
-                facts=Facts(storage=self.plan.storage),
+                facts=Facts(storage=self.plan.storage.route),
                 emit=self.emit,
                 started_at=started,
                 exits=exits,
@@ -322,6 +329,7 @@ class _Runner:
             phases_ms=tuple(_phases(self.states, self.entered_at, total)),
             interrupted=isinstance(error, Interrupted),
             switchover=session.switchover,
+            disks=_disk_results(session.ctx),
         )
 
 
@@ -329,6 +337,21 @@ class _Runner:
 #: journal as it was), and ``pre-switchover``, where the guest is paused and every millisecond is
 #: downtime.
 _UNJOURNALLED = frozenset({State.PRE_SWITCHOVER, State.FINALIZED, State.REVERTED, State.FAILED})
+
+
+def _disk_results(ctx: Context) -> tuple[DiskResult, ...]:
+    if ctx.verdict is None:
+        return ()
+    return tuple(
+        DiskResult(
+            name=d.name,
+            copied=d.copied,
+            source=d.base_image[0],
+            target=d.target_image,
+            bytes_sent=ctx.disk_sent.get(d.name) if d.copied else None,
+        )
+        for d in ctx.verdict.disks
+    )
 
 
 def _refused(error: BaseException, session: Session) -> bool:

@@ -16,7 +16,7 @@ Rules every script keeps:
 - it sets no deadline (the runner bounds each action, the engine each command) and opens no
   concurrency of its own beyond asking for it (:class:`Gather`, :class:`Spawn`).
 
-What one run learns on the way (the root disk, the guest's size, the final numbers) is kept in
+What one run learns on the way (the disks, the guest's size, the final numbers) is kept in
 its :class:`Context`, which the scripts read and fill.
 """
 
@@ -60,7 +60,7 @@ from livemig.fsm.effects import (
     call,
 )
 from livemig.fsm.events import Progress, Steered
-from livemig.fsm.machine import State, StorageMode, Trigger
+from livemig.fsm.machine import State, Trigger
 from livemig.fsm.observations import (
     CapabilitiesSet,
     MigrationStatusChanged,
@@ -84,7 +84,7 @@ from livemig.fsm.policy import (
     StartPostcopy,
     Throttle,
 )
-from livemig.fsm.prechecks import QemuView, RootDisk, precheck
+from livemig.fsm.prechecks import Disk, QemuView, Verdict, precheck
 from livemig.fsm.settings import choose_settings
 from livemig.fsm.undo import Side, UndoKind, UndoStep
 from livemig.transports.endpoints import UnixEndpoint
@@ -112,8 +112,8 @@ class Context:
     plan: Plan
     #: The state the current action runs in (the runner sets it on every state entry).
     state: State = State.IDLE
-    #: The root disk as the prechecks found it (at connect).
-    root: RootDisk | None = None
+    #: The disks the run moves, as the prechecks found them (at connect).
+    verdict: Verdict | None = None
     #: The guest's base RAM in bytes (at connect): the RAM phase's deadline scales by it.
     guest_ram: int | None = None
     #: The migration capabilities each side offers (at connect), by side.
@@ -127,20 +127,28 @@ class Context:
     downtime_ms: int | None = None
     ram_bytes: int | None = None
     disk_bytes: int | None = None
+    #: What the base copy and the mirror sent, per copied disk (by :attr:`Disk.name`).
+    disk_sent: dict[str, int] = attrs.field(factory=dict)
 
     def fail(self, message: str) -> StepFailed:
         return StepFailed(message, state=self.state.value)
 
     def run_files(self) -> list[Path]:
-        """Files this run may create: the overlay and the unix sockets of the target."""
+        """Files this run may create: the overlays and the unix sockets of the target."""
         plan = self.plan
         sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
-        return [plan.overlay_path, *sockets]
+        overlays = [d.created().overlay_path for d in self.copied()]
+        return [*overlays, *sockets]
 
-    def disk(self) -> RootDisk:
-        if self.root is None:
-            raise self.fail("no root disk: connect did not run")
-        return self.root
+    def disks(self) -> tuple[Disk, ...]:
+        """Every disk the run moves (copied and shared)."""
+        if self.verdict is None:
+            raise self.fail("no disks: connect did not run")
+        return self.verdict.disks
+
+    def copied(self) -> tuple[Disk, ...]:
+        """The disks the run copies (none when connect did not run)."""
+        return self.verdict.copied if self.verdict is not None else ()
 
 
 def connect(ctx: Context) -> Script:
@@ -148,10 +156,10 @@ def connect(ctx: Context) -> Script:
     :func:`~livemig.fsm.prechecks.precheck` decide. Touches nothing."""
     replies = yield Gather(_view_calls(SOURCE) + _view_calls(TARGET))
     source, target = _view(replies[: len(_VIEW)]), _view(replies[len(_VIEW) :])
-    ctx.root = precheck(ctx.plan, source, target)
+    ctx.verdict = precheck(ctx.plan, source, target)
     ctx.guest_ram = source.ram_bytes
     ctx.offered = {SOURCE: source.capabilities, TARGET: target.capabilities}
-    yield Observe(PrechecksPassed())
+    yield Observe(PrechecksPassed(ctx.verdict.storage))
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
     # was touched, and a failed precheck leaves both QEMUs exactly as they were.
@@ -236,107 +244,147 @@ def set_capabilities(ctx: Context) -> Script:
 
 
 def snapshot(ctx: Context) -> Script:
-    """Put a qcow2 overlay on the root disk: from here the base is frozen."""
-    plan, root = ctx.plan, ctx.disk()
-    overlay = plan.overlay_path
+    """Put a qcow2 overlay on every copied disk, all in one ``transaction``: from here each
+    base is frozen, and the bases are one crash-consistent point in time across the disks."""
+    plan, disks = ctx.plan, ctx.copied()
     yield OnHost("make_dir", (plan.work_dir,))
-    # All three at once, one journal write: each is safe to run when its thing does not exist
-    # yet, and the stack unwinds them in the order they must run. The file goes only once the
-    # overlay node is gone: while the guest still writes to it (its merge failed), removing the
-    # file would lose every write since the snapshot.
-    yield PushUndo(
-        (
+    # Every disk's three at once, one journal write: each is safe to run when its thing does
+    # not exist yet, and the stack unwinds them in the order they must run. A file goes only
+    # once its overlay node is gone: while the guest still writes to it (its merge failed),
+    # removing the file would lose every write since the snapshot.
+    steps: list[UndoStep] = []
+    for disk in disks:
+        names = disk.created()
+        steps += [
             UndoStep(
-                UndoKind.DELETE_FILE, SOURCE, {"path": str(overlay), "node": plan.overlay_node}
+                UndoKind.DELETE_FILE,
+                SOURCE,
+                {"path": str(names.overlay_path), "node": names.overlay_node},
             ),
-            UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.overlay_node}),
+            UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": names.overlay_node}),
             UndoStep(
                 UndoKind.MERGE_OVERLAY,
                 SOURCE,
-                {"node": plan.overlay_node, "base": root.source_node, "job": plan.commit_job},
+                {"node": names.overlay_node, "base": disk.source_node, "job": names.commit_job},
             ),
+        ]
+    yield PushUndo(tuple(steps))
+    for disk in disks:
+        names = disk.created()
+        yield OnHost("create_image", (names.overlay_path, "qcow2", disk.base_size))
+        yield call(
+            SOURCE,
+            block.blockdev_add,
+            {
+                "driver": "qcow2",
+                "node-name": names.overlay_node,
+                "file": {"driver": "file", "filename": str(names.overlay_path)},
+                "backing": None,
+            },
         )
-    )
-    yield OnHost("create_image", (overlay, "qcow2", root.base_size))
-    yield call(
-        SOURCE,
-        block.blockdev_add,
-        {
-            "driver": "qcow2",
-            "node-name": plan.overlay_node,
-            "file": {"driver": "file", "filename": str(overlay)},
-            "backing": None,
-        },
-    )
-    yield call(SOURCE, block.blockdev_snapshot, node=root.source_node, overlay=plan.overlay_node)
-    yield Observe(OverlayActive(plan.overlay_node))
+    if len(disks) == 1:
+        (disk,) = disks
+        yield call(
+            SOURCE,
+            block.blockdev_snapshot,
+            node=disk.source_node,
+            overlay=disk.created().overlay_node,
+        )
+    else:
+        yield call(
+            SOURCE,
+            block.snapshot_all,
+            [(d.source_node, d.created().overlay_node) for d in disks],
+        )
+    yield Observe(OverlayActive(tuple(d.created().overlay_node for d in disks)))
 
 
 def mirror(ctx: Context) -> Script:
-    """Copy the frozen base to the target, then mirror the overlay there until READY."""
-    plan, root = ctx.plan, ctx.disk()
+    """Copy each frozen base to the target, then mirror each overlay there until every mirror
+    is READY. One NBD server on the target serves every disk, each its own export."""
+    plan, disks = ctx.plan, ctx.copied()
     if not isinstance(plan.nbd, UnixEndpoint):
         raise ctx.fail("the disk copy needs a unix NBD endpoint on this host")
     # Every undo step of the copy at once, one journal write (each is safe to run when its
     # thing does not exist yet; the stack unwinds them in the order they must run).
-    yield PushUndo(
-        (
-            UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.nbd.path)}),
-            UndoStep(UndoKind.STOP_NBD_SERVER, TARGET),
-            UndoStep(UndoKind.DELETE_EXPORT, TARGET, {"export": plan.export_id}),
-            UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": plan.nbd_node}),
-            UndoStep(UndoKind.CANCEL_JOB, SOURCE, {"job": plan.mirror_job}),
-        )
-    )
+    steps = [
+        UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.nbd.path)}),
+        UndoStep(UndoKind.STOP_NBD_SERVER, TARGET),
+    ]
+    for disk in disks:
+        names = disk.created()
+        steps += [
+            UndoStep(UndoKind.DELETE_EXPORT, TARGET, {"export": names.export_id}),
+            UndoStep(UndoKind.DELETE_NODE, SOURCE, {"node": names.nbd_node}),
+            UndoStep(UndoKind.CANCEL_JOB, SOURCE, {"job": names.mirror_job}),
+        ]
+    yield PushUndo(tuple(steps))
     yield call(TARGET, nbd.nbd_server_start, plan.nbd.path)
-    yield call(
-        TARGET,
-        nbd.block_export_add,
-        export_id=plan.export_id,
-        node_name=root.target_node,
-        name=plan.export_name,
-        writable=True,
-    )
-    yield from _copy_base(ctx, plan.nbd.path)
-    yield call(
-        SOURCE,
-        block.blockdev_add,
-        {
-            "driver": "nbd",
-            "node-name": plan.nbd_node,
-            "server": plan.nbd.flat_address(),
-            "export": plan.export_name,
-        },
-    )
+    for disk in disks:
+        names = disk.created()
+        yield call(
+            TARGET,
+            nbd.block_export_add,
+            export_id=names.export_id,
+            node_name=disk.target_node,
+            name=names.export_name,
+            writable=True,
+        )
+    ctx.disk_bytes = 0
+    for disk in disks:
+        yield from _copy_base(ctx, disk, plan.nbd.path)
     yield Listen(SOURCE, Stream.JOBS)
-    yield call(
-        SOURCE,
-        block.blockdev_mirror,
-        job_id=plan.mirror_job,
-        device=plan.overlay_node,
-        target=plan.nbd_node,
-        sync="top",
-    )
+    for disk in disks:
+        names = disk.created()
+        yield call(
+            SOURCE,
+            block.blockdev_add,
+            {
+                "driver": "nbd",
+                "node-name": names.nbd_node,
+                "server": plan.nbd.flat_address(),
+                "export": names.export_name,
+            },
+        )
+        yield call(
+            SOURCE,
+            block.blockdev_mirror,
+            job_id=names.mirror_job,
+            device=names.overlay_node,
+            target=names.nbd_node,
+            sync="top",
+        )
     yield Spawn(lambda: report_mirror(ctx))
-    yield AwaitJob(SOURCE, plan.mirror_job, until="ready")
-    yield Observe(MirrorReady(plan.mirror_job))
+    jobs_ = tuple(d.created().mirror_job for d in disks)
+    yield AwaitJob(SOURCE, jobs_, until="ready")
+    yield Observe(MirrorReady(jobs_))
 
 
 def report_mirror(ctx: Context) -> Script:
-    """Disk progress while the mirror catches up (the READY event itself ends the wait)."""
+    """Disk progress while the mirrors catch up (the READY events themselves end the wait): one
+    event per disk, and the sum over the disks."""
+    by_job = {d.created().mirror_job: d.name for d in ctx.copied()}
     while True:
+        done = total = 0
         for job in (yield call(SOURCE, jobs.query_block_jobs)):
-            if job.device == ctx.plan.mirror_job:
+            if (name := by_job.get(job.device)) is not None:
+                done, total = done + job.offset, total + job.len
                 yield Emit(
                     Progress(
-                        state=ctx.state.value, at_ms=0.0, disk_done=job.offset, disk_total=job.len
+                        state=ctx.state.value,
+                        at_ms=0.0,
+                        disk_done=job.offset,
+                        disk_total=job.len,
+                        disk=name,
                     )
                 )
+        if len(by_job) > 1:
+            yield Emit(Progress(state=ctx.state.value, at_ms=0.0, disk_done=done, disk_total=total))
         yield Sleep(PROGRESS_INTERVAL_S)
 
 
-def _copy_base(ctx: Context, nbd_socket: Path) -> Script:
-    """Copy the frozen base into the target's export; zeros are not sent.
+def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> Script:
+    """Copy ``disk``'s frozen base into its export on the target; zeros are not sent.
 
     A base with a backing chain (a qcow2 on a base image, of any depth) is flattened: the copy
     reads the guest-visible data through the chain, so the target holds it all in its one
@@ -347,16 +395,16 @@ def _copy_base(ctx: Context, nbd_socket: Path) -> Script:
     skipped altogether and it stays sparse; otherwise they are written as zeroes (no payload),
     so no old data survives where the source is zero.
     """
-    root = ctx.disk()
-    filename, fmt = root.base_image
+    filename, fmt = disk.base_image
     base_format: ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
     # What each QEMU said of its image at connect: no qemu-img process for it.
     yield OnHost(
         "copy_to_nbd",
-        (Path(filename), base_format, nbd_socket, ctx.plan.export_name),
-        {"target_is_zero": root.target_allocated == 0},
+        (Path(filename), base_format, nbd_socket, disk.created().export_name),
+        {"target_is_zero": disk.target_allocated == 0},
     )
-    ctx.disk_bytes = root.base_allocated
+    ctx.disk_bytes = (ctx.disk_bytes or 0) + (disk.base_allocated or 0)
+    ctx.disk_sent[disk.name] = disk.base_allocated or 0
 
 
 def transfer_state(ctx: Context) -> Script:
@@ -445,7 +493,7 @@ def switch_over(ctx: Context) -> Script:
     """
     yield from _complete_mirror(ctx, stop_nbd=False)
     go_on = call(SOURCE, migration.migrate_continue, MigrationStatus.PRE_SWITCHOVER)
-    if ctx.plan.storage is StorageMode.NON_SHARED:
+    if ctx.copied():
         # At once with the continue: the export has no client left, and the target's guest
         # does not run before the cont below, so its NBD server stops off the critical path.
         yield Gather((go_on, call(TARGET, nbd.nbd_server_stop)))
@@ -523,7 +571,7 @@ def _read_statistics(ctx: Context, *, source_completed: bool) -> Script:
 
 def _stop_nbd_server(ctx: Context) -> Script:
     """The target must stop exporting its disk before its guest may write to it."""
-    if ctx.plan.storage is StorageMode.NON_SHARED:
+    if ctx.copied():
         yield call(TARGET, nbd.nbd_server_stop)
         yield from _nbd_server_stopped()
 
@@ -534,26 +582,34 @@ def _nbd_server_stopped() -> Script:
 
 
 def _complete_mirror(ctx: Context, *, stop_nbd: bool = True) -> Script:
-    """Cancel the READY mirror while the guest is paused: the target holds a consistent copy;
-    then (``stop_nbd``) stop the target's NBD server, which its guest's disk must not be
-    exported by.
+    """Cancel every READY mirror while the guest is paused: the target holds a consistent copy
+    of each disk; then (``stop_nbd``) stop the target's NBD server, which its guest's disks
+    must not be exported by.
 
     Only here: cancelled any earlier, writes made after the cancel never reach the target.
-    Shared storage has no mirror: nothing to do.
+    No disk copied (shared storage): nothing to do.
     """
-    if ctx.plan.storage is StorageMode.SHARED:
+    disks = ctx.copied()
+    if not disks:
         return
-    job = ctx.plan.mirror_job
-    # No look at the job first (a round trip of downtime): how it ends tells. A READY mirror
+    job_ids = tuple(d.created().mirror_job for d in disks)
+    # No look at the jobs first (a round trip of downtime): how they end tells. A READY mirror
     # cancelled softly completes, and the target holds a consistent copy; one that is no
     # longer READY is cancelled (aborting), one that failed reports its error, and one that is
-    # gone refuses the cancel. The stream is opened before the cancel, so no event is missed.
+    # gone refuses the cancel. The stream is opened before the cancels, so no event is missed;
+    # the cancels go out back to back and the mirrors end together.
     yield Listen(SOURCE, Stream.JOBS)
-    yield call(SOURCE, jobs.block_job_cancel, job, force=False)
-    ended: JobGone = yield AwaitJob(SOURCE, job, until="gone", look_first=False)
-    if not ended.completed:
-        raise ctx.fail("the mirror was no longer in sync with the target (it was cancelled)")
-    ctx.disk_bytes = (ctx.disk_bytes or 0) + (ended.offset or 0)
+    cancels = tuple(call(SOURCE, jobs.block_job_cancel, j, force=False) for j in job_ids)
+    yield cancels[0] if len(cancels) == 1 else Gather(cancels)
+    ended: tuple[JobGone, ...] = yield AwaitJob(SOURCE, job_ids, until="gone", look_first=False)
+    for disk, gone in zip(disks, ended, strict=True):
+        if not gone.completed:
+            raise ctx.fail(
+                f"the mirror of disk {disk.name!r} was no longer in sync with the target "
+                "(it was cancelled)"
+            )
+        ctx.disk_bytes = (ctx.disk_bytes or 0) + (gone.offset or 0)
+        ctx.disk_sent[disk.name] = ctx.disk_sent.get(disk.name, 0) + (gone.offset or 0)
     yield Mark("mirror gone")
     yield DropUndo(UndoKind.CANCEL_JOB, SOURCE)
     if stop_nbd:

@@ -8,7 +8,7 @@ facts the guards read, the undo stack, the open event streams, the event sink. T
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Literal
@@ -30,7 +30,7 @@ from livemig.fsm.script import Context
 from livemig.fsm.undo import Side, UndoStack, UndoStep
 from livemig.transports.errors import MigrationAborted, StepFailed
 
-__all__ = ["Session", "wait_job", "wait_migration"]
+__all__ = ["Session", "wait_job", "wait_jobs", "wait_migration"]
 
 #: Job events, for every wait on a block job.
 JOB_EVENTS = (
@@ -161,56 +161,103 @@ async def wait_job(
     look_first: bool = True,
 ) -> JobGone | None:
     """Wait until job ``job_id`` is READY (``None``), or gone (concluded and dismissed: how it
-    ended, as the events on the way told).
+    ended, as the events on the way told): :func:`wait_jobs` for one job."""
+    (reply,) = await wait_jobs(
+        stream,
+        monitor,
+        (job_id,),
+        until=until,
+        state=state,
+        errors_fatal=errors_fatal,
+        look_first=look_first,
+    )
+    return reply
 
-    ``stream`` must have been opened before the command that started or changed the job, so no
-    event is missed. The job's present status is read once first, in case it is there already.
 
-    :param errors_fatal: whether an error the job reports on its way fails the wait; a cancel
+async def wait_jobs(
+    stream: EventStream,
+    monitor: Monitor,
+    job_ids: Sequence[str],
+    *,
+    until: Literal["ready", "gone"],
+    state: State,
+    errors_fatal: bool = True,
+    look_first: bool = True,
+) -> tuple[JobGone | None, ...]:
+    """Wait until every job of ``job_ids`` is READY (``None`` each), or gone (a `JobGone` each:
+    how it ended, as the events on the way told), in ``job_ids`` order. One stream serves them
+    all, so an event about one job is never lost while another is waited for (the mirrors of a
+    VM's disks get ready in any order).
+
+    ``stream`` must have been opened before the commands that started or changed the jobs, so
+    no event is missed. The jobs' present status is read once first, in case they are there
+    already.
+
+    :param errors_fatal: whether an error a job reports on its way fails the wait; a cancel
         only wants the job gone, whatever it says as it goes.
-    :param look_first: ``False`` skips that first look, when the job is known to be there (a
+    :param look_first: ``False`` skips that first look, when the jobs are known to be there (a
         round trip saved where it counts: the switchover's mirror cancel).
-    :raise StepFailed: when the job reports an error (if fatal), or ends while we wait for READY.
+    :raise StepFailed: when a job reports an error (if fatal), or ends while we wait for READY.
     """
+    replies: dict[str, JobGone | None] = {}
     if look_first:
         present = {j.id: j for j in await jobs.query_jobs(monitor)}
-        job = present.get(job_id)
-        if job is None:
-            if until == "gone":
-                return JobGone(completed=None)
-            raise StepFailed(f"job {job_id} does not exist", state=state.value)
-        if until == "ready" and job.status is JobStatus.READY:
-            return None
-    completed, offset = True, None
-    async for event in stream:
-        if not _about_job(event, job_id):
-            continue
-        error = event.data.get("error") if event.name != "JOB_STATUS_CHANGE" else None
-        if errors_fatal and (event.name == "BLOCK_JOB_ERROR" or error):
-            detail = error or event.data.get("operation") or "I/O error"
-            raise StepFailed(f"job {job_id}: {event.name}: {detail}", state=state.value)
-        if event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-            offset = event.data.get("offset")
-        status = _job_status(event)
-        if status is None:
-            continue
-        if status is JobStatus.ABORTING or event.name == "BLOCK_JOB_CANCELLED":
-            completed = False
-        if until == "ready" and status is JobStatus.READY:
-            return None
-        if until == "ready" and status.ending:
+        for job_id in job_ids:
+            job = present.get(job_id)
+            if job is None:
+                if until == "ready":
+                    raise StepFailed(f"job {job_id} does not exist", state=state.value)
+                replies[job_id] = JobGone(completed=None)
+            elif until == "ready" and job.status is JobStatus.READY:
+                replies[job_id] = None
+    completed = dict.fromkeys(job_ids, True)
+    offsets: dict[str, object] = {}
+    waiting = [j for j in job_ids if j not in replies]
+    if waiting:
+        async for event in stream:
+            about = _job_of(event)
+            if about is None or about not in waiting:
+                continue
+            job_id = about
+            error = event.data.get("error") if event.name != "JOB_STATUS_CHANGE" else None
+            if errors_fatal and (event.name == "BLOCK_JOB_ERROR" or error):
+                detail = error or event.data.get("operation") or "I/O error"
+                raise StepFailed(f"job {job_id}: {event.name}: {detail}", state=state.value)
+            if event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                offsets[job_id] = event.data.get("offset")
+            status = _job_status(event)
+            if status is None:
+                continue
+            if status is JobStatus.ABORTING or event.name == "BLOCK_JOB_CANCELLED":
+                completed[job_id] = False
+            if until == "ready" and status is JobStatus.READY:
+                replies[job_id] = None
+            elif until == "ready" and status.ending:
+                raise StepFailed(
+                    f"job {job_id} ended ({status}) before it was ready", state=state.value
+                )
+            elif until == "gone" and status is JobStatus.NULL:
+                offset = offsets.get(job_id)
+                replies[job_id] = JobGone(
+                    completed[job_id], offset if isinstance(offset, int) else None
+                )
+            if job_id in replies:
+                waiting.remove(job_id)
+                if not waiting:
+                    break
+        else:
             raise StepFailed(
-                f"job {job_id} ended ({status}) before it was ready", state=state.value
+                f"event stream ended while waiting for job {waiting[0]}", state=state.value
             )
-        if until == "gone" and status is JobStatus.NULL:
-            return JobGone(completed, offset if isinstance(offset, int) else None)
-    raise StepFailed(f"event stream ended while waiting for job {job_id}", state=state.value)
+    return tuple(replies[j] for j in job_ids)
 
 
-def _about_job(event: QMPEvent, job_id: str) -> bool:
-    """Whether ``event`` is one of :data:`JOB_EVENTS` about job ``job_id``."""
-    key = "id" if event.name == "JOB_STATUS_CHANGE" else "device"
-    return event.name in JOB_EVENTS and event.data.get(key) == job_id
+def _job_of(event: QMPEvent) -> str | None:
+    """The job :data:`JOB_EVENTS` ``event`` is about (``None``: another event)."""
+    if event.name not in JOB_EVENTS:
+        return None
+    value = event.data.get("id" if event.name == "JOB_STATUS_CHANGE" else "device")
+    return value if isinstance(value, str) else None
 
 
 #: The status each older ``BLOCK_JOB_*`` event means (``BLOCK_JOB_ERROR`` tells none).

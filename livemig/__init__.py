@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         StateEntered,
         Steered,
     )
-    from livemig.fsm.machine import State, StorageMode
+    from livemig.fsm.machine import State, StorageChoice, StorageMode
     from livemig.fsm.plan import Deadlines, Plan, Policy
     from livemig.fsm.runner import Connector, migrate
     from livemig.transports.errors import (
@@ -83,6 +83,7 @@ __all__ = [
     "StateEntered",
     "Steered",
     "StepFailed",
+    "StorageChoice",
     "StorageMode",
     "ToolError",
     "UsageError",
@@ -100,6 +101,7 @@ _EXPORTS: dict[str, str] = {
     "StateEntered": "livemig.fsm.events",
     "Steered": "livemig.fsm.events",
     "State": "livemig.fsm.machine",
+    "StorageChoice": "livemig.fsm.machine",
     "StorageMode": "livemig.fsm.machine",
     "Deadlines": "livemig.fsm.plan",
     "Plan": "livemig.fsm.plan",

@@ -36,7 +36,8 @@ class JsonLines:
 
 
 class HumanDisplay:
-    """State changes as lines, and a RAM progress bar while RAM streams (on a terminal only)."""
+    """State changes as lines, a bar per disk while the mirrors catch up, and a RAM bar while
+    RAM streams (bars on a terminal only)."""
 
     def __init__(self, console: Console | None = None) -> None:
         # rich only for people: a --json run does not pay for importing it (~80 ms).
@@ -61,7 +62,7 @@ class HumanDisplay:
             disable=not self.console.is_terminal,
         )
         self._ram: Any = None
-        self._disk: Any = None
+        self._disks: dict[str | None, Any] = {}
 
     def __enter__(self) -> HumanDisplay:
         self._progress.__enter__()
@@ -90,9 +91,12 @@ class HumanDisplay:
                 pass
 
     def _show_disk(self, event: ProgressEvent) -> None:
-        if self._disk is None:
-            self._disk = self._progress.add_task("disk", total=event.disk_total, detail="mirror")
-        self._progress.update(self._disk, completed=event.disk_done, total=event.disk_total)
+        task = self._disks.get(event.disk)
+        if task is None:
+            label = f"disk {event.disk}" if event.disk is not None else "disks"
+            task = self._progress.add_task(label, total=event.disk_total, detail="mirror")
+            self._disks[event.disk] = task
+        self._progress.update(task, completed=event.disk_done, total=event.disk_total)
 
     def _show_ram(self, event: ProgressEvent) -> None:
         detail = f"pass {event.passes or 0}"
@@ -114,6 +118,14 @@ def summary_lines(result: MigrationResult) -> list[str]:
         lines.append(f"RAM sent: {result.ram_bytes / 2**20:.1f} MiB")
     if result.disk_bytes is not None:
         lines.append(f"disk copied: {result.disk_bytes / 2**20:.1f} MiB")
+    for disk in result.disks:
+        if disk.copied:
+            sent = f", {disk.bytes_sent / 2**20:.1f} MiB" if disk.bytes_sent is not None else ""
+            lines.append(f"  {disk.name}: copied {disk.source} -> {disk.target}{sent}")
+        else:
+            lines.append(f"  {disk.name}: shared {disk.source}")
+    if result.target is not None:
+        lines.append(f"target: pid {result.target.get('pid')}, QMP {result.target.get('qmp')}")
     if result.error:
         lines.append(f"error: {result.error}")
     lines += [f"warning: {w}" for w in result.warnings]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livemig.fsm.events import Event, MigrationResult, Outcome
-from livemig.fsm.machine import StorageMode
+from livemig.fsm.machine import StorageChoice, StorageMode
 from livemig.transports.errors import LivemigError, UsageError
 
 if TYPE_CHECKING:
@@ -61,12 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="target QMP socket (started with the same devices, -S and -incoming defer)",
     )
-    _storage_arg(mig, required=True)
+    mig.add_argument(
+        "--storage",
+        choices=[m.value for m in StorageChoice],
+        default=StorageChoice.AUTO.value,
+        help="shared: the target opens the same images; non-shared: copy every disk; auto "
+        "(default): per disk, copy those the target does not open as the same file",
+    )
     mig.add_argument(
         "--disk",
-        default="root",
+        action="append",
+        default=[],
         metavar="NAME",
-        help="root disk: block node, -drive id or device id (default: root)",
+        help="move only this disk (repeatable): block node, -drive id or device id (default: "
+        "every disk; one left out must be shared)",
     )
     mig.add_argument(
         "--work-dir",
@@ -347,7 +355,7 @@ def _migrate_command(args: argparse.Namespace) -> int:
         target_qmp=args.target_qmp,
         storage=args.storage,
         work_dir=args.work_dir,
-        disk_node=args.disk,
+        disks=args.disk,
         migrate_uri=args.migrate_uri,
         policy=policy,
         deadlines=deadlines,

@@ -35,7 +35,7 @@ def test_the_documented_example_builds_a_plan() -> None:
         work_dir="/var/lib/livemig/vm1",
         policy=livemig.Policy(downtime_limit_ms=200),
     )
-    assert plan.storage is livemig.StorageMode.NON_SHARED
+    assert plan.storage is livemig.StorageChoice.NON_SHARED
     assert inspect.iscoroutinefunction(livemig.migrate)
     assert set(livemig.Outcome) == {
         livemig.Outcome.FINALIZED,

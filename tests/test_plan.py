@@ -5,7 +5,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from livemig.fsm.machine import StorageMode
+from livemig.fsm.machine import StorageChoice
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.transports.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
 from livemig.transports.errors import UsageError
@@ -25,10 +25,11 @@ def make(**overrides: object) -> Plan:
 
 def test_defaults_put_sockets_in_work_dir() -> None:
     plan = make()
-    assert plan.storage is StorageMode.NON_SHARED
+    assert plan.storage is StorageChoice.NON_SHARED
     assert plan.migrate_uri == UnixEndpoint(Path("/var/tmp/w/lm-abc123-ram.sock"))
     assert plan.nbd == UnixEndpoint(Path("/var/tmp/w/lm-abc123-nbd.sock"))
-    assert plan.overlay_path == Path("/var/tmp/w/lm-abc123-overlay.qcow2")
+    assert plan.overlay_path == Path("/var/tmp/w/lm-abc123-d0-overlay.qcow2")
+    assert plan.names(1).overlay_path == Path("/var/tmp/w/lm-abc123-d1-overlay.qcow2")
 
 
 def test_names_are_unique_per_run() -> None:
@@ -44,7 +45,8 @@ def test_names_are_unique_per_run() -> None:
     [
         ({"storage": "ceph"}, "storage must be one of"),
         ({"run_id": "UPPER"}, "run id"),
-        ({"disk_node": "bad name"}, "bad block node name"),
+        ({"disks": ["bad name"]}, "bad block node name"),
+        ({"disks": ["root", "root"]}, "disk 'root' is named twice"),
         ({"source_qmp": "tcp:host:4444"}, "must be a unix socket"),
         ({"migrate_uri": "tcp:host:notaport"}, "bad tcp endpoint"),
         ({"migrate_uri": "tcp:192.0.2.7:4444"}, "in the clear off this host"),

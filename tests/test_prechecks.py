@@ -1,5 +1,5 @@
-"""The prechecks as a pure function of what both QEMUs said: each rule, its message, and the root
-disk it picks (``-drive`` names included). No QEMU, no I/O."""
+"""The prechecks as a pure function of what both QEMUs said: each rule, its message, and the
+disks it moves, each copied or shared (``-drive`` names included). No QEMU, no I/O."""
 
 from __future__ import annotations
 
@@ -12,23 +12,25 @@ import attrs
 import pytest
 from support.views import DST, SRC, MiB, disk, node, view
 
+from livemig.drivers.block import BlockDevice
 from livemig.drivers.jobs import JobInfo
 from livemig.drivers.migration import MigrationStats
 from livemig.drivers.runstate import QemuVersion, RunStatus
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
+from livemig.fsm.machine import StorageMode
 from livemig.fsm.plan import Plan
-from livemig.fsm.prechecks import QemuView, RootDisk, precheck
+from livemig.fsm.prechecks import Disk, QemuView, precheck
 from livemig.transports.errors import PrecheckError
 
 
-def plan(storage: str = "non-shared", disk_node: str = "root") -> Plan:
+def plan(storage: str = "non-shared", disks: tuple[str, ...] = ()) -> Plan:
     return Plan.create(
         source_qmp="/s.qmp",
         target_qmp="/t.qmp",
         storage=storage,
         work_dir=Path("/w"),
         run_id="r1",
-        disk_node=disk_node,
+        disks=disks,
     )
 
 
@@ -39,12 +41,21 @@ def same_name(a: str, b: str) -> bool:
 VDISK0 = "/machine/peripheral/vdisk0/virtio-backend"
 
 
-def test_a_good_pair_passes_and_names_the_root_disk() -> None:
-    assert precheck(plan(), SRC, DST, same_file=same_name) == RootDisk(
-        "root", "root", ("/src.raw", "raw"), 64 * MiB, "/dst.raw"
+def test_a_good_pair_passes_and_names_the_disk() -> None:
+    p = plan()
+    verdict = precheck(p, SRC, DST, same_file=same_name)
+    assert verdict.disks == (
+        Disk(
+            "vda", "root", "root", True, ("/src.raw", "raw"), 64 * MiB, "/dst.raw", names=p.names(0)
+        ),
     )
+    assert verdict.storage is StorageMode.NON_SHARED
     shared = view("/src.raw", running=False)
-    assert precheck(plan("shared"), SRC, shared, same_file=same_name).target_image == "/src.raw"
+    verdict = precheck(plan("shared"), SRC, shared, same_file=same_name)
+    assert [(d.target_image, d.copied, d.names) for d in verdict.disks] == [
+        ("/src.raw", False, None)
+    ]
+    assert verdict.storage is StorageMode.SHARED
 
 
 Change = Callable[[QemuView, QemuView], tuple[QemuView, QemuView]]
@@ -86,19 +97,23 @@ def dst(**changes: Any) -> Change:
             "block jobs running",
         ),
         (dst(nodes=(node("root", "/dst.raw", size=32 * MiB),)), "non-shared", "sizes differ"),
-        (dst(nodes=(), disks=()), "non-shared", "the target has no disk 'root'"),
+        (
+            dst(nodes=(), disks=()),
+            "non-shared",
+            "the target has no disk for /machine/peripheral/vda",
+        ),
         (lambda s, d: (s, view("/src.raw", running=False)), "non-shared", "both QEMUs open"),
         (lambda s, d: (s, d), "shared", "storage is shared but the disks are different images"),
         (
-            src(nodes=(node("root", "/src.raw"), node("lm-r1-overlay", "/o.qcow2"))),
+            src(nodes=(node("root", "/src.raw"), node("lm-r1-d0-overlay", "/o.qcow2"))),
             "non-shared",
-            "already has a node named 'lm-r1-overlay'",
+            "already has a node named 'lm-r1-d0-overlay'",
         ),
         (src(nodes=(node("root", "/src.vmdk", driver="vmdk"),)), "non-shared", "is vmdk"),
         (
             src(disks=(disk("root", "/src.raw"), disk("data", "/data.raw", qdev="vdb"))),
             "non-shared",
-            "writable disks besides 'root' that livemig does not copy: data (/data.raw)",
+            "the target has no disk for vdb (the source's vdb, /data.raw)",
         ),
         (
             src(capabilities={"events": False}),
@@ -114,16 +129,104 @@ def test_each_rule_refuses_with_its_message(change: Change, storage: str, messag
         precheck(plan(storage), source, target, same_file=same_name)
 
 
-def test_read_only_and_empty_drives_are_not_other_disks() -> None:
-    source = attrs.evolve(
-        SRC,
-        disks=(
-            disk("root", "/src.raw"),
-            disk("cd", "/seed.iso", ro=True, qdev="cd0"),
-            disk(None, None, ro=True, qdev="ide2-cd0"),
-        ),
+def media(root: str) -> tuple[BlockDevice, ...]:
+    return (
+        disk("root", root),
+        disk("cd", "/seed.iso", ro=True, qdev="cd0"),
+        disk(None, None, ro=True, qdev="ide2-cd0"),
     )
-    assert precheck(plan(), source, DST, same_file=same_name).source_node == "root"
+
+
+def test_read_only_media_and_empty_drives_are_not_moved() -> None:
+    source, target = (
+        attrs.evolve(SRC, disks=media("/src.raw")),
+        attrs.evolve(DST, disks=media("/dst.raw")),
+    )
+    assert [d.source_node for d in precheck(plan(), source, target, same_file=same_name).disks] == [
+        "root"
+    ]
+
+
+def test_read_only_media_must_be_on_the_target() -> None:
+    source = attrs.evolve(SRC, disks=media("/src.raw"))
+    no_cd = attrs.evolve(
+        DST, disks=(disk("root", "/dst.raw"), disk(None, None, ro=True, qdev="cd0"))
+    )
+    with pytest.raises(
+        PrecheckError, match=r"the target's cd0 has no medium; the source's holds /seed.iso"
+    ):
+        precheck(plan(), source, no_cd, same_file=same_name)
+    with pytest.raises(PrecheckError, match="is read-only media"):
+        precheck(
+            plan(disks=("cd",)),
+            source,
+            attrs.evolve(DST, disks=media("/dst.raw")),
+            same_file=same_name,
+        )
+
+
+def two_disks(root: str, data: str, *, data_size: int = 64 * MiB) -> dict[str, Any]:
+    return {
+        "nodes": (node("root", root), node("data", data, size=data_size)),
+        "disks": (disk("root", root), disk("data", data, qdev="vdb")),
+    }
+
+
+def test_every_disk_is_copied_each_with_its_own_names() -> None:
+    p = plan()
+    source = attrs.evolve(SRC, **two_disks("/src.raw", "/data.raw"))
+    target = attrs.evolve(DST, **two_disks("/dst.raw", "/dst-data.raw"))
+    verdict = precheck(p, source, target, same_file=same_name)
+    assert [(d.name, d.source_node, d.target_image, d.names) for d in verdict.disks] == [
+        ("vda", "root", "/dst.raw", p.names(0)),
+        ("vdb", "data", "/dst-data.raw", p.names(1)),
+    ]
+    assert p.names(1).overlay_node == "lm-r1-d1-overlay"
+
+
+def test_auto_copies_the_disks_the_target_does_not_share() -> None:
+    source = attrs.evolve(SRC, **two_disks("/src.raw", "/data.raw"))
+    target = attrs.evolve(DST, **two_disks("/dst.raw", "/data.raw"))
+    verdict = precheck(plan("auto"), source, target, same_file=same_name)
+    assert [(d.name, d.copied) for d in verdict.disks] == [("vda", True), ("vdb", False)]
+    assert verdict.storage is StorageMode.NON_SHARED
+    everything_shared = attrs.evolve(DST, **two_disks("/src.raw", "/data.raw"))
+    verdict = precheck(plan("auto"), source, everything_shared, same_file=same_name)
+    assert verdict.copied == ()
+    assert verdict.storage is StorageMode.SHARED
+
+
+@pytest.mark.parametrize(
+    ("storage", "data_there", "message"),
+    [
+        ("non-shared", "/dst-data.raw", "writable disk 'vdb' (/data.raw) that --disk leaves out"),
+        ("auto", "/dst-data.raw", "disk 'vdb' is left out by --disk but is not shared"),
+        ("auto", "/data.raw", None),
+    ],
+)
+def test_a_disk_left_out_must_be_shared(storage: str, data_there: str, message: str | None) -> None:
+    source = attrs.evolve(SRC, **two_disks("/src.raw", "/data.raw"))
+    target = attrs.evolve(DST, **two_disks("/dst.raw", data_there))
+    if message is None:
+        verdict = precheck(plan(storage, disks=("vda",)), source, target, same_file=same_name)
+        assert [d.name for d in verdict.disks] == ["vda"]
+        return
+    with pytest.raises(PrecheckError, match=re.escape(message)):
+        precheck(plan(storage, disks=("vda",)), source, target, same_file=same_name)
+
+
+def test_a_second_disk_of_another_size_is_refused() -> None:
+    source = attrs.evolve(SRC, **two_disks("/src.raw", "/data.raw"))
+    target = attrs.evolve(DST, **two_disks("/dst.raw", "/dst-data.raw", data_size=32 * MiB))
+    with pytest.raises(
+        PrecheckError, match="disk 'vdb' sizes differ: source 67108864, target 33554432"
+    ):
+        precheck(plan(), source, target, same_file=same_name)
+
+
+def test_two_names_of_one_disk_are_refused() -> None:
+    with pytest.raises(PrecheckError, match="'root' and 'vda' name one disk"):
+        precheck(plan(disks=("root", "vda")), SRC, DST, same_file=same_name)
 
 
 @pytest.mark.parametrize("name", ["drive0", "vdisk0"])
@@ -145,10 +248,10 @@ def test_a_drive_disk_is_found_by_drive_or_device_id_on_each_side(name: str) -> 
             ),
         )
 
-    root = precheck(
-        plan(disk_node=name),
+    (root,) = precheck(
+        plan(disks=(name,)),
         drive_view("#block141", "/src.raw", running=True),
         drive_view("#block308", "/dst.raw", running=False),
         same_file=same_name,
-    )
+    ).disks
     assert (root.source_node, root.target_node) == ("#block141", "#block308")

@@ -52,9 +52,9 @@ from livemig.fsm.effects import (
 )
 from livemig.fsm.events import Progress
 from livemig.fsm.machine import State
-from livemig.fsm.observations import TargetResumed
+from livemig.fsm.observations import OverlayActive, TargetResumed
 from livemig.fsm.plan import Plan
-from livemig.fsm.prechecks import RootDisk
+from livemig.fsm.prechecks import Disk, Verdict
 from livemig.fsm.script import Context
 from livemig.fsm.undo import Side
 from livemig.transports.errors import (
@@ -80,14 +80,22 @@ def plan(storage: str = "non-shared", *, stop_source: bool = True) -> Plan:
 
 def context(storage: str = "non-shared", state: State = State.IDLE, **kw: Any) -> Context:
     ctx = Context(plan(storage, **kw), state=state)
-    ctx.root = RootDisk(
-        source_node="root",
-        target_node="root-t",
-        base_image=("/src.raw", "raw"),
-        base_size=64 << 20,
-        target_image="/dst.raw",
-        base_allocated=1 << 20,
-        target_allocated=0,
+    copied = ctx.plan.storage != "shared"
+    ctx.verdict = Verdict(
+        (
+            Disk(
+                name="vda",
+                source_node="root",
+                target_node="root-t",
+                copied=copied,
+                base_image=("/src.raw", "raw"),
+                base_size=64 << 20,
+                target_image="/dst.raw" if copied else "/src.raw",
+                base_allocated=1 << 20,
+                target_allocated=0,
+                names=ctx.plan.names(0) if copied else None,
+            ),
+        )
     )
     return ctx
 
@@ -125,8 +133,10 @@ def answers(replies: Mapping[str, Any] | None = None) -> Answer:
             case AwaitMigration(until=until):
                 (status,) = until
                 return MigrationEvent(status, 0.0)
-            case AwaitJob(until="gone"):
-                return JobGone(completed=True, offset=4096)
+            case AwaitJob(until="gone", jobs=job_ids):
+                return tuple(JobGone(completed=True, offset=4096) for _ in job_ids)
+            case AwaitJob(until="ready", jobs=job_ids):
+                return tuple(None for _ in job_ids)
             case AskRuns():
                 return True
             case Shielded(effect=inner):
@@ -236,8 +246,7 @@ def test_connect_reads_both_qemus_at_once_and_pushes_only_once_the_prechecks_pas
         "observe:PrechecksPassed",
         "push:resume-guest/source,quit/target",
     ]
-    assert ctx.root is not None
-    assert ctx.root.source_node == "root"
+    assert [d.source_node for d in ctx.disks()] == ["root"]
     assert ctx.guest_ram == SRC.ram_bytes
 
 
@@ -322,8 +331,8 @@ def test_mirror_exports_copies_then_listens_before_it_starts_the_mirror() -> Non
         "target:nbd_server_start",
         "target:block_export_add",
         "host:copy_to_nbd",
-        "source:blockdev_add",
         "listen:source:jobs",
+        "source:blockdev_add",
         "source:blockdev_mirror",
         "spawn",
         "await-job:source:ready",
@@ -420,7 +429,7 @@ def test_a_mirror_no_longer_in_sync_fails_the_switchover_before_the_continue() -
 
     def answer(effect: Effect) -> Any:
         if isinstance(effect, AwaitJob):
-            return JobGone(completed=False, offset=10)
+            return (JobGone(completed=False, offset=10),)
         return base(effect)
 
     seen: list[Effect] = []
@@ -622,3 +631,89 @@ async def test_a_gather_stops_a_side_at_its_first_failure_and_lets_the_other_fin
     with pytest.raises(ConnectionLost, match="refused"):
         await engine._gather(_Session(), gather)  # type: ignore[arg-type]
     assert sorted(sent) == ["source:fails", "target:one", "target:two"]
+
+
+def two_disk_context(state: State) -> Context:
+    """Two copied disks (a root and a data disk) and a shared one, as the prechecks decided."""
+    ctx = context(state=state)
+    assert ctx.verdict is not None
+    (root,) = ctx.verdict.disks
+    data = attrs.evolve(
+        root, name="vdb", source_node="data", target_node="data-t", names=ctx.plan.names(1)
+    )
+    shared = attrs.evolve(root, name="vdc", source_node="db", copied=False, names=None)
+    ctx.verdict = Verdict((root, data, shared))
+    return ctx
+
+
+def test_every_copied_disk_gets_its_overlay_in_one_transaction() -> None:
+    ctx = two_disk_context(State.CAPABILITIES_SET)
+    effects = drive(script.snapshot(ctx), answers())
+    assert words(effects) == [
+        "host:make_dir",
+        "push:" + ",".join(["delete-file/source,delete-node/source,merge-overlay/source"] * 2),
+        "host:create_image",
+        "source:blockdev_add",
+        "host:create_image",
+        "source:blockdev_add",
+        "source:snapshot_all",
+        "observe:OverlayActive",
+    ]
+    snap = effects[6]
+    assert isinstance(snap, Call)
+    assert snap.args == ([("root", "lm-r1-d0-overlay"), ("data", "lm-r1-d1-overlay")],)
+    observed = effects[7]
+    assert isinstance(observed, Observe)
+    assert observed.observation == OverlayActive(("lm-r1-d0-overlay", "lm-r1-d1-overlay"))
+
+
+def test_every_copied_disk_is_exported_copied_and_mirrored_and_all_must_get_ready() -> None:
+    ctx = two_disk_context(State.SNAPSHOTTED)
+    effects = drive(script.mirror(ctx), answers())
+    assert words(effects) == [
+        "push:delete-file/target,stop-nbd-server/target,"
+        + ",".join(["delete-export/target,delete-node/source,cancel-job/source"] * 2),
+        "target:nbd_server_start",
+        "target:block_export_add",
+        "target:block_export_add",
+        "host:copy_to_nbd",
+        "host:copy_to_nbd",
+        "listen:source:jobs",
+        "source:blockdev_add",
+        "source:blockdev_mirror",
+        "source:blockdev_add",
+        "source:blockdev_mirror",
+        "spawn",
+        "await-job:source:ready",
+        "observe:MirrorReady",
+    ]
+    exports = [
+        e.kwargs["node_name"] for e in effects if isinstance(e, Call) and e.kwargs.get("node_name")
+    ]
+    assert exports == ["root-t", "data-t"]
+    (wait,) = [e for e in effects if isinstance(e, AwaitJob)]
+    assert wait.jobs == ("lm-r1-d0-mirror", "lm-r1-d1-mirror")
+    assert ctx.disk_bytes == 2 << 20  # each base's allocated bytes
+
+
+def test_the_switchover_cancels_every_mirror_at_once_and_fails_on_any_out_of_sync() -> None:
+    ctx = two_disk_context(State.PRE_SWITCHOVER)
+    effects = drive(script.switch_over(ctx), answers())
+    assert words(effects)[:3] == [
+        "listen:source:jobs",
+        "gather:source:block_job_cancel,source:block_job_cancel",
+        "await-job:source:gone:no-look",
+    ]
+    assert ctx.disk_bytes == 2 * 4096
+    base = answers()
+
+    def second_out_of_sync(effect: Effect) -> Any:
+        if isinstance(effect, AwaitJob):
+            return (JobGone(completed=True, offset=1), JobGone(completed=False, offset=1))
+        return base(effect)
+
+    seen: list[Effect] = []
+    ctx = two_disk_context(State.PRE_SWITCHOVER)
+    with pytest.raises(StepFailed, match="the mirror of disk 'vdb' was no longer in sync"):
+        drive(script.switch_over(ctx), second_out_of_sync, seen)
+    assert "source:migrate_continue" not in ",".join(words(seen))

@@ -29,7 +29,8 @@ def test_the_nbd_export_name_is_random_per_plan(tmp_path: Path) -> None:
 
     names = {plan().export_name for _ in range(20)}
     assert len(names) == 20
-    assert all(name.startswith("lm-r1-") and len(name) == len("lm-r1-") + 16 for name in names)
+    prefix = "lm-r1-d0-"
+    assert all(name.startswith(prefix) and len(name) == len(prefix) + 16 for name in names)
 
 
 async def test_the_work_dir_is_created_for_its_owner_only(tmp_path: Path) -> None:

@@ -319,7 +319,8 @@ def mirror(ctx: Context) -> Script:
             UndoStep(UndoKind.CANCEL_JOB, SOURCE, {"job": names.mirror_job}),
         ]
     yield PushUndo(tuple(steps))
-    yield call(TARGET, nbd.nbd_server_start, plan.nbd.path)
+    # One client per disk at a time (each base copy, then each mirror); nobody else gets in.
+    yield call(TARGET, nbd.nbd_server_start, plan.nbd.path, max_connections=len(disks))
     for disk in disks:
         names = disk.created()
         yield call(

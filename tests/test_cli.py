@@ -12,19 +12,22 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
 import pytest
 import trio
 from support.guest_fixtures import guest_image_fixture  # noqa: F401 - provides "guest_image"
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401 - provides "aio_loop"
 
 from livemig.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_REVERTED, EXIT_USAGE, main
-from livemig.drivers import image, migration, runstate
+from livemig.drivers import block, image, migration, runstate
 from livemig.drivers.process import DiskSpec, QemuProcess, VmSpec, launched
 from livemig.drivers.qmp import open_monitor
 from livemig.guest import GuestImage
 from livemig.guest._lab import migration_lab
 
 LIVEMIG = [sys.executable, "-m", "livemig"]
+#: What the second disk of :func:`pair` holds at the start (a copy must carry it over).
+DATA_PATTERN = b"livemig data disk " * 4096
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -113,9 +116,12 @@ async def pair(
     incoming: bool = True,
     target_machine: str = "q35",
     data_disk: bool | None = None,
+    target_data: Literal["same", "own", "none", "small"] = "same",
     source_blocker: bool = False,
 ) -> AsyncIterator[tuple[QemuProcess, QemuProcess]]:
-    """Two QEMUs; ``data_disk`` gives both a second disk (``True``: writable);
+    """Two QEMUs; ``data_disk`` gives both a second disk ``vdb`` (``True``: writable), which
+    the target opens as the same file (``target_data="same"``), as its own empty image of the
+    same size (``"own"``) or a smaller one (``"small"``), or lacks (``"none"``);
     ``source_blocker`` gives the source a device QEMU cannot migrate (a read-write vvfat
     drive: QEMU lists it in ``query-migrate``'s ``blocked-reasons``)."""
     src_disk, dst_disk = tmp / "src.raw", tmp / ("src.raw" if shared else "dst.raw")
@@ -130,13 +136,23 @@ async def pair(
             "-drive", f"file=fat:rw:{tmp / 'fat'},format=vvfat,if=none,id=vv0",
             "-device", "virtio-blk-pci,drive=vv0",
         )  # fmt: skip
+    target_extra: tuple[DiskSpec, ...] = ()
     if data_disk is not None:
         await image.create(tmp / "data.raw", "raw", 4 << 20)
+        with (tmp / "data.raw").open("r+b") as f:
+            f.write(DATA_PATTERN)  # what a copy must carry over
         extra = (
             DiskSpec(
                 path=tmp / "data.raw", node_name="data", device_id="vdb", read_only=not data_disk
             ),
         )
+        target_extra = extra
+        if target_data == "none":
+            target_extra = ()
+        elif target_data != "same":
+            size = 4 << 20 if target_data == "own" else 2 << 20
+            await image.create(tmp / "dst-data.raw", "raw", size)
+            target_extra = (attrs.evolve(extra[0], path=tmp / "dst-data.raw"),)
     async with (
         launched(bare("src", tmp, src_disk, extra=extra, args=blocker), work_dir=tmp) as src,
         launched(
@@ -147,7 +163,7 @@ async def pair(
                 memory=target_memory,
                 incoming=incoming,
                 machine=target_machine,
-                extra=extra,
+                extra=target_extra,
             ),
             work_dir=tmp,
         ) as dst,
@@ -198,11 +214,23 @@ async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
             "the source QEMU cannot migrate this guest: ",
             "inmigrate",
         ),
-        # Only --disk is copied: a second writable disk would reach the target never copied.
+        # Every disk the source has must be on the target, of the same size.
         (
-            {"data_disk": True},
+            {"data_disk": True, "target_data": "none"},
             "non-shared",
-            "writable disks besides 'root' that livemig does not copy: data",
+            "the target has no disk for /machine/peripheral/vdb/virtio-backend",
+            "inmigrate",
+        ),
+        (
+            {"data_disk": True, "target_data": "small"},
+            "non-shared",
+            "disk 'vdb' sizes differ: source 4194304, target 2097152",
+            "inmigrate",
+        ),
+        (
+            {"data_disk": False, "target_data": "none"},
+            "non-shared",
+            "the target has no disk for /machine/peripheral/vdb/virtio-backend",
             "inmigrate",
         ),
     ],
@@ -260,6 +288,41 @@ async def test_a_read_only_second_disk_is_not_refused(aio_loop: object, tmp_path
             assert result["outcome"] == "finalized"
             async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
                 assert (await runstate.query_status(m)).running
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("storage", "target_data", "data_storage"),
+    [
+        ("non-shared", "own", "non-shared"),
+        ("auto", "own", "non-shared"),
+        ("auto", "same", "shared"),
+    ],
+)
+async def test_every_writable_disk_moves_copied_or_shared(
+    aio_loop: object, tmp_path: Path, storage: str, target_data: Any, data_storage: str
+) -> None:
+    """A second writable disk is copied like the root (its own overlay, base copy and mirror)
+    or, with ``auto`` and the target opening the same file, left shared; the result says which."""
+    with trio.fail_after(120):
+        async with pair(tmp_path, data_disk=True, target_data=target_data) as (src, dst):
+            done = await cli(
+                "migrate", "--source-qmp", src.spec.qmp_socket, "--target-qmp", dst.spec.qmp_socket,
+                "--storage", storage, "--work-dir", tmp_path / "work", "--json",
+            )  # fmt: skip
+            assert done.returncode == EXIT_OK, done.stdout.decode() + done.stderr.decode()
+            result = json.loads(done.stdout.splitlines()[-1])
+            assert result["outcome"] == "finalized"
+            by_name = {d["name"]: d for d in result["disks"]}
+            assert by_name["vda"]["storage"] == "non-shared"
+            assert by_name["vdb"]["storage"] == data_storage
+            async with open_monitor(dst.spec.qmp_socket, name="dst") as m:
+                assert (await runstate.query_status(m)).running
+                nodes = {n.node_name for n in await block.query_named_block_nodes(m)}
+                assert not [n for n in nodes if n and n.startswith("lm-")]
+        data = tmp_path / ("dst-data.raw" if target_data == "own" else "data.raw")
+        assert data.read_bytes()[: len(DATA_PATTERN)] == DATA_PATTERN
+        assert not list((tmp_path / "work").glob("lm-*"))
 
 
 def drive_vm(name: str, tmp: Path, disk: Path, *, incoming: bool, fmt: str = "raw") -> VmSpec:

@@ -70,10 +70,19 @@ def _one_of(*allowed: str) -> Callable[[object, attrs.Attribute[str], str], None
 
 @attrs.frozen(kw_only=True)
 class DiskSpec:
-    """One virtio-blk disk: a ``file`` node, a format node on top, and the device.
+    """One disk: its image, the nodes QEMU opens it with, and the guest device.
 
-    The format node is the one to snapshot, mirror or export (``root`` by default); its protocol
-    child is ``<node_name>-file``.
+    Two command-line syntaxes (:attr:`syntax`):
+
+    - ``"blockdev"`` (the default): a ``file`` node, a format node on top of it, and the device
+      on the format node. The format node is the one to snapshot, mirror or export (``root`` by
+      default); its protocol child is ``<node_name>-file``. A qcow2 image's backing chain is
+      opened from its header, under names QEMU makes up (``#block123``).
+    - ``"drive"``: ``-drive file=…,if=none,id=<drive_id>,format=…`` and the device on that
+      BlockBackend; QEMU names every node itself, :attr:`node_name` is not used.
+
+    The guest device is a ``virtio-blk-pci`` disk, or with ``media="cdrom"`` an ``ide-cd``
+    drive (on q35's built-in AHCI controller), which is read-only (``read_only`` must be set).
     """
 
     path: Path = attrs.field(converter=Path)
@@ -81,23 +90,58 @@ class DiskSpec:
     fmt: Literal["raw", "qcow2"] = attrs.field(default="raw", validator=_one_of("raw", "qcow2"))
     device_id: str = "vda"
     read_only: bool = False
+    syntax: Literal["blockdev", "drive"] = attrs.field(
+        default="blockdev", validator=_one_of("blockdev", "drive")
+    )
+    drive_id: str = "drive0"
+    media: Literal["disk", "cdrom"] = attrs.field(
+        default="disk", validator=_one_of("disk", "cdrom")
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.media == "cdrom" and not self.read_only:
+            raise UsageError(f"cd-rom {self.device_id} must be read-only (read_only=True)")
 
     @property
     def file_node_name(self) -> str:
-        """The name of the ``file`` (protocol) node under :attr:`node_name`."""
+        """The name of the ``file`` (protocol) node under :attr:`node_name` (``-blockdev``)."""
         return f"{self.node_name}-file"
 
+    @property
+    def drive(self) -> str:
+        """What the device's ``drive=`` names: the format node (``-blockdev``) or the ``-drive``
+        id. Either, like :attr:`device_id`, names the disk in QMP and in ``livemig --disk``."""
+        return self.node_name if self.syntax == "blockdev" else self.drive_id
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        """The node and BlockBackend names this disk takes on the command line (one namespace
+        in QEMU: no two disks may share one)."""
+        if self.syntax == "blockdev":
+            return (self.node_name, self.file_node_name)
+        return (self.drive_id,)
+
     def argv(self) -> list[str]:
-        """The ``-blockdev``/``-device`` options for this disk."""
+        """The ``-blockdev``/``-device`` (or ``-drive``/``-device``) options for this disk."""
+        device = "ide-cd" if self.media == "cdrom" else "virtio-blk-pci"
+        path = _escape(str(self.path))
+        if self.syntax == "drive":
+            media = ",media=cdrom" if self.media == "cdrom" else ""
+            ro = ",readonly=on" if self.read_only else ""
+            return [
+                "-drive",
+                f"file={path},if=none,id={self.drive_id},format={self.fmt}{media}{ro}",
+                "-device",
+                f"{device},drive={self.drive_id},id={self.device_id}",
+            ]
         ro = ",read-only=on" if self.read_only else ""
         return [
             "-blockdev",
-            f"driver=file,filename={_escape(str(self.path))},node-name={self.file_node_name}"
-            f",cache.direct=off{ro}",
+            f"driver=file,filename={path},node-name={self.file_node_name},cache.direct=off{ro}",
             "-blockdev",
             f"driver={self.fmt},node-name={self.node_name},file={self.file_node_name}{ro}",
             "-device",
-            f"virtio-blk-pci,drive={self.node_name},id={self.device_id}",
+            f"{device},drive={self.node_name},id={self.device_id}",
         ]
 
 
@@ -112,10 +156,10 @@ def _str_tuple(args: Iterable[str]) -> tuple[str, ...]:
 def _unique_disks(
     _: object, __: attrs.Attribute[tuple[DiskSpec, ...]], disks: tuple[DiskSpec, ...]
 ) -> None:
-    names = [n for d in disks for n in (d.node_name, d.file_node_name)]
+    names = [n for d in disks for n in d.block_names]
     ids = [d.device_id for d in disks]
     if len(set(names)) != len(names) or len(set(ids)) != len(ids):
-        raise UsageError("disks must have distinct node names and device ids")
+        raise UsageError("disks must have distinct node names, drive ids and device ids")
 
 
 @attrs.frozen(kw_only=True)

@@ -1,4 +1,9 @@
-"""The host's side of the guest's serial console: heartbeats, boot id, poweroff."""
+"""The host's side of the guest's serial console: heartbeats, boot id, poweroff.
+
+A guest writing to one disk says ``heartbeat <seq>`` and ``poweroff <seq>``; one writing to
+several disks (``livemig.disks=vda,vdb``) adds every disk's last written seq to both lines:
+``heartbeat 17 vda=17 vdb=16``, where ``17`` is the first disk's.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ import attrs
 import trio
 
 from livemig.drivers.process import QemuProcess
-from livemig.transports.errors import ProcessError
+from livemig.transports.errors import ProcessError, UsageError
 
-_HEARTBEAT = re.compile(r"heartbeat (\d+)")
+_ACKS = r"((?: [a-z0-9]+=\d+)*)"  # " vda=17 vdb=16": each disk's last written seq
+_HEARTBEAT = re.compile(r"heartbeat (\d+)" + _ACKS)
 _BOOT = re.compile(r"boot ([0-9a-f]{16})")
-_POWEROFF = re.compile(r"poweroff (\d+)")
+_POWEROFF = re.compile(r"poweroff (\d+)" + _ACKS)
+_ACK = re.compile(r"([a-z0-9]+)=(\d+)")
 _DIRTY_RATE = re.compile(r"dirtyrate (\d+(?:\.\d+)?)")
 _MAX_LINE = 64 * 1024  # a longer run without newline is cut into lines
 _LOG_TAIL_LINES = 20  # lines quoted in errors
@@ -21,13 +28,20 @@ _LOG_TAIL_LINES = 20  # lines quoted in errors
 
 @attrs.frozen
 class Heartbeat:
-    """One ``heartbeat <seq>`` line: record ``seq`` is on the disk.
+    """One ``heartbeat <seq>`` line: record ``seq`` is on the (first) disk.
 
     :param at: :func:`trio.current_time` when the host read the line.
+    :param acks: with several disks, each disk's last written seq (``(("vda", 17), ("vdb",
+        16))``), in the guest's order; empty for a guest with one disk.
     """
 
     seq: int
     at: float
+    acks: tuple[tuple[str, int], ...] = ()
+
+
+def _acks(text: str) -> tuple[tuple[str, int], ...]:
+    return tuple((m[1], int(m[2])) for m in _ACK.finditer(text))
 
 
 @attrs.define(eq=False)
@@ -39,6 +53,8 @@ class SerialConsole:
     line; when the console ends (QEMU exited) they raise :class:`ProcessError`.
 
     ``dirty_rate_mib_s`` is the RAM dirtying rate the workload last reported (once a second).
+    ``disk_acks`` is, for a guest writing to several disks, each disk's last acknowledged seq
+    (from the latest heartbeat or the poweroff line); see :meth:`acked`.
 
     :param max_lines: how many raw lines (and heartbeats) to keep for diagnostics.
     """
@@ -51,6 +67,7 @@ class SerialConsole:
     heartbeats: deque[Heartbeat] = attrs.field(init=False)
     boot_ids: list[int] = attrs.field(init=False, factory=list)
     poweroff_seq: int | None = attrs.field(init=False, default=None)
+    disk_acks: dict[str, int] = attrs.field(init=False, factory=dict)
     dirty_rate_mib_s: float | None = attrs.field(init=False, default=None)
     closed: bool = attrs.field(init=False, default=False)
     _changed: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -84,6 +101,22 @@ class SerialConsole:
         beat = self.heartbeats[-1].seq if self.heartbeats else 0
         return max(beat, self.poweroff_seq or 0)
 
+    def acked(self, disk: str) -> int:
+        """The highest seq the guest acknowledged on ``disk`` (``"vda"``; 0 before the first).
+
+        A guest writing to one disk names none on its console: then every name gets
+        :attr:`last_acked`, the acks of its one disk.
+
+        :raise UsageError: when the guest writes to several disks and ``disk`` is not one.
+        """
+        if not self.disk_acks:
+            return self.last_acked
+        if disk not in self.disk_acks:
+            raise UsageError(
+                f"{self.name}: the guest acknowledges {sorted(self.disk_acks)}, not {disk!r}"
+            )
+        return self.disk_acks[disk]
+
     def log_text(self) -> str:
         """The kept console lines, for diagnostics."""
         return "\n".join(self.lines)
@@ -114,11 +147,14 @@ class SerialConsole:
         line = raw.decode(errors="replace").strip("\r\n\x00 ")
         self.lines.append(line)
         if m := _HEARTBEAT.fullmatch(line):
-            self.heartbeats.append(Heartbeat(int(m[1]), trio.current_time()))
+            acks = _acks(m[2])
+            self.heartbeats.append(Heartbeat(int(m[1]), trio.current_time(), acks))
+            self.disk_acks.update(acks)
         elif m := _BOOT.fullmatch(line):
             self.boot_ids.append(int(m[1], 16))
         elif m := _POWEROFF.fullmatch(line):
             self.poweroff_seq = int(m[1])
+            self.disk_acks.update(_acks(m[2]))
         elif m := _DIRTY_RATE.fullmatch(line):
             self.dirty_rate_mib_s = float(m[1])
         else:

@@ -2,10 +2,12 @@
  * livemig test guest workload: proves that a live migration kept every disk write and the
  * guest's running state.
  *
- * Every tick it writes one 512-byte record with O_DIRECT to the disk, at sector
- * seq % nsectors, and only after the write returned prints "heartbeat <seq>" on the console.
- * Between ticks it dirties guest RAM at a given rate. It reads commands from the console:
- * "poweroff" stops the writes, syncs, prints "poweroff <last seq>" and powers the machine off.
+ * Every tick it writes one 512-byte record with O_DIRECT to each disk it was given, at sector
+ * seq % nsectors of that disk, and only after the write returned acknowledges it on the
+ * console. Each disk has its own seq (1, 2, 3, ...), advanced when a write succeeded: a failed
+ * write is retried with the same seq next tick, so every disk holds a gapless ring. Between
+ * ticks it dirties guest RAM at a given rate. It reads commands from the console: "poweroff"
+ * stops the writes, syncs, prints "poweroff <last seq>" and powers the machine off.
  *
  * Record layout (little endian), checked by guest/_records.py:
  *   0  magic "LVMGREC1"      8 bytes
@@ -14,7 +16,7 @@
  *   24 crc32                 u32, zlib CRC-32 of bytes 0..24 then 28..512
  *   28 zero padding          484 bytes
  *
- * Console output, one line each:
+ * Console output, one line each, with one disk:
  *   boot <16 hex digits>     once, before the first record
  *   workload <settings>      once, for the log
  *   heartbeat <seq>          after the record <seq> was written
@@ -22,7 +24,13 @@
  *   dirtyrate <MiB/s>        every second while dirtying: the rate reached
  *   poweroff <last seq>      after the final sync, just before power off
  *
- * Usage: workload [-t tick_ms] [-r dirty_mib_s|max] [-b dirty_buf_mib] DEVICE
+ * With several disks (vda, vdb, ... by the device's file name) the heartbeat and poweroff lines
+ * carry every disk's last written seq, and <seq> is the first disk's:
+ *   heartbeat <seq> vda=<seq> vdb=<seq>    after this tick's write to the first disk returned
+ *   werror <seq> <disk>: <message>         that disk's write of <seq> failed
+ *   poweroff <seq> vda=<seq> vdb=<seq>     after the final sync
+ *
+ * Usage: workload [-t tick_ms] [-r dirty_mib_s|max] [-b dirty_buf_mib] DEVICE...
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,12 +56,22 @@
 #define RECORD_MAGIC "LVMGREC1"
 #define DIRTY_SLICE_PAGES 64 /* pages dirtied between two looks at the clock */
 #define RATE_MAX (-1L)
+#define MAX_DISKS 16
 
 struct options {
     long tick_ms;
     long dirty_mib_s; /* RATE_MAX: as fast as possible */
     long dirty_buf_mib;
-    const char *device;
+    int ndisks;
+    char **devices;
+};
+
+struct disk {
+    const char *name; /* the device's file name: "vda" of /dev/vda */
+    int fd;
+    uint64_t nsectors;
+    uint64_t seq;      /* the next seq to write */
+    uint64_t last_seq; /* the last seq written (0: none yet) */
 };
 
 struct dirtier {
@@ -145,7 +163,7 @@ static long parse_long(const char *s, const char *what)
 
 static struct options parse_options(int argc, char **argv)
 {
-    struct options o = {.tick_ms = 20, .dirty_mib_s = 0, .dirty_buf_mib = 64, .device = NULL};
+    struct options o = {.tick_ms = 20, .dirty_mib_s = 0, .dirty_buf_mib = 64};
     int c;
     while ((c = getopt(argc, argv, "t:r:b:")) != -1) {
         switch (c) {
@@ -154,16 +172,17 @@ static struct options parse_options(int argc, char **argv)
             o.dirty_mib_s = strcmp(optarg, "max") == 0 ? RATE_MAX : parse_long(optarg, "dirty_mib_s");
             break;
         case 'b': o.dirty_buf_mib = parse_long(optarg, "dirty_buf_mib"); break;
-        default: say("usage: workload [-t ms] [-r mib_s|max] [-b mib] DEVICE\n"); exit(2);
+        default: say("usage: workload [-t ms] [-r mib_s|max] [-b mib] DEVICE...\n"); exit(2);
         }
     }
-    if (optind != argc - 1) {
-        say("usage: workload [-t ms] [-r mib_s|max] [-b mib] DEVICE\n");
+    if (optind >= argc || argc - optind > MAX_DISKS) {
+        say("usage: workload [-t ms] [-r mib_s|max] [-b mib] DEVICE... (1 to %d)\n", MAX_DISKS);
         exit(2);
     }
     if (o.tick_ms < 1)
         o.tick_ms = 1;
-    o.device = argv[optind];
+    o.ndisks = argc - optind;
+    o.devices = argv + optind;
     return o;
 }
 
@@ -200,12 +219,25 @@ static void quiet_console(void)
     }
 }
 
-static void power_off(int fd, uint64_t last_seq)
+/* Print "<word> <first disk's last seq>", with several disks followed by " <name>=<last seq>"
+ * for each, as one line. */
+static void say_acks(const char *word, const struct disk *disks, int ndisks)
 {
-    if (fsync(fd) != 0)
-        say("workload: fsync: %s\n", strerror(errno));
+    char line[64 + MAX_DISKS * 48];
+    int n = snprintf(line, sizeof line, "%s %" PRIu64, word, disks[0].last_seq);
+    for (int i = 0; ndisks > 1 && i < ndisks && n < (int)sizeof line; i++)
+        n += snprintf(line + n, sizeof line - (size_t)n, " %s=%" PRIu64, disks[i].name,
+                      disks[i].last_seq);
+    say("%s\n", line);
+}
+
+static void power_off(const struct disk *disks, int ndisks)
+{
+    for (int i = 0; i < ndisks; i++)
+        if (fsync(disks[i].fd) != 0)
+            say("workload: fsync %s: %s\n", disks[i].name, strerror(errno));
     sync();
-    say("poweroff %" PRIu64 "\n", last_seq);
+    say_acks("poweroff", disks, ndisks);
     tcdrain(STDOUT_FILENO);
     reboot(RB_POWER_OFF);
     die("reboot(RB_POWER_OFF)");
@@ -245,16 +277,23 @@ int main(int argc, char **argv)
     crc32_init();
     quiet_console();
 
-    int fd = open(o.device, O_RDWR | O_DIRECT);
-    if (fd < 0)
-        die(o.device);
-    uint64_t size_bytes = 0;
-    if (ioctl(fd, BLKGETSIZE64, &size_bytes) != 0)
-        die("BLKGETSIZE64");
-    uint64_t nsectors = size_bytes / SECTOR;
-    if (nsectors == 0) {
-        say("workload: %s is empty\n", o.device);
-        return 1;
+    struct disk disks[MAX_DISKS] = {0};
+    for (int i = 0; i < o.ndisks; i++) {
+        struct disk *k = &disks[i];
+        const char *slash = strrchr(o.devices[i], '/');
+        k->name = slash ? slash + 1 : o.devices[i];
+        k->fd = open(o.devices[i], O_RDWR | O_DIRECT);
+        if (k->fd < 0)
+            die(o.devices[i]);
+        uint64_t size_bytes = 0;
+        if (ioctl(k->fd, BLKGETSIZE64, &size_bytes) != 0)
+            die("BLKGETSIZE64");
+        k->nsectors = size_bytes / SECTOR;
+        if (k->nsectors == 0) {
+            say("workload: %s is empty\n", o.devices[i]);
+            return 1;
+        }
+        k->seq = 1;
     }
 
     unsigned char *rec;
@@ -278,13 +317,14 @@ int main(int argc, char **argv)
     say("boot %016" PRIx64 "\n", boot_id);
     if (o.dirty_mib_s == RATE_MAX)
         say("workload nsectors=%" PRIu64 " tick_ms=%ld dirty_mib_s=max dirty_buf_mib=%ld\n",
-            nsectors, o.tick_ms, o.dirty_buf_mib);
+            disks[0].nsectors, o.tick_ms, o.dirty_buf_mib);
     else
         say("workload nsectors=%" PRIu64 " tick_ms=%ld dirty_mib_s=%ld dirty_buf_mib=%ld\n",
-            nsectors, o.tick_ms, o.dirty_mib_s, o.dirty_buf_mib);
+            disks[0].nsectors, o.tick_ms, o.dirty_mib_s, o.dirty_buf_mib);
+    for (int i = 0; o.ndisks > 1 && i < o.ndisks; i++)
+        say("workload disk %s nsectors=%" PRIu64 "\n", disks[i].name, disks[i].nsectors);
 
     const int64_t tick_ns = (int64_t)o.tick_ms * 1000000;
-    uint64_t seq = 1, last_seq = 0;
     int64_t next_tick = now_ns();
     char line[128];
     size_t line_len = 0;
@@ -293,18 +333,27 @@ int main(int argc, char **argv)
     for (;;) {
         int64_t t = now_ns();
         if (t >= next_tick) {
-            memset(rec, 0, SECTOR);
-            memcpy(rec, RECORD_MAGIC, 8);
-            put_le64(rec + 8, seq);
-            put_le64(rec + 16, boot_id);
-            put_le32(rec + 24, crc32_update(crc32_update(0, rec, 24), rec + 28, SECTOR - 28));
-            ssize_t w = pwrite(fd, rec, SECTOR, (off_t)((seq % nsectors) * SECTOR));
-            if (w == SECTOR) {
-                say("heartbeat %" PRIu64 "\n", seq);
-                last_seq = seq++;
-            } else {
-                say("werror %" PRIu64 " %s\n", seq, w < 0 ? strerror(errno) : "short write");
+            int first_written = 0;
+            for (int i = 0; i < o.ndisks; i++) {
+                struct disk *k = &disks[i];
+                memset(rec, 0, SECTOR);
+                memcpy(rec, RECORD_MAGIC, 8);
+                put_le64(rec + 8, k->seq);
+                put_le64(rec + 16, boot_id);
+                put_le32(rec + 24, crc32_update(crc32_update(0, rec, 24), rec + 28, SECTOR - 28));
+                ssize_t w = pwrite(k->fd, rec, SECTOR, (off_t)((k->seq % k->nsectors) * SECTOR));
+                const char *why = w < 0 ? strerror(errno) : "short write";
+                if (w == SECTOR) {
+                    k->last_seq = k->seq++;
+                    first_written |= i == 0;
+                } else if (o.ndisks == 1) {
+                    say("werror %" PRIu64 " %s\n", k->seq, why);
+                } else {
+                    say("werror %" PRIu64 " %s: %s\n", k->seq, k->name, why);
+                }
             }
+            if (first_written)
+                say_acks("heartbeat", disks, o.ndisks);
             next_tick += tick_ns;
             if (next_tick <= t) /* fell behind (e.g. the VM was paused): no burst of ticks */
                 next_tick = t + tick_ns;
@@ -333,6 +382,6 @@ int main(int argc, char **argv)
         int ready = ppoll(&pfd, 1, &ts, NULL);
         if (ready > 0 && (pfd.revents & (POLLIN | POLLHUP | POLLERR)) &&
             read_commands(line, sizeof line, &line_len, &stdin_open))
-            power_off(fd, last_seq);
+            power_off(disks, o.ndisks);
     }
 }

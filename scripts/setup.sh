@@ -2,7 +2,8 @@
 # Install everything livemig needs on Debian 12 (bookworm), as root:
 #   QEMU 10.0 from bookworm-backports (Debian 12's QEMU 7.2 loses guest pages under TCG during
 #   migration: measured), qemu-utils, graphviz, busybox-static and the tools the test guest's
-#   build uses; then the Python package in .venv and the test guest.
+#   build uses, xorriso (the realistic VM's CD-ROM image); then the Python package in .venv and
+#   the test guest.
 # Usage: scripts/setup.sh [--dev]     (--dev adds the test and lint tools)
 # Safe to run again: every step checks first.
 set -euo pipefail
@@ -40,7 +41,7 @@ add_backports() {
   fi
 }
 
-packages=(busybox-static graphviz xz-utils zstd cpio gzip gcc libc6-dev binutils)
+packages=(busybox-static graphviz xz-utils zstd cpio gzip gcc libc6-dev binutils xorriso)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ! have_qemu10 || [ "${#missing[@]}" -gt 0 ] || [ -n "${LIVEMIG_APT_UPDATE:-}" ]; then

@@ -28,9 +28,25 @@ import trio
 
 from livemig.drivers import image
 from livemig.drivers.process import DEFAULT_QEMU, QemuProcess, VmSpec, launched
-from livemig.guest import GuestImage, SerialConsole, ensure_built, guest_vm_spec
+from livemig.guest import (
+    GuestImage,
+    RealisticImages,
+    SerialConsole,
+    Syntax,
+    ensure_built,
+    guest_vm_spec,
+    make_realistic_images,
+    realistic_vm_spec,
+)
 
-__all__ = ["RunningGuest", "booted_guest", "guest_image_fixture", "require_qemu"]
+__all__ = [
+    "RunningGuest",
+    "RunningRealisticVm",
+    "booted_guest",
+    "booted_realistic_vm",
+    "guest_image_fixture",
+    "require_qemu",
+]
 
 DEFAULT_DISK_BYTES = 8 << 20
 
@@ -93,4 +109,49 @@ async def booted_guest(
         nursery.start_soon(console.run)
         boot_id = await console.wait_boot()
         yield RunningGuest(qemu, console, disk, spec, boot_id)
+        nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class RunningRealisticVm:
+    """A booted realistic VM (`livemig.guest.realistic_vm_spec`): its QEMU, console (being
+    read), images and spec."""
+
+    qemu: QemuProcess
+    console: SerialConsole
+    images: RealisticImages
+    spec: VmSpec
+    boot_id: int
+
+
+@contextlib.asynccontextmanager
+async def booted_realistic_vm(
+    guest_image: GuestImage,
+    work_dir: Path,
+    *,
+    name: str = "vm",
+    syntax: Syntax = "blockdev",
+    depth: int = 1,
+    dirty_mib_s: int | Literal["max"] = 0,
+) -> AsyncIterator[RunningRealisticVm]:
+    """Create a realistic VM's images in ``work_dir`` (file names start with ``name-``), boot
+    it and wait for its boot id.
+
+    As :func:`booted_guest`: the console is read for the whole block, QEMU is stopped on the way
+    out. Booting under TCG takes about 4 s.
+    """
+    images = await make_realistic_images(work_dir, depth=depth, prefix=f"{name}-")
+    spec = realistic_vm_spec(
+        guest_image,
+        images,
+        qmp_socket=work_dir / f"{name}.qmp",
+        name=name,
+        syntax=syntax,
+        dirty_mib_s=dirty_mib_s,
+    )
+    async with launched(spec, work_dir=work_dir) as qemu, trio.open_nursery() as nursery:
+        console = SerialConsole.of(qemu)
+        nursery.start_soon(console.run)
+        boot_id = await console.wait_boot()
+        yield RunningRealisticVm(qemu, console, images, spec, boot_id)
         nursery.cancel_scope.cancel()

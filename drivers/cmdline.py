@@ -76,7 +76,9 @@ __all__ = [
     "FLAGS",
     "Option",
     "Suboption",
+    "TargetCommand",
     "default_disk_map",
+    "derive_target",
     "derive_target_argv",
     "join_suboptions",
     "parse_argv",
@@ -256,6 +258,7 @@ class _Derivation:
         self.disk_map = dict(disk_map)
         self.disks_seen: set[str] = set()
         self.claimed: set[str] = {target_qmp}
+        self.handed_out: list[str] = [target_qmp]  # claimed, in command-line order
         self.machine_type = machine_type
         self.typed = False  # a -machine named the type
         self.paused = False  # -S was kept
@@ -312,6 +315,7 @@ class _Derivation:
                 f"{self.target_dir}"
             )
         self.claimed.add(candidate)
+        self.handed_out.append(candidate)
         return candidate
 
     def disk(self, path: str) -> str:
@@ -525,6 +529,21 @@ def _inherited_fd(option: Option) -> UsageError:
     )
 
 
+@attrs.frozen
+class TargetCommand:
+    """A derived target: its command line and the paths it gives QEMU to create.
+
+    :param argv: the target's command line.
+    :param files: the paths in ``target_dir`` (and ``target_qmp``, first) that the rewrite handed
+        out for the sockets and files QEMU creates there (its QMP socket, other listening
+        sockets, pidfile, logs, file chardevs), in command-line order. The disk images are not
+        among them: they are ``disk_map``'s values.
+    """
+
+    argv: tuple[str, ...]
+    files: tuple[str, ...]
+
+
 def derive_target_argv(
     source_argv: Sequence[str],
     *,
@@ -534,8 +553,31 @@ def derive_target_argv(
     disk_map: Mapping[str, str],
     source_qmp: str | None = None,
 ) -> list[str]:
-    """The command line of a migration target for the QEMU that runs ``source_argv``; see the
-    module's documentation for every rewrite and every refusal.
+    """The command line of a migration target for the QEMU that runs ``source_argv``: the
+    `TargetCommand.argv` of `derive_target`, which says more."""
+    return list(
+        derive_target(
+            source_argv,
+            target_qmp=target_qmp,
+            target_dir=target_dir,
+            machine_type=machine_type,
+            disk_map=disk_map,
+            source_qmp=source_qmp,
+        ).argv
+    )
+
+
+def derive_target(
+    source_argv: Sequence[str],
+    *,
+    target_qmp: str,
+    target_dir: str,
+    machine_type: str,
+    disk_map: Mapping[str, str],
+    source_qmp: str | None = None,
+) -> TargetCommand:
+    """The migration target for the QEMU that runs ``source_argv``; see the module's
+    documentation for every rewrite and every refusal.
 
     :param target_qmp: the target's QMP socket path.
     :param target_dir: where the target's other sockets and files go.
@@ -579,7 +621,7 @@ def derive_target_argv(
     if not state.paused:
         argv.append("-S")
     argv += ["-incoming", "defer"]
-    return argv
+    return TargetCommand(tuple(argv), tuple(state.handed_out))
 
 
 def default_disk_map(files: Sequence[str], target_dir: str) -> dict[str, str]:

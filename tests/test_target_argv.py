@@ -15,6 +15,7 @@ from livemig.drivers.cmdline import (
     Option,
     Suboption,
     default_disk_map,
+    derive_target,
     derive_target_argv,
     join_suboptions,
     parse_argv,
@@ -284,6 +285,26 @@ def test_daemonize_goes_and_the_pidfile_and_log_move_into_the_target_dir() -> No
     assert argv == [
         QEMU, *TARGET_BASE, "-pidfile", "/run/dst/vm.pid", "-D", "/run/dst/q.log", *TAIL,
     ]  # fmt: skip
+
+
+def test_the_derivation_lists_the_paths_it_hands_out_for_qemu_to_create() -> None:
+    derived = derive_target(
+        [QEMU, *base(
+            "-pidfile", "/run/src/vm.pid",
+            "-monitor", "unix:/run/src/hmp.sock,server=on,wait=off",
+            "-serial", "file:/run/src/vm.pid",
+            "-drive", "file=/run/src/root.raw,if=none,id=d0",
+        )],
+        target_qmp="/run/dst/vm.qmp",
+        target_dir="/run/dst",
+        machine_type="pc-q35-10.0",
+        disk_map={"/run/src/root.raw": "/run/dst/root.raw"},
+        source_qmp="/run/src/vm.qmp",
+    )  # fmt: skip
+    assert "file:/run/dst/vm-1.pid" in derived.argv
+    assert derived.files == (
+        "/run/dst/vm.qmp", "/run/dst/vm.pid", "/run/dst/hmp.sock", "/run/dst/vm-1.pid"
+    )  # fmt: skip
 
 
 def test_s_is_kept_once_and_any_incoming_is_replaced_by_defer() -> None:

@@ -445,7 +445,7 @@ async def _merge_overlay(src: Monitor) -> None:
     overlay, base = nodes.get(_OVERLAY), nodes.get(_DISK)
     if overlay is None or base is None or overlay.backing_file != base.filename:
         return
-    await block.block_commit(src, job_id=_COMMIT, device=_OVERLAY)
+    await block.block_commit(src, job_id=_COMMIT, device=_OVERLAY, base_node=_DISK)
     await _until_job(src, _COMMIT, {JobStatus.READY})
     await jobs.job_complete(src, _COMMIT)
     await _until_job(src, _COMMIT, {None})

@@ -183,7 +183,12 @@ async def _has_node(m: Monitor, node: str) -> bool:
 
 
 async def _merge_overlay(m: Monitor, *, node: str, base: str, job: str, state: State) -> None:
-    """Active-commit the overlay into the base, so every write the guest made is kept."""
+    """Active-commit the overlay into the base, so every write the guest made is kept.
+
+    Into ``base`` itself, named: QEMU's default base is the bottom of the chain, and a disk on
+    a backing chain (a qcow2 on a base image) would be committed all the way down, its own image
+    left behind with the guest then running on the base image (found by the realistic VM's
+    revert test: every write since the snapshot missing from the disk's image)."""
     nodes = {n.node_name: n for n in await block.query_named_block_nodes(m)}
     overlay = nodes.get(node)
     below = nodes.get(base)
@@ -192,7 +197,7 @@ async def _merge_overlay(m: Monitor, *, node: str, base: str, job: str, state: S
     async with m.listen(*JOB_EVENTS) as stream:
         present = {j.id: j for j in await jobs.query_jobs(m)}
         if job not in present:
-            await block.block_commit(m, job_id=job, device=node)
+            await block.block_commit(m, job_id=job, device=node, base_node=base)
         await wait_job(stream, m, job, until="ready", state=state)
         await jobs.job_complete(m, job)
         await wait_job(stream, m, job, until="gone", state=state)

@@ -364,11 +364,13 @@ def _finish(qemu: FakeQemu, job: Job, then: Callable[[], None]) -> None:
 
 
 def _block_commit(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
-    if any(k in args for k in ("top-node", "base-node", "top", "base")):
-        raise QemuError("the fake models active commit of the whole chain only")
+    if any(k in args for k in ("top-node", "top", "base")):
+        raise QemuError("the fake models active commit of the top layer only")
     top = find_node(qemu, str(args["device"]))
     if top.backing is None:
         raise QemuError(f"Top image '{top.name}' has no backing file to commit into")
+    if "base-node" in args and args["base-node"] != top.backing.name:
+        raise QemuError("the fake models a commit into the top's own backing node only")
     job = _new_job(qemu, str(args["job-id"]), "commit", top, top.backing)
     qemu.world.after(qemu.world.knobs.commit_ready_after, lambda: _commit_synced(qemu, job))
     return {}

@@ -150,6 +150,7 @@ class PeerQemu:
     :param cwd: its working directory; ``None`` when it may not be read.
     :param machine: the versioned machine type it runs (``pc-q35-10.0``).
     :param devices: its guest's block devices (``query-block``), in device order.
+    :param nodes: its block graph (``query-named-block-nodes``): each disk's format and size.
     """
 
     pid: int
@@ -157,6 +158,7 @@ class PeerQemu:
     cwd: Path | None
     machine: str
     devices: tuple[block.BlockDevice, ...]
+    nodes: tuple[block.BlockNode, ...] = ()
 
     @property
     def disk_files(self) -> list[str]:
@@ -184,6 +186,7 @@ async def describe_qemu(
                 pid, argv = qemu_argv(path)
                 machine = await runstate.query_machine(monitor)
                 devices = await block.query_block(monitor)
+                nodes = await block.query_named_block_nodes(monitor)
     except trio.TooSlowError as err:
         raise UsageError(
             f"the {name}'s monitor {path} did not answer within {monitor_timeout:g} s "
@@ -191,4 +194,11 @@ async def describe_qemu(
         ) from err
     except QMPError as err:
         raise UsageError(f"cannot ask the {name}: {err}") from err
-    return PeerQemu(pid=pid, argv=tuple(argv), cwd=read_cwd(pid), machine=machine, devices=devices)
+    return PeerQemu(
+        pid=pid,
+        argv=tuple(argv),
+        cwd=read_cwd(pid),
+        machine=machine,
+        devices=devices,
+        nodes=nodes,
+    )

@@ -40,6 +40,17 @@ class Heartbeat:
     acks: tuple[tuple[str, int], ...] = ()
 
 
+class _Empty(trio.abc.ReceiveStream):
+    """A stream with nothing in it (a console parsed from text reads none)."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        del max_bytes
+        return b""
+
+    async def aclose(self) -> None:
+        return None
+
+
 def _acks(text: str) -> tuple[tuple[str, int], ...]:
     return tuple((m[1], int(m[2])) for m in _ACK.finditer(text))
 
@@ -116,6 +127,17 @@ class SerialConsole:
                 f"{self.name}: the guest acknowledges {sorted(self.disk_acks)}, not {disk!r}"
             )
         return self.disk_acks[disk]
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> SerialConsole:
+        """A console read from the text it wrote (a QEMU detached from us logs its serial to a
+        file): every line taken as :meth:`run` would, nothing to wait for."""
+        console = cls(name, receive=_Empty())
+        for raw in text.encode().split(b"\n"):
+            if raw:
+                console._take(raw)
+        console.closed = True
+        return console
 
     def log_text(self) -> str:
         """The kept console lines, for diagnostics."""

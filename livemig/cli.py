@@ -53,13 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="livemig", description="Live-migrate a running QEMU guest.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    mig = sub.add_parser("migrate", help="migrate a guest between two running QEMUs")
+    mig = sub.add_parser("migrate", help="migrate a running guest to a target QEMU")
     mig.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
     mig.add_argument(
-        "--target-qmp",
-        required=True,
+        "--to",
+        choices=("local",),
+        help="launch the target on this host from the source's command line (the default "
+        "without --target-qmp)",
+    )
+    mig.add_argument(
+        "--target-dir",
         type=Path,
-        help="target QMP socket (started with the same devices, -S and -incoming defer)",
+        help="with --to local: the target's images, sockets and log (default: "
+        "WORK_DIR/target-RUN_ID)",
+    )
+    mig.add_argument(
+        "--target-qmp",
+        type=Path,
+        help="a target you started (same devices, -S and -incoming defer): its QMP socket",
     )
     mig.add_argument(
         "--storage",
@@ -344,15 +355,27 @@ def _read_trace(path: Path) -> tuple[list[str], str | None]:
 
 
 def _migrate_command(args: argparse.Namespace) -> int:
-    for what, path in (("source", args.source_qmp), ("target", args.target_qmp)):
+    local = args.target_qmp is None
+    if args.to is not None and not local:
+        raise UsageError("--to local launches the target: give it or --target-qmp, not both")
+    if args.target_dir is not None and not local:
+        raise UsageError("--target-dir is for --to local (a target you started has its own)")
+    sockets = [("source", args.source_qmp)] + ([] if local else [("target", args.target_qmp)])
+    for what, path in sockets:
         if not path.is_socket():
             raise UsageError(f"{what} QMP socket {path} does not exist or is not a socket")
+    import secrets  # noqa: PLC0415
+
     from livemig.fsm.plan import Plan  # noqa: PLC0415 - not needed for --help
 
     policy, deadlines = policy_from(args)
+    run_id = secrets.token_hex(4)
+    target_dir = (args.target_dir or args.work_dir / f"target-{run_id}").absolute()
     plan = Plan.create(
         source_qmp=args.source_qmp,
-        target_qmp=args.target_qmp,
+        # With --to local, where the launched target's socket will be (the source's name).
+        target_qmp=args.target_qmp or target_dir / args.source_qmp.name,
+        run_id=run_id,
         storage=args.storage,
         work_dir=args.work_dir,
         disks=args.disk,
@@ -361,7 +384,7 @@ def _migrate_command(args: argparse.Namespace) -> int:
         deadlines=deadlines,
         insecure=args.insecure,
     )
-    result = run_with_display(plan, as_json=args.json)
+    result = run_with_display(plan, as_json=args.json, target_dir=target_dir if local else None)
     return exit_code(result)
 
 
@@ -392,15 +415,18 @@ def _recover_command(args: argparse.Namespace) -> int:
     return max(codes, default=EXIT_OK)
 
 
-def run_with_display(plan: Plan, *, as_json: bool) -> MigrationResult:
-    """Run one migration under SIGINT/SIGTERM handling, showing it as the caller asked."""
+def run_with_display(
+    plan: Plan, *, as_json: bool, target_dir: Path | None = None
+) -> MigrationResult:
+    """Run one migration under SIGINT/SIGTERM handling, showing it as the caller asked; with
+    ``target_dir``, to a target launched there (``--to local``)."""
     import trio  # noqa: PLC0415 - not needed for --help
 
     from livemig._display import HumanDisplay, JsonLines  # noqa: PLC0415 - rich
 
     display: JsonLines | HumanDisplay = JsonLines() if as_json else HumanDisplay()
     with display:
-        result = trio.run(run_interruptible, plan, display)
+        result = trio.run(run_interruptible, plan, display, target_dir)
     show_result(display, result)
     return result
 
@@ -419,7 +445,9 @@ def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> N
             display.console.print(line)
 
 
-async def run_interruptible(plan: Plan, on_event: Callable[[Event], None]) -> MigrationResult:
+async def run_interruptible(
+    plan: Plan, on_event: Callable[[Event], None], target_dir: Path | None = None
+) -> MigrationResult:
     """Migrate; SIGINT or SIGTERM meanwhile makes it revert cleanly (the result says so)."""
     import trio  # noqa: PLC0415 - not needed for --help
 
@@ -428,7 +456,14 @@ async def run_interruptible(plan: Plan, on_event: Callable[[Event], None]) -> Mi
     interrupt = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, interrupt)
-        result = await migrate(plan, on_event=on_event, interrupt=interrupt)
+        if target_dir is None:
+            result = await migrate(plan, on_event=on_event, interrupt=interrupt)
+        else:
+            from livemig.local import migrate_to_local  # noqa: PLC0415
+
+            result = await migrate_to_local(
+                plan, target_dir=target_dir, on_event=on_event, interrupt=interrupt
+            )
         nursery.cancel_scope.cancel()
     return result
 

@@ -1,0 +1,172 @@
+"""``livemig migrate --source-qmp S`` with no target given: livemig launches the target from the
+source (``--to local``) and the realistic VM (q35, 2 vCPUs, 1 GiB, qcow2 root on a backing chain,
+raw data disk, CD-ROM, NIC, RNG, USB tablet) moves with every disk. Real QEMU, real guest: the
+guest goes on on the target, which outlives livemig, and every record the guest acknowledged on
+every disk is on the target's images; a revert leaves no target and no image behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from support.guest_fixtures import (  # noqa: F401  (guest_image_fixture provides "guest_image")
+    booted_realistic_vm,
+    guest_image_fixture,
+)
+from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
+
+from livemig.drivers import block, runstate
+from livemig.drivers.qmp import open_monitor
+from livemig.guest import GuestImage, Syntax, verify_disks
+from livemig.guest._console import SerialConsole
+
+pytestmark = pytest.mark.qemu
+
+LIVEMIG = [sys.executable, "-m", "livemig"]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, which this machine's init may leave, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@contextmanager
+def killed_at_end(pids: list[int]) -> Iterator[None]:
+    """The launched target is no child of ours: stop it whatever the test did."""
+    try:
+        yield
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def wait_heartbeats(log: Path, above: int) -> SerialConsole:
+    """The target's serial log, once the guest there acknowledged more than ``above``."""
+    while True:
+        console = SerialConsole.parse("target", log.read_text(errors="replace"))
+        if console.last_acked > above:
+            return console
+        await trio.sleep(0.1)
+
+
+@pytest.mark.parametrize(("syntax", "depth"), [("blockdev", 1), ("drive", 2)])
+async def test_a_realistic_vm_moves_to_a_target_livemig_launches(
+    guest_image: GuestImage, tmp_path: Path, aio_loop: object, syntax: Syntax, depth: int
+) -> None:
+    pids: list[int] = []
+    with killed_at_end(pids), trio.fail_after(150):
+        async with booted_realistic_vm(guest_image, tmp_path, syntax=syntax, depth=depth) as vm:
+            await vm.console.wait_heartbeat(5)
+            done = await trio.run_process(
+                [*LIVEMIG, "migrate", "--source-qmp", vm.spec.qmp_socket, "--json",
+                 "--work-dir", tmp_path / "work", "--target-dir", tmp_path / "target"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            out = done.stdout.decode() + done.stderr.decode()
+            assert done.returncode == 0, out
+            result = json.loads(done.stdout.splitlines()[-1])
+            target = result["target"]
+            pids.append(target["pid"])
+            assert result["outcome"] == "finalized", out
+            assert await vm.qemu.wait() == 0  # the source quit
+            source_acked = {d: vm.console.acked(d) for d in ("vda", "vdb")}
+        # livemig has exited and the source is gone: the target runs the guest on its own.
+        assert alive(target["pid"])
+        assert {d["name"]: d["storage"] for d in result["disks"]} == {
+            "vda": "non-shared",
+            "vdb": "non-shared",
+        }
+        async with open_monitor(Path(target["qmp"]), name="target") as m:
+            assert (await runstate.query_status(m)).running
+            assert await runstate.query_machine(m) == "pc-q35-10.0"
+            devices = {d.device_id: d for d in await block.query_block(m)}
+            assert devices["cd0"].filename == str(vm.images.iso)  # media are not copied
+            console = await wait_heartbeats(Path(target["serial"]), vm.console.last_acked + 5)
+            await m.execute("quit")
+        assert console.boot_ids == []  # the same boot went on: no reboot
+        assert all(console.acked(d) > source_acked[d] for d in ("vda", "vdb"))
+        while alive(target["pid"]):  # noqa: ASYNC110 - another process: no event to wait on
+            await trio.sleep(0.05)
+        copies = {Path(k): Path(v) for k, v in target["disks"].items()}
+        assert set(copies) == {vm.images.root, vm.images.data}
+        on_target = [
+            attrs.evolve(d, path=copies[d.path], fmt="qcow2" if d.name == "vda" else "raw")
+            for d in vm.images.disk_images()
+        ]
+        report = await verify_disks(
+            on_target, boot_id=vm.boot_id, acked=console.acked, scratch_dir=tmp_path
+        )
+        assert report.ok, report.problems()
+        assert report["vda"].fixed_checked == depth  # the chain's data, flattened into one image
+        data = copies[vm.images.data].stat()
+        assert data.st_blocks * 512 < data.st_size // 4  # the sparse data disk stayed sparse
+        assert not list((tmp_path / "work").glob("lm-*"))
+
+
+async def test_a_revert_removes_the_launched_target_and_keeps_every_write(
+    guest_image: GuestImage, tmp_path: Path, aio_loop: object
+) -> None:
+    """SIGINT while the disks are mirrored: the guest stays on the source with every write on
+    both disks (each overlay merged back), and the target livemig launched is gone with its
+    images."""
+    with trio.fail_after(150):
+        async with booted_realistic_vm(guest_image, tmp_path) as vm:
+            await vm.console.wait_heartbeat(5)
+            proc = await trio.lowlevel.open_process(
+                [*LIVEMIG, "migrate", "--source-qmp", str(vm.spec.qmp_socket), "--json",
+                 "--work-dir", str(tmp_path / "work"), "--target-dir", str(tmp_path / "target"),
+                 "--max-bandwidth", "1"],
+                stdout=-1,
+            )  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                lines: list[dict[str, Any]] = []
+                buffer = b""
+                while not any(e.get("state") == "state-transfer" for e in lines):
+                    chunk = await proc.stdout.receive_some()
+                    assert chunk, lines
+                    *complete, buffer = (buffer + chunk).split(b"\n")
+                    lines += [json.loads(c) for c in complete if c]
+                proc.send_signal(signal.SIGINT)
+                rest = b""
+                while chunk := await proc.stdout.receive_some():
+                    rest += chunk
+                assert await proc.wait() == 130
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            result = json.loads((buffer + rest).splitlines()[-1])
+            assert result["outcome"] == "reverted", result
+            assert "target" not in result
+            assert not (tmp_path / "target").exists()
+            async with open_monitor(vm.spec.qmp_socket, name="check") as m:
+                assert (await runstate.query_status(m)).running
+                nodes = {n.node_name for n in await block.query_named_block_nodes(m)}
+                assert not [n for n in nodes if n and n.startswith("lm-")]
+                vda = next(d for d in await block.query_block(m) if d.device_id == "vda")
+                assert vda.node_name == "root"  # back on its own image, not its backing file
+            await vm.console.wait_heartbeat(vm.console.last_acked + 5)
+            await vm.console.send_line("poweroff")
+            await vm.console.wait_poweroff()
+            assert await vm.qemu.wait() == 0
+        report = await verify_disks(
+            vm.images.disk_images(), boot_id=vm.boot_id, acked=vm.console.acked, slack=0,
+            scratch_dir=tmp_path,
+        )  # fmt: skip
+        assert report.ok, report.problems()
+        assert not list((tmp_path / "work").glob("lm-*"))

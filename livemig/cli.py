@@ -103,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_args(mig)
 
-    demo = sub.add_parser("demo", help="boot the test guest and migrate it to a second QEMU")
+    demo = sub.add_parser(
+        "demo", help="boot a realistic VM and migrate it to a target livemig launches"
+    )
     _storage_arg(demo, required=False)
     demo.add_argument("--dirty-mib-s", default="0", help="guest RAM dirtying rate, MiB/s or 'max'")
-    demo.add_argument("--memory-mib", type=int, default=512, help="guest RAM (default 512)")
+    demo.add_argument("--memory-mib", type=int, default=1024, help="guest RAM (default 1024)")
     demo.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="default tcg")
     demo.add_argument("--work-dir", type=Path, help="keep the run's files here (default: temp)")
     _common_args(demo)

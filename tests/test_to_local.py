@@ -170,3 +170,26 @@ async def test_a_revert_removes_the_launched_target_and_keeps_every_write(
         )  # fmt: skip
         assert report.ok, report.problems()
         assert not list((tmp_path / "work").glob("lm-*"))
+
+
+@pytest.mark.parametrize("storage", ["non-shared", "shared"])
+async def test_the_demo_moves_the_realistic_vm_and_checks_every_disk(
+    tmp_path: Path, storage: str
+) -> None:
+    done = await trio.run_process(
+        [*LIVEMIG, "demo", "--json", "--storage", storage, "--work-dir", str(tmp_path)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, out
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    result = next(e for e in events if e["event"] == "result")
+    verdict = next(e for e in events if e["event"] == "verdict")
+    assert result["outcome"] == "finalized"
+    assert {d["name"] for d in result["disks"]} == {"vda", "vdb"}
+    assert verdict["ok"], verdict
+    assert verdict["survivor"] == "target"
+    assert verdict["records_checked"]["vda"] > 0
+    assert verdict["records_checked"]["vdb"] > 0

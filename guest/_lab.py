@@ -23,10 +23,11 @@ from livemig.drivers.process import QemuProcess, VmSpec, find_qemu_processes, la
 from livemig.drivers.qmp import open_monitor
 from livemig.guest._build import GuestImage
 from livemig.guest._console import Heartbeat, SerialConsole
-from livemig.guest._records import RecordReport, verify_records
+from livemig.guest._realistic import RealisticImages, make_realistic_images, realistic_vm_spec
+from livemig.guest._records import DiskImage, RecordReport, verify_disks, verify_records
 from livemig.guest._spec import guest_vm_spec
 
-__all__ = ["Lab", "Storage", "Verdict", "migration_lab"]
+__all__ = ["Lab", "Storage", "Verdict", "migration_lab", "realistic_migration_lab"]
 
 Storage = Literal["shared", "non-shared"]
 
@@ -47,6 +48,15 @@ class Lab:
     #: Block nodes each side had before the migration (what a clean run leaves).
     source_nodes: frozenset[str] = frozenset()
     target_nodes: frozenset[str] = frozenset()
+    #: Every disk the guest writes, on each side, when it writes several (the realistic VM);
+    #: empty: the one raw disk ``source_disk``/``target_disk``.
+    source_disks: tuple[DiskImage, ...] = ()
+    target_disks: tuple[DiskImage, ...] = ()
+
+    @property
+    def copied_disks(self) -> int:
+        """How many disks a non-shared migration of this lab copies."""
+        return max(len(self.source_disks), 1) if self.storage == "non-shared" else 0
 
     @property
     def source_qmp(self) -> Path:
@@ -91,11 +101,21 @@ class Lab:
         with trio.fail_after(30):
             last_acked = await console.wait_poweroff()
             await survivor.wait()
-        records = await verify_records(disk, boot_id=self.boot_id, last_acked=last_acked, slack=0)
-        if not records.ok:
-            problems.append(
-                f"{records.missing_count} acknowledged records missing: {records.notes}"
+        disks = self.target_disks if expect == "target" else self.source_disks
+        if disks:
+            report = await verify_disks(
+                disks, boot_id=self.boot_id, acked=console.acked, slack=0, scratch_dir=self.work_dir
             )
+            problems += report.problems()
+            records = report.reports[0][1]
+        else:
+            records = await verify_records(
+                disk, boot_id=self.boot_id, last_acked=last_acked, slack=0
+            )
+            if not records.ok:
+                problems.append(
+                    f"{records.missing_count} acknowledged records missing: {records.notes}"
+                )
         problems += _files_left(self.work_dir)
         if pids := find_qemu_processes(self.work_dir):
             problems.append(f"QEMU processes left: {pids}")
@@ -216,6 +236,85 @@ async def migration_lab(
             )
             yield lab
         nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def realistic_migration_lab(
+    guest_image: GuestImage,
+    work_dir: Path,
+    *,
+    storage: Storage = "non-shared",
+    syntax: Literal["blockdev", "drive"] = "blockdev",
+    dirty_mib_s: int | Literal["max"] = 0,
+    warm_up_heartbeats: int = 5,
+) -> AsyncIterator[Lab]:
+    """:func:`migration_lab` for the realistic VM (q35, 2 vCPUs, 1 GiB, a qcow2 root on a
+    backing file, a raw data disk, a CD-ROM, a NIC, an RNG, a USB tablet): the target has its
+    own empty images of the same sizes (non-shared: a plain qcow2 root, a raw data disk; the
+    CD-ROM is the source's) or opens the source's (shared). The lab's disks are both writable
+    disks, checked on the survivor (a target's flat root must show the source's whole chain)."""
+    images = await make_realistic_images(work_dir / "source", depth=1)
+    target_images = images
+    if storage == "non-shared":
+        (work_dir / "target").mkdir()
+        target_images = attrs.evolve(
+            images,
+            root=work_dir / "target" / images.root.name,
+            backing=(),
+            data=work_dir / "target" / images.data.name,
+        )
+        await image.create(target_images.root, "qcow2", images.root_bytes)
+        data_bytes = (await trio.Path(images.data).stat()).st_size
+        await image.create(target_images.data, "raw", data_bytes)
+    spec = realistic_vm_spec(
+        guest_image,
+        images,
+        qmp_socket=work_dir / "source.qmp",
+        name="source",
+        syntax=syntax,
+        dirty_mib_s=dirty_mib_s,
+    )
+    target_spec = realistic_vm_spec(
+        guest_image,
+        target_images,
+        qmp_socket=work_dir / "target.qmp",
+        name="target",
+        syntax=syntax,
+        dirty_mib_s=dirty_mib_s,
+        incoming=True,
+    )
+    async with (
+        launched(spec, work_dir=work_dir) as source,
+        trio.open_nursery() as nursery,
+    ):
+        source_console = SerialConsole.of(source)
+        nursery.start_soon(source_console.run)
+        boot_id = await source_console.wait_boot()
+        async with launched(target_spec, work_dir=work_dir) as target:
+            target_console = SerialConsole.of(target)
+            nursery.start_soon(target_console.run)
+            for _ in range(warm_up_heartbeats):
+                await source_console.wait_heartbeat()
+            yield Lab(
+                work_dir=work_dir,
+                storage=storage,
+                source=source,
+                target=target,
+                source_console=source_console,
+                target_console=target_console,
+                source_disk=images.root,
+                target_disk=target_images.root,
+                boot_id=boot_id,
+                source_nodes=await _node_names(source),
+                target_nodes=await _node_names(target),
+                source_disks=images.disk_images(),
+                target_disks=_markers_of(target_images, images),
+            )
+        nursery.cancel_scope.cancel()
+
+
+def _markers_of(images: RealisticImages, source: RealisticImages) -> tuple[DiskImage, ...]:
+    return images.disk_images(markers_from=source)
 
 
 def _target_spec(spec: VmSpec, disk: Path, work_dir: Path) -> VmSpec:

@@ -48,3 +48,34 @@ async def test_fault_case(
     assert report.fired, f"the fault never struck: {report}"
     assert report.outcome in report.expected, report
     assert not report.problems, report.problems
+
+
+#: The cases the realistic VM runs too (two writable disks, a qcow2 root on a backing file, a
+#: CD-ROM, a NIC, …): every disk's overlay, mirror and export under the fault; a ``cut-nbd``
+#: tears down the second disk's export.
+REALISTIC = (
+    "non-shared/snapshotted/kill-target",
+    "non-shared/mirroring/kill-target",
+    "non-shared/mirroring/cut-nbd",
+    "non-shared/state-transfer/cut-nbd",
+    "non-shared/state-transfer/cancel",
+    "non-shared/pre-switchover/cancel",
+    "non-shared/mirroring/crash",
+    "non-shared/pre-switchover/crash",
+    "shared/state-transfer/cancel",
+)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in REALISTIC], ids=lambda c: c.name)
+async def test_fault_case_on_the_realistic_vm(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path, case: Case
+) -> None:
+    with trio.fail_after(150):
+        report = await run_case(guest_image, tmp_path, case, vm="realistic")
+    assert report.fired, f"the fault never struck: {report}"
+    assert report.outcome in report.expected, report
+    assert not report.problems, report.problems
+
+
+def test_the_realistic_cases_exist() -> None:
+    assert {c.name for c in CASES} >= set(REALISTIC)

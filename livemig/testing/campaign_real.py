@@ -34,7 +34,7 @@ from livemig.fsm.plan import Deadlines, Plan
 from livemig.fsm.runner import connect_monitor, migrate
 from livemig.fsm.undo import Side
 from livemig.guest import GuestImage, ensure_built
-from livemig.guest._lab import Lab, migration_lab
+from livemig.guest._lab import Lab, migration_lab, realistic_migration_lab
 from livemig.testing import cases as fault_cases
 from livemig.testing.cases import FAULT_STATES, STORAGES, Case, outcome_names
 from livemig.testing.faults import FaultInjector, FaultKind, FaultPlan
@@ -160,13 +160,29 @@ class CaseReport:
         return out
 
 
-async def run_case(image: GuestImage, work_dir: Path, case: Case, *, seed: int = 0) -> CaseReport:
+#: Which VM a case runs on: the one-disk test guest, or the realistic VM (two writable disks,
+#: a qcow2 root on a backing file, a CD-ROM, a NIC, …), whose every disk is checked.
+VmKind = Literal["test", "realistic"]
+
+
+def _lab(
+    image: GuestImage, work_dir: Path, case: Case, vm: VmKind
+) -> contextlib.AbstractAsyncContextManager[Lab]:
+    if vm == "realistic":
+        return realistic_migration_lab(image, work_dir, storage=case.storage.value, dirty_mib_s=20)
+    return migration_lab(image, work_dir, storage=case.storage.value, dirty_mib_s=20)
+
+
+async def run_case(
+    image: GuestImage, work_dir: Path, case: Case, *, seed: int = 0, vm: VmKind = "test"
+) -> CaseReport:
     """Run one case on a fresh guest in ``work_dir`` and check every invariant.
 
-    Needs a trio-asyncio loop (for QMP).
+    A ``cut-nbd`` tears down the export of the last copied disk (the realistic VM's data disk:
+    the second mirror). Needs a trio-asyncio loop (for QMP).
     """
     started = trio.current_time()
-    async with migration_lab(image, work_dir, storage=case.storage.value, dirty_mib_s=20) as lab:
+    async with _lab(image, work_dir, case, vm) as lab:
         if case.kind is FaultKind.CRASH:
             result, fired = await _crash_and_recover(lab, work_dir, case)
         elif case.kind is FaultKind.DISK_FULL:
@@ -212,7 +228,8 @@ async def _inject(lab: Lab, work_dir: Path, case: Case, seed: int) -> tuple[Migr
 
     async def cut_nbd() -> None:
         # Tear the export down under the mirror: QEMU drops every NBD connection to it.
-        await monitors["target"].execute("block-export-del", {"id": plan.export_id, "mode": "hard"})
+        export = plan.names(lab.copied_disks - 1).export_id
+        await monitors["target"].execute("block-export-del", {"id": export, "mode": "hard"})
 
     faults = FaultPlan((case.fault,), seed)
     injector = FaultInjector(faults, kill=kill, cut_nbd=cut_nbd)

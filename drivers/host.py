@@ -6,6 +6,7 @@ host that fails on purpose (a full disk, an uncreatable overlay) or one backed b
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +31,8 @@ class Host(Protocol):
         """Copy a frozen image into an NBD export, sending no zeros."""
 
     async def remove(self, path: Path) -> None:
-        """Remove a file; a missing one is fine."""
+        """Remove a file, or an empty directory; a missing one is fine (and a directory that
+        is not empty is left: it holds what livemig did not make)."""
 
 
 class LocalHost:
@@ -53,4 +55,9 @@ class LocalHost:
         await image.copy_to_nbd(source, fmt, nbd_socket, export, target_is_zero=target_is_zero)
 
     async def remove(self, path: Path) -> None:
-        await trio.Path(path).unlink(missing_ok=True)
+        target = trio.Path(path)
+        if await target.is_dir():
+            with contextlib.suppress(OSError):
+                await target.rmdir()
+            return
+        await target.unlink(missing_ok=True)

@@ -210,6 +210,9 @@ class Plan:
     :param run_id: makes every node, job and file name of this run unique.
     :param migrate_uri: where the target listens for the RAM stream.
     :param nbd: where the target serves its disk for the mirror (non-shared only).
+    :param target_files: what livemig made for a target it launched (``--to local``: its
+        directory first, then its log, sockets and images): removed in the reverse order, once
+        the target is quit, when the run reverts — by ``livemig recover`` too, after a crash.
     """
 
     source_qmp: UnixEndpoint
@@ -224,6 +227,7 @@ class Plan:
     )
     policy: Policy = Policy()
     deadlines: Deadlines = Deadlines()
+    target_files: tuple[Path, ...] = attrs.field(default=(), converter=tuple[Path, ...])
     #: Random part of the NBD export's name: only the mirror and the base copy, which are told
     #: it, can find the disk on the target's NBD server.
     export_token: str = attrs.field(factory=lambda: secrets.token_hex(8), eq=False)

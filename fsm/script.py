@@ -163,7 +163,13 @@ def connect(ctx: Context) -> Script:
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
     # was touched, and a failed precheck leaves both QEMUs exactly as they were.
-    yield PushUndo((UndoStep(UndoKind.RESUME_GUEST, SOURCE), UndoStep(UndoKind.QUIT, TARGET)))
+    # A target livemig launched goes with its files, once quit (the directory last).
+    files = tuple(
+        UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(p)}) for p in ctx.plan.target_files
+    )
+    yield PushUndo(
+        (UndoStep(UndoKind.RESUME_GUEST, SOURCE), *files, UndoStep(UndoKind.QUIT, TARGET))
+    )
 
 
 #: Everything the prechecks read of one QEMU (read-only queries), by :class:`QemuView` field.

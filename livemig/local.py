@@ -106,7 +106,12 @@ async def migrate_to_local(
         if isinstance(err, UsageError):
             raise
         return _launch_failed(err)
-    plan = attrs.evolve(plan, target_qmp=UnixEndpoint(target.qmp))
+    made = (target.directory,) if target.created_dir else ()
+    plan = attrs.evolve(
+        plan,
+        target_qmp=UnixEndpoint(target.qmp),
+        target_files=(*made, *target.files, *target.disks.values()),
+    )
     try:
         result = await migrate(plan, on_event=on_event, interrupt=interrupt)
     except BaseException:

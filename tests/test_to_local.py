@@ -25,9 +25,11 @@ from support.guest_fixtures import (  # noqa: F401  (guest_image_fixture provide
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
 
 from livemig.drivers import block, runstate
+from livemig.drivers.process import find_qemu_processes
 from livemig.drivers.qmp import open_monitor
 from livemig.guest import GuestImage, Syntax, verify_disks
 from livemig.guest._console import SerialConsole
+from livemig.testing.campaign_real import kill_on_state
 
 pytestmark = pytest.mark.qemu
 
@@ -193,3 +195,48 @@ async def test_the_demo_moves_the_realistic_vm_and_checks_every_disk(
     assert verdict["survivor"] == "target"
     assert verdict["records_checked"]["vda"] > 0
     assert verdict["records_checked"]["vdb"] > 0
+
+
+async def test_a_crashed_run_is_recovered_and_the_launched_target_removed(
+    guest_image: GuestImage, tmp_path: Path, aio_loop: object
+) -> None:
+    """livemig SIGKILLed while the disks are mirrored to the target it launched: ``livemig
+    recover`` quits that target, removes its images and directory (they are in the journal's
+    undo steps), merges both overlays back and the guest goes on on the source."""
+    target_dir = tmp_path / "target"
+    with trio.fail_after(150):
+        async with booted_realistic_vm(guest_image, tmp_path) as vm:
+            await vm.console.wait_heartbeat(5)
+            proc = await trio.lowlevel.open_process(
+                [*LIVEMIG, "migrate", "--source-qmp", str(vm.spec.qmp_socket), "--json",
+                 "--work-dir", str(tmp_path / "work"), "--target-dir", str(target_dir)],
+                stdout=-1,
+            )  # fmt: skip
+            try:
+                assert await kill_on_state(proc, "mirroring")
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+            assert any(target_dir.iterdir())  # the launched target and its images are there
+            done = await trio.run_process(
+                [*LIVEMIG, "recover", "--work-dir", tmp_path / "work", "--json"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert done.returncode == 3, done.stdout.decode() + done.stderr.decode()
+            assert not target_dir.exists()
+            assert not find_qemu_processes(target_dir)
+            async with open_monitor(vm.spec.qmp_socket, name="check") as m:
+                assert (await runstate.query_status(m)).running
+                nodes = {n.node_name for n in await block.query_named_block_nodes(m)}
+                assert not [n for n in nodes if n and n.startswith("lm-")]
+            await vm.console.wait_heartbeat(vm.console.last_acked + 5)
+            await vm.console.send_line("poweroff")
+            await vm.console.wait_poweroff()
+            assert await vm.qemu.wait() == 0
+        report = await verify_disks(
+            vm.images.disk_images(), boot_id=vm.boot_id, acked=vm.console.acked, slack=0,
+            scratch_dir=tmp_path,
+        )  # fmt: skip
+        assert report.ok, report.problems()
+        assert not list((tmp_path / "work").glob("lm-*"))

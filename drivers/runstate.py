@@ -13,10 +13,12 @@ from livemig.drivers.qapi import Monitor, member, query
 from livemig.drivers.status import RunState
 
 __all__ = [
+    "GuestDevice",
     "QemuVersion",
     "RunState",
     "RunStatus",
     "cont",
+    "query_devices",
     "query_machine",
     "query_memory_size_summary",
     "query_status",
@@ -117,3 +119,43 @@ async def query_machine(monitor: Monitor) -> str:
     (``pc-q35-10.0-machine``) without its ``-machine`` suffix.
     """
     return await query(monitor, "qom-get", _machine_type, {"path": "/machine", "property": "type"})
+
+
+@attrs.frozen
+class GuestDevice:
+    """A device plugged into the machine (a child of ``/machine/peripheral``: given an id on the
+    command line; of ``/machine/peripheral-anon``: none, named ``device[N]`` by QEMU)."""
+
+    name: str
+    type: str
+    anonymous: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.type} (no id)" if self.anonymous else f"{self.name} ({self.type})"
+
+
+def _children(reply: Any, *, anonymous: bool) -> tuple[GuestDevice, ...]:
+    out = []
+    for entry in reply:
+        kind = member(entry, "type", str)
+        if kind.startswith("child<") and kind.endswith(">"):
+            out.append(GuestDevice(member(entry, "name", str), kind[6:-1], anonymous))
+    return tuple(out)
+
+
+async def query_devices(monitor: Monitor) -> tuple[GuestDevice, ...]:
+    """The devices plugged into the machine, with an id and without (``qom-list``): what a
+    migration target must have too, or the stream cannot load."""
+    named = await query(
+        monitor,
+        "qom-list",
+        lambda r: _children(r, anonymous=False),
+        {"path": "/machine/peripheral"},
+    )
+    anonymous = await query(
+        monitor,
+        "qom-list",
+        lambda r: _children(r, anonymous=True),
+        {"path": "/machine/peripheral-anon"},
+    )
+    return named + anonymous

@@ -11,6 +11,7 @@ order an operator would fix them.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -18,7 +19,7 @@ import attrs
 from livemig.drivers.block import BlockDevice, BlockNode
 from livemig.drivers.jobs import JobInfo
 from livemig.drivers.migration import MigrationStats
-from livemig.drivers.runstate import QemuVersion, RunStatus
+from livemig.drivers.runstate import GuestDevice, QemuVersion, RunStatus
 from livemig.drivers.status import RunState
 from livemig.fsm.machine import StorageChoice, StorageMode
 from livemig.fsm.plan import DiskNames, Plan
@@ -55,6 +56,8 @@ class QemuView:
     nodes: tuple[BlockNode, ...]
     disks: tuple[BlockDevice, ...]
     capabilities: Mapping[str, bool]
+    #: Its machine's devices (``qom-list``); empty when not asked.
+    devices: tuple[GuestDevice, ...] = ()
 
     def node(self, name: str) -> BlockNode | None:
         return next((n for n in self.nodes if n.node_name == name), None)
@@ -163,6 +166,24 @@ def _check_guests(source: QemuView, target: QemuView) -> None:
             raise PrecheckError(f"the {side} QEMU cannot migrate this guest: {'; '.join(blocked)}")
     if source.jobs:
         raise PrecheckError("the source has block jobs running; wait for them to end")
+    _check_devices(source, target)
+
+
+def _check_devices(source: QemuView, target: QemuView) -> None:
+    """The target must have every device the source has (by id and type; the ones without an
+    id, by type and count): the migration stream holds each one's state, and a target without
+    it fails to load it, after the whole RAM was sent."""
+    there = {(d.name, d.type) for d in target.devices if not d.anonymous}
+    missing = [str(d) for d in source.devices if not d.anonymous and (d.name, d.type) not in there]
+    anonymous = Counter(d.type for d in target.devices if d.anonymous)
+    for kind, count in Counter(d.type for d in source.devices if d.anonymous).items():
+        if (short := count - anonymous[kind]) > 0:
+            missing.append(f"{short} x {kind} (no id)")
+    if missing:
+        raise PrecheckError(
+            f"the target lacks devices the source has: {', '.join(missing)}; start it with the "
+            "same devices"
+        )
 
 
 def _disk_name(disk: BlockDevice) -> str:

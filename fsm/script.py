@@ -183,6 +183,7 @@ _VIEW: tuple[tuple[str, Operation], ...] = (
     ("nodes", block.query_named_block_nodes),
     ("disks", block.query_block),
     ("capabilities", migration.query_capabilities),
+    ("devices", runstate.query_devices),
 )
 
 

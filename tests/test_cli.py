@@ -118,12 +118,14 @@ async def pair(
     data_disk: bool | None = None,
     target_data: Literal["same", "own", "none", "small"] = "same",
     source_blocker: bool = False,
+    source_device: bool = False,
 ) -> AsyncIterator[tuple[QemuProcess, QemuProcess]]:
     """Two QEMUs; ``data_disk`` gives both a second disk ``vdb`` (``True``: writable), which
     the target opens as the same file (``target_data="same"``), as its own empty image of the
     same size (``"own"``) or a smaller one (``"small"``), or lacks (``"none"``);
     ``source_blocker`` gives the source a device QEMU cannot migrate (a read-write vvfat
-    drive: QEMU lists it in ``query-migrate``'s ``blocked-reasons``)."""
+    drive: QEMU lists it in ``query-migrate``'s ``blocked-reasons``); ``source_device`` gives
+    the source a device the target lacks (a virtio-rng-pci ``rng0``)."""
     src_disk, dst_disk = tmp / "src.raw", tmp / ("src.raw" if shared else "dst.raw")
     await image.create(src_disk, "raw", 8 << 20)
     if not shared:
@@ -137,6 +139,8 @@ async def pair(
             "-device", "virtio-blk-pci,drive=vv0",
         )  # fmt: skip
     target_extra: tuple[DiskSpec, ...] = ()
+    if source_device:
+        blocker += ("-device", "virtio-rng-pci,id=rng0")
     if data_disk is not None:
         await image.create(tmp / "data.raw", "raw", 4 << 20)
         with (tmp / "data.raw").open("r+b") as f:
@@ -214,11 +218,18 @@ async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
             "the source QEMU cannot migrate this guest: ",
             "inmigrate",
         ),
+        # Every device the source has must be on the target.
+        (
+            {"source_device": True},
+            "non-shared",
+            "the target lacks devices the source has: rng0 (virtio-rng-pci)",
+            "inmigrate",
+        ),
         # Every disk the source has must be on the target, of the same size.
         (
             {"data_disk": True, "target_data": "none"},
             "non-shared",
-            "the target has no disk for /machine/peripheral/vdb/virtio-backend",
+            "the target lacks devices the source has: vdb (virtio-blk-pci)",
             "inmigrate",
         ),
         (
@@ -230,7 +241,7 @@ async def cli(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
         (
             {"data_disk": False, "target_data": "none"},
             "non-shared",
-            "the target has no disk for /machine/peripheral/vdb/virtio-backend",
+            "the target lacks devices the source has: vdb (virtio-blk-pci)",
             "inmigrate",
         ),
     ],

@@ -15,7 +15,7 @@ from support.views import DST, SRC, MiB, disk, node, view
 from livemig.drivers.block import BlockDevice
 from livemig.drivers.jobs import JobInfo
 from livemig.drivers.migration import MigrationStats
-from livemig.drivers.runstate import QemuVersion, RunStatus
+from livemig.drivers.runstate import GuestDevice, QemuVersion, RunStatus
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
 from livemig.fsm.machine import StorageMode
 from livemig.fsm.plan import Plan
@@ -255,3 +255,21 @@ def test_a_drive_disk_is_found_by_drive_or_device_id_on_each_side(name: str) -> 
         same_file=same_name,
     ).disks
     assert (root.source_node, root.target_node) == ("#block141", "#block308")
+
+
+def test_a_target_without_a_device_the_source_has_is_refused() -> None:
+    nic, rng = (
+        GuestDevice("nic0", "virtio-net-pci"),
+        GuestDevice("device[0]", "virtio-rng-pci", True),
+    )
+    source = attrs.evolve(SRC, devices=(nic, rng))
+    assert precheck(plan(), source, attrs.evolve(DST, devices=(nic, rng)), same_file=same_name)
+    with pytest.raises(
+        PrecheckError, match=re.escape("lacks devices the source has: nic0 (virtio-net-pci)")
+    ):
+        precheck(plan(), source, attrs.evolve(DST, devices=(rng,)), same_file=same_name)
+    with pytest.raises(PrecheckError, match=re.escape("1 x virtio-rng-pci (no id)")):
+        precheck(plan(), source, attrs.evolve(DST, devices=(nic,)), same_file=same_name)
+    renamed = GuestDevice("nic0", "e1000e")
+    with pytest.raises(PrecheckError, match=re.escape("nic0 (virtio-net-pci)")):
+        precheck(plan(), source, attrs.evolve(DST, devices=(renamed, rng)), same_file=same_name)

@@ -172,4 +172,4 @@ def _agreement(
 
 def reads_only(command: str) -> bool:
     """Whether a QMP command only reads (the prechecks ask nothing else)."""
-    return command.startswith("query-") or command == "qom-get"
+    return command.startswith("query-") or command in ("qom-get", "qom-list")

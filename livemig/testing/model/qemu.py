@@ -219,6 +219,7 @@ def _qom_get(qemu: FakeQemu, args: Mapping[str, Any]) -> str:
 
 _COMMANDS: Mapping[str, Callable[[FakeQemu, Mapping[str, Any]], Any]] = {
     "qom-get": _qom_get,
+    "qom-list": lambda qemu, args: [],
     "query-status": _query_status,
     "cont": _cont,
     "stop": _stop,

@@ -240,8 +240,8 @@ def _check_disks(plan: Plan, source: QemuView, target: QemuView, same_file: Same
                 f"{label!r} ({disk.filename})"
             )
         if plan.disks and named is None:
+            # Left out: it must be shared, and then it moves as a shared disk (reported so).
             _check_left_out(plan, disk, there, same_file)
-            continue
         moved.append(
             _check_disk(plan, label, disk, there, source=source, target=target, same_file=same_file)
         )

@@ -209,7 +209,7 @@ def test_a_disk_left_out_must_be_shared(storage: str, data_there: str, message: 
     target = attrs.evolve(DST, **two_disks("/dst.raw", data_there))
     if message is None:
         verdict = precheck(plan(storage, disks=("vda",)), source, target, same_file=same_name)
-        assert [d.name for d in verdict.disks] == ["vda"]
+        assert [(d.name, d.copied) for d in verdict.disks] == [("vda", True), ("vdb", False)]
         return
     with pytest.raises(PrecheckError, match=re.escape(message)):
         precheck(plan(storage, disks=("vda",)), source, target, same_file=same_name)

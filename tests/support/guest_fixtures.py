@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -133,9 +133,11 @@ async def booted_realistic_vm(
     syntax: Syntax = "blockdev",
     depth: int = 1,
     dirty_mib_s: int | Literal["max"] = 0,
+    extra_args: Sequence[str] = (),
 ) -> AsyncIterator[RunningRealisticVm]:
     """Create a realistic VM's images in ``work_dir`` (file names start with ``name-``), boot
-    it and wait for its boot id.
+    it and wait for its boot id. ``extra_args`` go last on its command line (e.g. a device
+    QEMU cannot migrate).
 
     As :func:`booted_guest`: the console is read for the whole block, QEMU is stopped on the way
     out. Booting under TCG takes about 4 s.
@@ -148,6 +150,7 @@ async def booted_realistic_vm(
         name=name,
         syntax=syntax,
         dirty_mib_s=dirty_mib_s,
+        extra_args=extra_args,
     )
     async with launched(spec, work_dir=work_dir) as qemu, trio.open_nursery() as nursery:
         console = SerialConsole.of(qemu)

@@ -66,6 +66,7 @@ from livemig.drivers.cmdline import (
 )
 from livemig.drivers.image import ImageFormat
 from livemig.drivers.peer import MONITOR_TIMEOUT, PeerQemu, describe_qemu
+from livemig.drivers.process import qmp_answers
 from livemig.transports.errors import ProcessError, UsageError
 
 __all__ = [
@@ -88,7 +89,6 @@ _KILL_TIMEOUT = 5.0  # seconds for a process to be gone after SIGKILL (or the st
 _POLL_INTERVAL = 0.02  # seconds between looks at the target's QMP socket
 _SUN_PATH_MAX = 107  # bytes of a unix socket's path (sun_path[108], with its NUL)
 _TAIL_BYTES = 4096
-_GREETING_MAX = 64 * 1024
 _LOG_NAME = "qemu.log"
 #: Run as ``python -I -S -c STARTER ARGV…`` with stdin and stdout pipes to livemig and stderr on
 #: the log: forks and execs ARGV as ``subprocess`` would (stdin ``/dev/null``, stdout on the log,
@@ -655,35 +655,8 @@ async def _reap(starter: subprocess.Popen[bytes]) -> None:
 async def _wait_ready(pidfd: int, qmp: Path) -> bool:
     """Whether QEMU's monitor answered before QEMU (``pidfd``) exited."""
     while True:
-        if await _monitor_answers(qmp):
+        if await qmp_answers(qmp):
             return True
         with trio.move_on_after(_POLL_INTERVAL):
             await trio.lowlevel.wait_readable(pidfd)
-            return False
-
-
-async def _receive_line(stream: trio.SocketStream) -> bytes:
-    received = b""
-    while b"\n" not in received and len(received) < _GREETING_MAX:
-        chunk = await stream.receive_some()
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
-async def _monitor_answers(path: Path) -> bool:
-    """Whether the monitor on ``path`` greets and answers ``qmp_capabilities`` (then it has
-    left start-up: commands are dispatched by QEMU's main loop)."""
-    try:
-        stream = await trio.open_unix_socket(os.fspath(path))
-    except OSError:
-        return False
-    async with stream:
-        try:
-            if b'"QMP"' not in await _receive_line(stream):
-                return False
-            await stream.send_all(b'{"execute": "qmp_capabilities"}\n')
-            return b'"return"' in await _receive_line(stream)
-        except trio.BrokenResourceError:
             return False

@@ -36,6 +36,7 @@ __all__ = [
     "find_qemu_processes",
     "launch",
     "launched",
+    "qmp_answers",
 ]
 
 DEFAULT_QEMU = "qemu-system-x86_64"
@@ -405,7 +406,7 @@ async def _receive_line(stream: trio.SocketStream) -> bytes:
     return received
 
 
-async def _qmp_answers(path: Path) -> bool:
+async def qmp_answers(path: Path) -> bool:
     """Whether QEMU's monitor on ``path`` greets and answers ``qmp_capabilities``.
 
     A listening socket, or even the greeting, is not enough: QEMU 10 serves QMP from an I/O
@@ -490,7 +491,7 @@ async def _wait_qmp_ready(qemu: QemuProcess) -> None:
                 returncode=qemu.returncode,
                 stderr_tail=qemu.stderr_tail(),
             )
-        if await _qmp_answers(qemu.spec.qmp_socket):
+        if await qmp_answers(qemu.spec.qmp_socket):
             return
         await trio.sleep(_QMP_POLL_INTERVAL)
 

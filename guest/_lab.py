@@ -13,7 +13,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -209,6 +209,22 @@ async def migration_lab(
         dirty_buf_mib=dirty_buf_mib,
     )
     target_spec = _target_spec(spec, target_disk, work_dir)
+    async with _running_pair(spec, target_spec, work_dir, warm_up_heartbeats) as pair:
+        yield Lab(
+            work_dir=work_dir,
+            storage=storage,
+            **pair,
+            source_disk=source_disk,
+            target_disk=target_disk,
+        )
+
+
+@contextlib.asynccontextmanager
+async def _running_pair(
+    spec: VmSpec, target_spec: VmSpec, work_dir: Path, warm_up_heartbeats: int
+) -> AsyncIterator[dict[str, Any]]:
+    """Boot the source, start the target, read both consoles, and warm the guest up: the
+    lab's fields that are the same for every guest."""
     async with (
         launched(spec, work_dir=work_dir) as source,
         trio.open_nursery() as nursery,
@@ -221,20 +237,15 @@ async def migration_lab(
             nursery.start_soon(target_console.run)
             for _ in range(warm_up_heartbeats):
                 await source_console.wait_heartbeat()
-            lab = Lab(
-                work_dir=work_dir,
-                storage=storage,
-                source=source,
-                target=target,
-                source_console=source_console,
-                target_console=target_console,
-                source_disk=source_disk,
-                target_disk=target_disk,
-                boot_id=boot_id,
-                source_nodes=await _node_names(source),
-                target_nodes=await _node_names(target),
-            )
-            yield lab
+            yield {
+                "source": source,
+                "target": target,
+                "source_console": source_console,
+                "target_console": target_console,
+                "boot_id": boot_id,
+                "source_nodes": await _node_names(source),
+                "target_nodes": await _node_names(target),
+            }
         nursery.cancel_scope.cancel()
 
 
@@ -283,34 +294,16 @@ async def realistic_migration_lab(
         dirty_mib_s=dirty_mib_s,
         incoming=True,
     )
-    async with (
-        launched(spec, work_dir=work_dir) as source,
-        trio.open_nursery() as nursery,
-    ):
-        source_console = SerialConsole.of(source)
-        nursery.start_soon(source_console.run)
-        boot_id = await source_console.wait_boot()
-        async with launched(target_spec, work_dir=work_dir) as target:
-            target_console = SerialConsole.of(target)
-            nursery.start_soon(target_console.run)
-            for _ in range(warm_up_heartbeats):
-                await source_console.wait_heartbeat()
-            yield Lab(
-                work_dir=work_dir,
-                storage=storage,
-                source=source,
-                target=target,
-                source_console=source_console,
-                target_console=target_console,
-                source_disk=images.root,
-                target_disk=target_images.root,
-                boot_id=boot_id,
-                source_nodes=await _node_names(source),
-                target_nodes=await _node_names(target),
-                source_disks=images.disk_images(),
-                target_disks=_markers_of(target_images, images),
-            )
-        nursery.cancel_scope.cancel()
+    async with _running_pair(spec, target_spec, work_dir, warm_up_heartbeats) as pair:
+        yield Lab(
+            work_dir=work_dir,
+            storage=storage,
+            **pair,
+            source_disk=images.root,
+            target_disk=target_images.root,
+            source_disks=images.disk_images(),
+            target_disks=_markers_of(target_images, images),
+        )
 
 
 def _markers_of(images: RealisticImages, source: RealisticImages) -> tuple[DiskImage, ...]:

@@ -12,11 +12,6 @@ that disk ends on.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +23,7 @@ from support.guest_fixtures import (  # noqa: F401  (guest_image_fixture provide
     booted_realistic_vm,
     guest_image_fixture,
 )
+from support.launched_targets import LIVEMIG, alive, killed_at_end, wait_exit, wait_heartbeats
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
 
 from livemig.drivers import block, image, jobs, migration, runstate
@@ -36,51 +32,14 @@ from livemig.drivers.qmp import open_monitor
 from livemig.fsm.events import Event, Outcome, StateEntered
 from livemig.fsm.plan import Plan
 from livemig.guest import GuestImage, verify_disks
-from livemig.guest._console import SerialConsole
 from livemig.local import migrate_to_local
 
 pytestmark = pytest.mark.qemu
-
-LIVEMIG = [sys.executable, "-m", "livemig"]
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, which this machine's init may leave, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-@contextmanager
-def killed_at_end(pids: list[int]) -> Iterator[None]:
-    """A launched target is no child of ours: stop it whatever the test did."""
-    try:
-        yield
-    finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def gone(target_dir: Path) -> bool:
     """The launched target left nothing: its directory is absent or empty."""
     return not target_dir.exists() or not any(target_dir.iterdir())
-
-
-async def wait_heartbeats(log: Path, above: int) -> SerialConsole:
-    """The target's serial log, once the guest there acknowledged more than ``above``."""
-    while True:
-        console = SerialConsole.parse("target", log.read_text(errors="replace"))
-        if console.last_acked > above:
-            return console
-        await trio.sleep(0.1)
-
-
-async def wait_exit(pid: int) -> None:
-    while alive(pid):  # noqa: ASYNC110 - another process: no event to wait on
-        await trio.sleep(0.05)
 
 
 async def cli(*args: str | Path) -> tuple[int, dict[str, Any], str]:

@@ -7,11 +7,7 @@ every disk is on the target's images; a revert leaves no target and no image beh
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,47 +18,16 @@ from support.guest_fixtures import (  # noqa: F401  (guest_image_fixture provide
     booted_realistic_vm,
     guest_image_fixture,
 )
+from support.launched_targets import LIVEMIG, alive, killed_at_end, wait_heartbeats
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
 
 from livemig.drivers import block, runstate
 from livemig.drivers.process import find_qemu_processes
 from livemig.drivers.qmp import open_monitor
 from livemig.guest import GuestImage, Syntax, verify_disks
-from livemig.guest._console import SerialConsole
 from livemig.testing.campaign_real import kill_on_state
 
 pytestmark = pytest.mark.qemu
-
-LIVEMIG = [sys.executable, "-m", "livemig"]
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, which this machine's init may leave, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-@contextmanager
-def killed_at_end(pids: list[int]) -> Iterator[None]:
-    """The launched target is no child of ours: stop it whatever the test did."""
-    try:
-        yield
-    finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-async def wait_heartbeats(log: Path, above: int) -> SerialConsole:
-    """The target's serial log, once the guest there acknowledged more than ``above``."""
-    while True:
-        console = SerialConsole.parse("target", log.read_text(errors="replace"))
-        if console.last_acked > above:
-            return console
-        await trio.sleep(0.1)
 
 
 @pytest.mark.parametrize(("syntax", "depth"), [("blockdev", 1), ("drive", 2)])

@@ -299,9 +299,29 @@ def _check_disk(
         base_image=(src.filename, src.driver),
         base_size=src.virtual_size,
         target_image=dst.filename,
-        base_allocated=src.allocated_bytes,
+        base_allocated=_chain_allocated(source, src),
         target_allocated=dst.allocated_bytes,
     )
+
+
+def _chain_allocated(view: QemuView, top: BlockNode) -> int | None:
+    """Bytes the image ``top`` and its backing chain take on the host (what the base copy
+    reads, flattened); ``None`` when QEMU does not tell for one of them."""
+    total, node, seen = 0, top, set()
+    while True:
+        if node.allocated_bytes is None:
+            return None
+        total += node.allocated_bytes
+        if node.backing_file is None or node.backing_file in seen:
+            return total
+        seen.add(node.backing_file)
+        below = next(
+            (n for n in view.nodes if n.filename == node.backing_file and n.driver != "file"),
+            None,
+        )
+        if below is None:
+            return total
+        node = below
 
 
 def _check_left_out(plan: Plan, disk: BlockDevice, there: BlockDevice, same_file: SameFile) -> None:

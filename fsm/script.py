@@ -409,7 +409,12 @@ def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> Script:
     yield OnHost(
         "copy_to_nbd",
         (Path(filename), base_format, nbd_socket, disk.created().export_name),
-        {"target_is_zero": disk.target_allocated == 0},
+        # Fully unallocated (raw), or an image livemig itself just made empty (--to local: a
+        # qcow2 always has metadata allocated).
+        {
+            "target_is_zero": disk.target_allocated == 0
+            or Path(disk.target_image) in ctx.plan.target_files
+        },
     )
     ctx.disk_bytes = (ctx.disk_bytes or 0) + (disk.base_allocated or 0)
     ctx.disk_sent[disk.name] = disk.base_allocated or 0

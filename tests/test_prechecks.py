@@ -273,3 +273,17 @@ def test_a_target_without_a_device_the_source_has_is_refused() -> None:
     renamed = GuestDevice("nic0", "e1000e")
     with pytest.raises(PrecheckError, match=re.escape("nic0 (virtio-net-pci)")):
         precheck(plan(), source, attrs.evolve(DST, devices=(renamed, rng)), same_file=same_name)
+
+
+def test_a_disk_on_a_backing_chain_counts_the_whole_chain_as_its_base() -> None:
+    """The base copy reads the guest-visible data through the chain: what it sends is the
+    chain's allocated data, not the top image's alone."""
+    top = attrs.evolve(
+        node("root", "/root.qcow2", driver="qcow2"), backing_file="/base.raw", allocated_bytes=MiB
+    )
+    base = attrs.evolve(node("#block1", "/base.raw"), allocated_bytes=10 * MiB)
+    base_file = attrs.evolve(node("#block2", "/base.raw", driver="file"), allocated_bytes=99 * MiB)
+    source = attrs.evolve(SRC, nodes=(top, base, base_file), disks=(disk("root", "/root.qcow2"),))
+    target = attrs.evolve(DST, nodes=(node("root", "/dst.qcow2", driver="qcow2"),))
+    (root,) = precheck(plan(), source, target, same_file=same_name).disks
+    assert root.base_allocated == 11 * MiB

@@ -718,3 +718,19 @@ def test_the_switchover_cancels_every_mirror_at_once_and_fails_on_any_out_of_syn
     with pytest.raises(StepFailed, match="the mirror of disk 'vdb' was no longer in sync"):
         drive(script.switch_over(ctx), second_out_of_sync, seen)
     assert "source:migrate_continue" not in ",".join(words(seen))
+
+
+def test_a_target_image_livemig_made_counts_as_empty() -> None:
+    """A qcow2 always has metadata allocated; one that --to local just created is known empty,
+    so the base copy skips its zeros (``--target-is-zero``)."""
+    ctx = context(state=State.SNAPSHOTTED)
+    assert ctx.verdict is not None
+    (root,) = ctx.verdict.disks
+    ctx.verdict = Verdict((attrs.evolve(root, target_allocated=196608),))
+    copies = [e for e in drive(script.mirror(ctx), answers()) if isinstance(e, OnHost)]
+    assert copies[0].kwargs == {"target_is_zero": False}
+    ctx = context(state=State.SNAPSHOTTED)
+    ctx.plan = attrs.evolve(ctx.plan, target_files=(Path("/dst.raw"),))
+    ctx.verdict = Verdict((attrs.evolve(root, target_allocated=196608),))
+    copies = [e for e in drive(script.mirror(ctx), answers()) if isinstance(e, OnHost)]
+    assert copies[0].kwargs == {"target_is_zero": True}

@@ -8,7 +8,9 @@ The settings are livemig's own (:mod:`livemig.fsm.settings`): source capabilitie
 300 ms and ``max-bandwidth`` 1 TiB/s ("unlimited"). No convergence steering (no auto-converge,
 no raised downtime limit): a guest that dirties RAM faster than it is sent never converges.
 
-Non-shared storage, in order (``∥``: the two lanes run concurrently)::
+Non-shared storage, in order (``∥``: the two lanes run concurrently; with several disks, the
+realistic VM's, every disk's overlay, base copy, NBD node, mirror and cancel at once, the
+snapshots in one ``transaction`` as livemig takes them)::
 
     source: migrate-set-capabilities, migrate-set-parameters, (overlay file written, as
             livemig writes it: drivers/qcow2.py),
@@ -36,22 +38,22 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
 import trio
 
-from bench.model import VariantFiles
+from bench.model import CopiedDisk, VariantFiles
+from bench.realistic import AnyLab, copied_disks, data_bytes
 from livemig.drivers import block, image, jobs, migration, nbd, qcow2, runstate
 from livemig.drivers.qmp import EventStream, Monitor, QMPEvent, open_monitor
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
 from livemig.fsm.plan import Policy
-from livemig.guest._lab import Lab
 from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
 
 __all__ = ["BareOutcome", "run_bare_qmp"]
 
-_DISK = "root"
 _OVERLAY = "bare-overlay"
 _NBD_NODE = "bare-nbd"
 _MIRROR = "bare-mirror"
@@ -130,12 +132,13 @@ class _Clock:
         self.out.switchover.append((0.0, what))
 
 
-async def run_bare_qmp(lab: Lab, *, deadline_s: float) -> BareOutcome:
+async def run_bare_qmp(lab: AnyLab, *, deadline_s: float) -> BareOutcome:
     """Migrate the lab's guest with the fewest commands; revert when ``deadline_s`` passes."""
     out = BareOutcome()
-    files = VariantFiles.under(lab.work_dir, "bare")
-    # Known beforehand: the disk's size (the overlay's).
-    disk_size = (await image.info(lab.source_disk)).virtual_size
+    disks = copied_disks(lab)
+    files = VariantFiles.under(lab.work_dir, "bare", disks)
+    # Known beforehand: each disk's size (its overlay's).
+    sizes = tuple([(await image.info(d.image)).virtual_size for d in disks])
     before = trio.current_time()
     async with (
         open_monitor(lab.source_qmp, name="bare-source") as src,
@@ -144,7 +147,7 @@ async def run_bare_qmp(lab: Lab, *, deadline_s: float) -> BareOutcome:
         dst.listen("MIGRATION") as dst_migration,
     ):
         out.connect_ms = round((trio.current_time() - before) * 1000.0, 2)
-        run = _Run(lab, src, dst, src_migration, dst_migration, files, _Clock(out), disk_size)
+        run = _Run(lab, src, dst, src_migration, dst_migration, files, _Clock(out), disks, sizes)
         run.clock.start()
         try:
             with trio.move_on_after(deadline_s):
@@ -156,7 +159,7 @@ async def run_bare_qmp(lab: Lab, *, deadline_s: float) -> BareOutcome:
                 out.timed_out = True
                 out.error = f"not at pre-switchover after {deadline_s:.0f} s"
             with trio.CancelScope(shield=True), trio.move_on_after(120) as scope:
-                await _revert(src, dst, files, out)
+                await _revert(src, dst, files, disks, out)
             if scope.cancelled_caught:
                 out.revert_problems.append("the bench's revert did not finish in 120 s")
             return out
@@ -174,8 +177,8 @@ async def run_bare_qmp(lab: Lab, *, deadline_s: float) -> BareOutcome:
         except (LivemigError, trio.TooSlowError) as err:
             out.error = f"after the switchover: {type(err).__name__}: {err}"
     if lab.storage == "non-shared":
-        base = await image.info(lab.source_disk)  # frozen since the snapshot
-        out.disk_bytes = base.actual_size + (out.disk_bytes or 0)
+        bases = [await data_bytes(d) for d in disks]  # frozen since the snapshot
+        out.disk_bytes = sum(bases) + (out.disk_bytes or 0)
     for path in files.all():
         await trio.Path(path).unlink(missing_ok=True)
     return out
@@ -183,14 +186,15 @@ async def run_bare_qmp(lab: Lab, *, deadline_s: float) -> BareOutcome:
 
 @attrs.define
 class _Run:
-    lab: Lab
+    lab: AnyLab
     src: Monitor
     dst: Monitor
     src_migration: EventStream
     dst_migration: EventStream
     files: VariantFiles
     clock: _Clock
-    disk_size: int
+    disks: tuple[CopiedDisk, ...]
+    sizes: tuple[int, ...]
     at_switchover: bool = False
 
     @property
@@ -212,51 +216,68 @@ class _Run:
     async def _disk(self) -> None:
         src = self.src
         await _together(self._source_snapshot, self._target_settings)
-        await _together(self._copy_base, self._add_nbd_node)
+        await _together(
+            *(partial(self._copy_base, d) for d in self.disks),
+            *(partial(self._add_nbd_node, d) for d in self.disks),
+        )
+        mirrors = {_MIRROR + d.suffix for d in self.disks}
         async with src.listen("BLOCK_JOB_READY", *_JOB_EVENTS) as stream:
-            await block.blockdev_mirror(
-                src, job_id=_MIRROR, device=_OVERLAY, target=_NBD_NODE, sync="top"
-            )
-            await _wait_job(stream, _MIRROR, until="ready")
+            for d in self.disks:
+                await block.blockdev_mirror(
+                    src,
+                    job_id=_MIRROR + d.suffix,
+                    device=_OVERLAY + d.suffix,
+                    target=_NBD_NODE + d.suffix,
+                    sync="top",
+                )
+            await _wait_jobs(stream, mirrors, until="ready")
         self.clock.mark("mirror ready")
 
-    async def _copy_base(self) -> None:
+    async def _copy_base(self, disk: CopiedDisk) -> None:
         # Known beforehand: the target's disk is a fresh image, so the copy skips zeros
         # (livemig learns it from the image's allocation).
         await image.copy_to_nbd(
-            self.lab.source_disk, "raw", self.files.nbd_socket, _DISK, target_is_zero=True
+            disk.image, disk.fmt, self.files.nbd_socket, disk.node, target_is_zero=True
         )
-        self.clock.mark("base copied")
+        self.clock.mark(f"base copied{disk.suffix}")
 
-    async def _add_nbd_node(self) -> None:
+    async def _add_nbd_node(self, disk: CopiedDisk) -> None:
         """The source's NBD client, connected while the base is copied (a second client of
         the export; the mirror only starts once the copy is done)."""
         await block.blockdev_add(
             self.src,
             {
                 "driver": "nbd",
-                "node-name": _NBD_NODE,
+                "node-name": _NBD_NODE + disk.suffix,
                 "server": {"type": "unix", "path": str(self.files.nbd_socket)},
-                "export": _DISK,
+                "export": disk.node,
             },
         )
-        self.clock.mark("← source blockdev-add nbd")
+        self.clock.mark(f"← source blockdev-add nbd{disk.suffix}")
 
     async def _source_snapshot(self) -> None:
         await _together(
             self._source_settings,
-            lambda: qcow2.write_empty_qcow2(self.files.overlay, self.disk_size),
+            *(
+                partial(qcow2.write_empty_qcow2, path, size)
+                for path, size in zip(self.files.overlays, self.sizes, strict=True)
+            ),
         )
-        await block.blockdev_add(
-            self.src,
-            {
-                "driver": "qcow2",
-                "node-name": _OVERLAY,
-                "file": {"driver": "file", "filename": str(self.files.overlay)},
-                "backing": None,
-            },
-        )
-        await block.blockdev_snapshot(self.src, node=_DISK, overlay=_OVERLAY)
+        for d, path in zip(self.disks, self.files.overlays, strict=True):
+            await block.blockdev_add(
+                self.src,
+                {
+                    "driver": "qcow2",
+                    "node-name": _OVERLAY + d.suffix,
+                    "file": {"driver": "file", "filename": str(path)},
+                    "backing": None,
+                },
+            )
+        if len(self.disks) == 1:
+            await block.blockdev_snapshot(self.src, node=self.disks[0].node, overlay=_OVERLAY)
+        else:
+            pairs = [(d.node, _OVERLAY + d.suffix) for d in self.disks]
+            await block.snapshot_all(self.src, pairs)
         self.clock.mark("source: snapshot")
 
     async def _source_settings(self) -> None:
@@ -268,11 +289,15 @@ class _Run:
         dst = self.dst
         await migration.set_capabilities(dst, dict.fromkeys(TARGET_CAPABILITIES, True))
         if self.lab.storage == "non-shared":
-            # The base copy and the mirror connect at once here (pipelined): two clients.
-            await nbd.nbd_server_start(dst, self.files.nbd_socket, max_connections=2)
-            await nbd.block_export_add(
-                dst, export_id=_EXPORT, node_name=_DISK, name=_DISK, writable=True
+            # Each disk's base copy and mirror connect at once here (pipelined): two clients
+            # per disk.
+            await nbd.nbd_server_start(
+                dst, self.files.nbd_socket, max_connections=2 * len(self.disks)
             )
+            for d in self.disks:
+                await nbd.block_export_add(
+                    dst, export_id=_EXPORT + d.suffix, node_name=d.node, name=d.node, writable=True
+                )
         await migration.migrate_incoming(dst, self.uri)
         self.clock.mark("target: ready")
 
@@ -280,14 +305,15 @@ class _Run:
         """From the pause to the target's ``cont``: only what must happen."""
         src, dst, clock = self.src, self.dst, self.clock
         if self.lab.storage == "non-shared":
+            mirrors = [_MIRROR + d.suffix for d in self.disks]
             async with src.listen(*_JOB_EVENTS) as stream:
-                await jobs.block_job_cancel(src, _MIRROR, force=False)
+                for mirror in mirrors:
+                    await jobs.block_job_cancel(src, mirror, force=False)
                 clock.mark("← source block-job-cancel")
-                completed = await _wait_job(stream, _MIRROR, until="gone")
+                completed = await _wait_jobs(stream, set(mirrors), until="gone")
             clock.mark("mirror gone")
-            offset = None if completed is None else completed.data.get("offset")
-            if isinstance(offset, int):
-                clock.out.disk_bytes = offset
+            offsets = [e.data.get("offset") for e in completed.values()]
+            clock.out.disk_bytes = sum(o for o in offsets if isinstance(o, int))
             await _together(self._stop_nbd, self._continue)
         else:
             await self._continue()
@@ -349,46 +375,62 @@ async def _wait_migration(stream: EventStream, until: MigrationStatus) -> QMPEve
     raise LivemigError("the MIGRATION event stream ended")
 
 
-async def _wait_job(stream: EventStream, job: str, *, until: str) -> QMPEvent | None:
-    """Wait for job ``job`` READY, or gone (``null``); returns its ``BLOCK_JOB_COMPLETED``, if
-    one came on the way (its ``offset`` is what the mirror copied)."""
-    completed: QMPEvent | None = None
+async def _wait_jobs(stream: EventStream, wanted: set[str], *, until: str) -> dict[str, QMPEvent]:
+    """Wait until every job of ``wanted`` is READY, or gone (``null``); returns each one's
+    ``BLOCK_JOB_COMPLETED``, if one came on the way (its ``offset`` is what the mirror
+    copied)."""
+    completed: dict[str, QMPEvent] = {}
+    left = set(wanted)
     async for event in stream:
         key = "id" if event.name == "JOB_STATUS_CHANGE" else "device"
-        if event.data.get(key) != job:
+        job = event.data.get(key)
+        if not isinstance(job, str) or job not in wanted:
             continue
         if event.name == "BLOCK_JOB_ERROR":
             raise LivemigError(f"job {job}: {dict(event.data)}")
         if event.name == "BLOCK_JOB_COMPLETED":
             if until == "ready" or event.data.get("error"):
                 raise LivemigError(f"job {job} completed: {dict(event.data)}")
-            completed = event
+            completed[job] = event
         if until == "ready" and event.name == "BLOCK_JOB_READY":
-            return None
-        if event.name != "JOB_STATUS_CHANGE":
-            continue
-        status = JobStatus.parse(str(event.data.get("status")))
-        if until == "gone" and status is JobStatus.NULL:
+            left.discard(job)
+        elif event.name == "JOB_STATUS_CHANGE":
+            status = JobStatus.parse(str(event.data.get("status")))
+            if until == "gone" and status is JobStatus.NULL:
+                left.discard(job)
+            elif until == "ready" and status.ending:
+                raise LivemigError(f"job {job} ended ({status}) before it was ready")
+        if not left:
             return completed
-        if until == "ready" and status.ending:
-            raise LivemigError(f"job {job} ended ({status}) before it was ready")
-    raise LivemigError(f"the event stream ended while waiting for job {job}")
+    raise LivemigError(f"the event stream ended while waiting for jobs {sorted(left)}")
 
 
 # ---- the bench's revert (only when the deadline passed or something failed) -------------------
 
 
-async def _revert(src: Monitor, dst: Monitor, files: VariantFiles, out: BareOutcome) -> None:
+async def _revert(
+    src: Monitor,
+    dst: Monitor,
+    files: VariantFiles,
+    disks: tuple[CopiedDisk, ...],
+    out: BareOutcome,
+) -> None:
     """Undo what was done, whatever point was reached; each step looks before it acts."""
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-        ("cancel the migration", lambda: _cancel_migration(src)),
-        ("cancel the mirror", lambda: _cancel_job(src, _MIRROR)),
-        ("remove the NBD node", lambda: _del_node(src, _NBD_NODE)),
-        ("resume the source", lambda: _resume(src)),
-        ("merge the overlay", lambda: _merge_overlay(src)),
-        ("remove the overlay node", lambda: _del_node(src, _OVERLAY)),
-        ("quit the target", lambda: _quit(dst)),
+        ("cancel the migration", partial(_cancel_migration, src))
     ]
+    for d in disks:
+        steps += [
+            (f"cancel the mirror{d.suffix}", partial(_cancel_job, src, _MIRROR + d.suffix)),
+            (f"remove the NBD node{d.suffix}", partial(_del_node, src, _NBD_NODE + d.suffix)),
+        ]
+    steps.append(("resume the source", partial(_resume, src)))
+    for d in disks:
+        steps += [
+            (f"merge the overlay{d.suffix}", partial(_merge_overlay, src, d)),
+            (f"remove the overlay node{d.suffix}", partial(_del_node, src, _OVERLAY + d.suffix)),
+        ]
+    steps.append(("quit the target", partial(_quit, dst)))
     for what, step in steps:
         try:
             await step()
@@ -440,15 +482,16 @@ async def _resume(src: Monitor) -> None:
         await runstate.cont(src)
 
 
-async def _merge_overlay(src: Monitor) -> None:
+async def _merge_overlay(src: Monitor, disk: CopiedDisk) -> None:
+    node, job = _OVERLAY + disk.suffix, _COMMIT + disk.suffix
     nodes = {n.node_name: n for n in await block.query_named_block_nodes(src)}
-    overlay, base = nodes.get(_OVERLAY), nodes.get(_DISK)
+    overlay, base = nodes.get(node), nodes.get(disk.node)
     if overlay is None or base is None or overlay.backing_file != base.filename:
         return
-    await block.block_commit(src, job_id=_COMMIT, device=_OVERLAY, base_node=_DISK)
-    await _until_job(src, _COMMIT, {JobStatus.READY})
-    await jobs.job_complete(src, _COMMIT)
-    await _until_job(src, _COMMIT, {None})
+    await block.block_commit(src, job_id=job, device=node, base_node=disk.node)
+    await _until_job(src, job, {JobStatus.READY})
+    await jobs.job_complete(src, job)
+    await _until_job(src, job, {None})
 
 
 async def _quit(dst: Monitor) -> None:

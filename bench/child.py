@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,10 +31,16 @@ class ChildResult:
     sys_s: float
     wall_s: float
     timed_out: bool
+    #: When each chunk of stdout arrived: ``(bytes received so far, CLOCK_BOOTTIME seconds)``.
+    arrivals: tuple[tuple[int, float], ...] = ()
 
     @property
     def cpu_s(self) -> float:
         return self.user_s + self.sys_s
+
+    def arrival_of(self, end: int) -> float | None:
+        """When the first ``end`` bytes of stdout had all arrived (CLOCK_BOOTTIME seconds)."""
+        return next((at for size, at in self.arrivals if size >= end), None)
 
 
 def _spawn(argv: Sequence[str], stderr_path: Path) -> subprocess.Popen[bytes]:
@@ -50,9 +57,14 @@ def _reap(popen: subprocess.Popen[bytes]) -> tuple[int, float, float]:
     return popen.returncode, usage.ru_utime, usage.ru_stime
 
 
-async def _read_all(stream: trio.lowlevel.FdStream, into: list[bytes]) -> None:
+async def _read_all(
+    stream: trio.lowlevel.FdStream, into: list[bytes], arrivals: list[tuple[int, float]]
+) -> None:
+    size = 0
     while chunk := await stream.receive_some():
         into.append(chunk)
+        size += len(chunk)
+        arrivals.append((size, time.clock_gettime(time.CLOCK_BOOTTIME)))
 
 
 async def run_measured(
@@ -71,10 +83,11 @@ async def run_measured(
     stream = trio.lowlevel.FdStream(os.dup(popen.stdout.fileno()))
     popen.stdout.close()
     chunks: list[bytes] = []
+    arrivals: list[tuple[int, float]] = []
     timed_out = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_all, stream, chunks)
+            nursery.start_soon(_read_all, stream, chunks, arrivals)
             with trio.move_on_after(deadline) as scope:
                 await trio.lowlevel.wait_readable(pidfd)
             if scope.cancelled_caught:
@@ -95,6 +108,7 @@ async def run_measured(
         sys_s=system,
         wall_s=trio.current_time() - started,
         timed_out=timed_out,
+        arrivals=tuple(arrivals),
     )
 
 

@@ -14,7 +14,15 @@ import trio
 from bench import report
 from bench.model import VARIANTS, Variant
 from bench.runner import Config, Results, run_bench
-from bench.scenarios import LOADS, MEMORIES, STORAGES, Load, Storage, select
+from bench.scenarios import (
+    LOADS,
+    MEMORIES,
+    REALISTIC_SCENARIOS,
+    STORAGES,
+    Load,
+    Storage,
+    select,
+)
 
 __all__ = ["main"]
 
@@ -46,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="run only this scenario (repeatable; see --list)",
+        help="run only this scenario (repeatable; see --list); the realistic VM's "
+        "(realistic-idle-1G-non-shared) runs only when named",
     )
     p.add_argument("--load", type=_list_of(LOADS, "load"), default=[], help="filter: idle,50,max")
     p.add_argument(
@@ -99,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for s in scenarios:
             print(f"{s.name:<28} {s.describe}")
+        if not args.scenario:
+            for s in REALISTIC_SCENARIOS:
+                print(f"{s.name:<28} (only with --scenario {s.name}) {s.describe}")
         return 0
     if not scenarios or args.runs < 1:
         print("bench: nothing to run", file=sys.stderr)

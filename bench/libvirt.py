@@ -9,7 +9,17 @@ Set up as measured in the project's libvirt-peer reference:
   that runs QEMU as root without security driver, namespaces or cgroups, and its own migration
   port range; started by hand in the background, stopped at the end;
 - the guest is the test guest booted the same way as in the lab (direct kernel boot, same
-  kernel command line, q35, TCG, one vCPU, virtio raw 64 MiB disk).
+  kernel command line, q35, TCG, one vCPU, virtio raw 64 MiB disk);
+- or, for the realistic scenario (:func:`realistic_domain_xml`), the realistic VM: q35, 2 vCPUs,
+  1 GiB, a qcow2 root whose backing file (the bench's cached raw base, outside the namespaced
+  directories, read by the source only) libvirt finds in its header, a raw data disk, a CD-ROM
+  (the cached ISO, one file both sides open: read-only, so libvirt does not copy it), virtio-net
+  on user networking, virtio-rng, a USB tablet on qemu-xhci. The target's images are created
+  beforehand as ``copy-storage-all`` needs them: a plain qcow2 (no backing file) of the root's
+  virtual size, a sparse raw data disk; libvirt mirrors each disk whole (``sync=full``: the
+  root's chain flattened into the target's one qcow2). After the migration the bench powers the
+  guest off on the target and checks its images as for every variant
+  (``bench.realistic.verify_survivor``, no monitor checks: libvirt owns the monitors).
 
 Paths inside the namespaced directories (``/run/libvirt``, ``/var/lib/libvirt``) name a different
 file for each daemon: the domain XML is the same on both sides, yet with non-shared storage the
@@ -29,17 +39,20 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape, quoteattr
 
 import attrs
 import trio
 
 from bench.heartbeats import first_after, gap_around
+from bench.realistic import DISK_BYTES as REALISTIC_DISK_BYTES
+from bench.realistic import RealisticCache, Survivor, source_images, verify_survivor
 from bench.scenarios import DISK_BYTES, Scenario
 from livemig.drivers import image
-from livemig.guest import GuestImage, SerialConsole, kernel_cmdline
+from livemig.guest import GuestImage, RealisticImages, SerialConsole, kernel_cmdline
 
 __all__ = [
     "LibvirtOutcome",
@@ -345,6 +358,75 @@ def domain_xml(*, name: str, guest: GuestImage, scenario: Scenario, disk: str, s
 """
 
 
+def realistic_domain_xml(
+    *,
+    name: str,
+    guest: GuestImage,
+    scenario: Scenario,
+    root: str,
+    data: str,
+    iso: str,
+    serial: str,
+) -> str:
+    """The realistic VM as a libvirt domain (see the module's documentation); its kernel
+    command line is :func:`livemig.guest.realistic_vm_spec`'s (records on ``vda`` and ``vdb``)."""
+    cmdline = kernel_cmdline(
+        tick_ms=_TICK_MS,
+        dirty_mib_s=scenario.dirty_mib_s,
+        dirty_buf_mib=scenario.dirty_buf_mib,
+        disks=("vda", "vdb"),
+    )
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{scenario.memory_mib}</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{escape(str(guest.kernel))}</kernel>
+    <initrd>{escape(str(guest.initrd))}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{escape(shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file={quoteattr(root)}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(data)}/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(iso)}/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <controller type='usb' model='qemu-xhci'/>
+    <interface type='user'>
+      <mac address='52:54:00:6c:6d:01'/>
+      <model type='virtio'/>
+    </interface>
+    <input type='tablet' bus='usb'/>
+    <rng model='virtio'>
+      <backend model='random'>/dev/urandom</backend>
+    </rng>
+    <serial type='unix'>
+      <source mode='connect' path={quoteattr(serial)}/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
 @attrs.define(eq=False)
 class ListenedConsole:
     """A serial console QEMU connects to (``<source mode='connect'>``): we listen, it dials."""
@@ -372,6 +454,9 @@ class ListenedConsole:
         assert self.console is not None
         return self.console
 
+    async def wait_console_boot_id(self) -> int:
+        return await (await self.wait_console()).wait_boot()
+
 
 @attrs.define
 class LibvirtOutcome:
@@ -384,10 +469,17 @@ class LibvirtOutcome:
     disk_bytes: int | None = None
     heartbeat_gap_ms: float | None = None
     missing_heartbeats: int = 0
+    #: When the longest heartbeat gap began, ms after ``virsh migrate`` started.
+    gap_at_ms: float | None = None
     virsh_wall_ms: float | None = None
     error: str | None = None
     problems: list[str] = attrs.field(factory=list)
     stats: dict[str, str] = attrs.field(factory=dict)
+    #: Realistic VM: acknowledged records checked per disk after the run.
+    records_checked: dict[str, int] | None = None
+    #: Realistic VM: each disk of the domain on the survivor (``virsh dumpxml`` after the
+    #: migration): its image and the backing file libvirt has under it (``None``: none).
+    survivor_disks: dict[str, dict[str, str | None]] | None = None
 
 
 def parse_rawstats(text: str) -> dict[str, str]:
@@ -415,23 +507,32 @@ async def run_libvirt(
     *,
     run_name: str,
     deadline_s: float,
+    cache: RealisticCache | None = None,
 ) -> LibvirtOutcome:
-    """Boot the guest on the source daemon, migrate it to the target daemon, measure."""
+    """Boot the guest on the source daemon, migrate it to the target daemon, measure (and for
+    the realistic VM, whose images come from ``cache``, check its disks afterwards)."""
     out = LibvirtOutcome()
     src, dst = peers.source, peers.target
     serial = f"/run/libvirt/{run_name}.serial"
-    if scenario.storage == "shared":
-        disk = str(work_dir / "shared.raw")
-        disks = [Path(disk)]
+    after: _After | None = None
+    if scenario.realistic:
+        if cache is None:
+            raise LibvirtError("the realistic scenario needs the image cache")
+        text, disks, after = await _realistic_setup(
+            peers, scenario, guest=guest, cache=cache, name=run_name, serial=serial
+        )
     else:
-        disk = f"/var/lib/libvirt/images/{run_name}.raw"
-        disks = [src.host_path(disk), dst.host_path(disk)]
-    for path in disks:
-        await image.create(path, "raw", DISK_BYTES)
+        if scenario.storage == "shared":
+            disk = str(work_dir / "shared.raw")
+            disks = [Path(disk)]
+        else:
+            disk = f"/var/lib/libvirt/images/{run_name}.raw"
+            disks = [src.host_path(disk), dst.host_path(disk)]
+        for path in disks:
+            await image.create(path, "raw", DISK_BYTES)
+        text = domain_xml(name=run_name, guest=guest, scenario=scenario, disk=disk, serial=serial)
     xml = work_dir / "domain.xml"
-    await trio.Path(xml).write_text(
-        domain_xml(name=run_name, guest=guest, scenario=scenario, disk=disk, serial=serial)
-    )
+    await trio.Path(xml).write_text(text)
     src_console = ListenedConsole("libvirt-source", src.host_path(serial))
     dst_console = ListenedConsole("libvirt-target", dst.host_path(serial))
     try:
@@ -449,6 +550,8 @@ async def run_libvirt(
                     out=out,
                     deadline_s=deadline_s,
                 )
+                if after is not None:
+                    await after(out, src_console, dst_console, work_dir)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(60):
                     await _clean_domain(peers, run_name)
@@ -524,12 +627,134 @@ async def _migrate(
             await (await survivor.wait_console()).wait_heartbeat(last)
     except trio.TooSlowError:
         out.problems.append(f"no heartbeat on the {survivor.name} after the migration")
-    beats = [h for c in (src_console, dst_console) if c.console for h in c.console.heartbeats]
+    _gap(out, (src_console, dst_console), survivor, started, ended)
+
+
+def _gap(
+    out: LibvirtOutcome,
+    consoles: tuple[ListenedConsole, ...],
+    survivor: ListenedConsole,
+    started: float,
+    ended: float,
+) -> None:
+    """The longest heartbeat gap around the migration (``started`` to the survivor's first
+    heartbeat after ``ended``), both consoles merged."""
+    beats = [h for c in consoles if c.console for h in c.console.heartbeats]
     survivor_beats = survivor.console.heartbeats if survivor.console else ()
     end = first_after(survivor_beats, ended) or ended
     gap = gap_around(beats, started, end)
     out.heartbeat_gap_ms = gap.gap_ms
     out.missing_heartbeats = gap.missing
+    if gap.at is not None:
+        out.gap_at_ms = round((gap.at - started) * 1000.0, 1)
+
+
+_After = Callable[[LibvirtOutcome, ListenedConsole, ListenedConsole, Path], Awaitable[None]]
+
+
+async def _realistic_setup(
+    peers: LibvirtPeers,
+    scenario: Scenario,
+    *,
+    guest: GuestImage,
+    cache: RealisticCache,
+    name: str,
+    serial: str,
+) -> tuple[str, list[Path], _After]:
+    """The realistic VM's images on both sides, its domain XML, the files to remove, and the
+    check to run once the migration has ended."""
+    src, dst = peers.source, peers.target
+    root = f"/var/lib/libvirt/images/{name}-root.qcow2"
+    data = f"/var/lib/libvirt/images/{name}-data.raw"
+    source = await source_images(cache, root=src.host_path(root), data=src.host_path(data))
+    target = RealisticImages(
+        root=dst.host_path(root),
+        backing=(),
+        data=dst.host_path(data),
+        iso=cache.iso,
+        root_bytes=REALISTIC_DISK_BYTES,
+    )
+    # What copy-storage-all needs on the target: images of the same virtual sizes.
+    await image.create(target.root, "qcow2", REALISTIC_DISK_BYTES)
+    await image.create(target.data, "raw", REALISTIC_DISK_BYTES)
+    text = realistic_domain_xml(
+        name=name,
+        guest=guest,
+        scenario=scenario,
+        root=root,
+        data=data,
+        iso=str(cache.iso),
+        serial=serial,
+    )
+
+    async def after(
+        out: LibvirtOutcome, src_console: ListenedConsole, dst_console: ListenedConsole, work: Path
+    ) -> None:
+        survivor_inst, other_inst = (dst, src) if out.converged else (src, dst)
+        listened = dst_console if out.converged else src_console
+        if listened.console is None:
+            out.problems.append(f"no console on the {listened.name}")
+            return
+        disks = target.disk_images(markers_from=source) if out.converged else source.disk_images()
+        survivor = Survivor(
+            "target" if out.converged else "source", None, listened.console, disks, frozenset()
+        )
+        beats = [h for c in (src_console, dst_console) if c.console for h in c.console.heartbeats]
+        with contextlib.suppress(LibvirtError, ElementTree.ParseError):
+            xml = await virsh(survivor_inst, "dumpxml", name, within=30)
+            out.survivor_disks = disk_chains(xml)
+        async with trio.open_nursery() as nursery:
+            other = _gone_event(other_inst, name, nursery)
+            mine = _gone_event(survivor_inst, name, nursery)
+            verdict = await verify_survivor(
+                survivor,
+                boot_id=await src_console.wait_console_boot_id(),
+                other_exited=other,
+                survivor_exited=mine,
+                heartbeats=beats,
+                work_dir=work,
+                scratch_dir=work,
+            )
+            nursery.cancel_scope.cancel()
+        out.problems += list(verdict.problems)
+        out.records_checked = verdict.records_checked
+
+    return text, [*source.writable, *target.writable], after
+
+
+def disk_chains(xml: str) -> dict[str, dict[str, str | None]]:
+    """Each file disk of a domain XML by target dev: its source file and the first backing
+    file libvirt records under it (``None``: none)."""
+    out: dict[str, dict[str, str | None]] = {}
+    for disk in ElementTree.fromstring(xml).iterfind("devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is None or source is None:
+            continue
+        backing = disk.find("backingStore/source")
+        out[target.get("dev", "?")] = {
+            "source": source.get("file"),
+            "backing": None if backing is None else backing.get("file"),
+        }
+    return out
+
+
+def _gone_event(inst: Instance, name: str, nursery: trio.Nursery) -> trio.Event:
+    """Set once ``name`` no longer runs on ``inst`` (shut off, or gone: a transient domain)."""
+    done = trio.Event()
+
+    async def poll() -> None:
+        while True:
+            try:
+                state = (await virsh(inst, "domstate", name, within=10)).strip()
+            except LibvirtError:
+                break
+            if state not in {"running", "paused"}:
+                break
+            await trio.sleep(0.2)
+        done.set()
+
+    nursery.start_soon(poll)
+    return done
 
 
 def _float(value: int | None) -> float | None:

@@ -6,7 +6,8 @@ The sequence and settings follow LXD's QEMU driver:
 - source capabilities ``auto-converge`` and ``pause-before-switchover`` (no ``events``);
   target ``late-block-activate`` (the same as livemig, which the NBD export needs);
 - non-shared storage: qcow2 overlay + ``blockdev-snapshot``, the frozen base copied into the
-  target's NBD export, ``blockdev-mirror sync=top`` of the overlay until READY;
+  target's NBD export, ``blockdev-mirror sync=top`` of the overlay until READY; with several
+  disks (the realistic VM), each disk in turn, one after the other;
 - ``migrate``, then ``query-migrate`` once a second until ``pre-switchover`` (LXD polls at 1 s);
   no stall detection, no throttling beyond auto-converge;
 - soft ``block-job-cancel`` of the mirror, ``migrate-continue``, ``completed``, target
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Container
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import attrs
 import trio
 
 from bench.model import VariantFiles
+from bench.realistic import AnyLab, copied_disks, data_bytes
 from livemig.drivers import block, image, jobs, migration, nbd, runstate
 from livemig.drivers.host import LocalHost
 from livemig.drivers.qmp import Monitor, open_monitor
@@ -40,7 +43,6 @@ from livemig.fsm.plan import Deadlines
 from livemig.fsm.reverter import unwind
 from livemig.fsm.runner import ReconnectingMonitor, connect_monitor
 from livemig.fsm.undo import Side, UndoKind, UndoStack, UndoStep
-from livemig.guest._lab import Lab
 from livemig.transports.errors import CommandFailed, ConnectionLost, LivemigError
 
 __all__ = ["LxdOutcome", "run_lxd_equivalent"]
@@ -51,7 +53,6 @@ PRE_SWITCHOVER_POLL_S = 1.0
 _POLL_S = 0.05
 #: Seconds the bench's whole revert may take.
 _REVERT_S = 120
-_DISK = "root"
 _OVERLAY = "lxd-overlay"
 _NBD_NODE = "lxd-nbd"
 _MIRROR = "lxd-mirror"
@@ -76,10 +77,10 @@ class LxdOutcome:
     revert_problems: list[str] = attrs.field(factory=list)
 
 
-async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
+async def run_lxd_equivalent(lab: AnyLab, *, deadline_s: float) -> LxdOutcome:
     """Migrate the lab's guest the way LXD does; revert when ``deadline_s`` passes first."""
     out = LxdOutcome()
-    files = VariantFiles.under(lab.work_dir, "lxd")
+    files = VariantFiles.under(lab.work_dir, "lxd", copied_disks(lab))
     started = trio.current_time()
 
     def mark(phase: str) -> None:
@@ -131,7 +132,7 @@ async def run_lxd_equivalent(lab: Lab, *, deadline_s: float) -> LxdOutcome:
 
 async def _forward(
     *,
-    lab: Lab,
+    lab: AnyLab,
     src: Monitor,
     dst: Monitor,
     files: VariantFiles,
@@ -163,59 +164,86 @@ async def _forward(
 
 
 async def _disk(
-    lab: Lab, src: Monitor, dst: Monitor, files: VariantFiles, out: LxdOutcome, *, undo: UndoStack
+    lab: AnyLab,
+    src: Monitor,
+    dst: Monitor,
+    files: VariantFiles,
+    out: LxdOutcome,
+    *,
+    undo: UndoStack,
 ) -> None:
-    base = await image.info(lab.source_disk)
-    undo.push(
-        UndoStep(UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(files.overlay), "node": _OVERLAY})
-    )
-    await image.create(files.overlay, "qcow2", base.virtual_size)
-    undo.push(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": _OVERLAY}))
-    await block.blockdev_add(
-        src,
-        {
-            "driver": "qcow2",
-            "node-name": _OVERLAY,
-            "file": {"driver": "file", "filename": str(files.overlay)},
-            "backing": None,
-        },
-    )
-    undo.push(
-        UndoStep(
-            UndoKind.MERGE_OVERLAY, Side.SOURCE, {"node": _OVERLAY, "base": _DISK, "job": _COMMIT}
+    """Each disk in turn: overlay + snapshot; then the NBD server, and each disk in turn: its
+    export, its frozen base copied, its NBD node and its ``sync=top`` mirror; until every
+    mirror is READY."""
+    disks = copied_disks(lab)
+    for disk in disks:
+        overlay, node = files.overlay_of(disks, disk), _OVERLAY + disk.suffix
+        base = await image.info(disk.image)
+        undo.push(UndoStep(UndoKind.DELETE_FILE, Side.SOURCE, {"path": str(overlay), "node": node}))
+        await image.create(overlay, "qcow2", base.virtual_size)
+        undo.push(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": node}))
+        await block.blockdev_add(
+            src,
+            {
+                "driver": "qcow2",
+                "node-name": node,
+                "file": {"driver": "file", "filename": str(overlay)},
+                "backing": None,
+            },
         )
-    )
-    await block.blockdev_snapshot(src, node=_DISK, overlay=_OVERLAY)
+        undo.push(
+            UndoStep(
+                UndoKind.MERGE_OVERLAY,
+                Side.SOURCE,
+                {"node": node, "base": disk.node, "job": _COMMIT + disk.suffix},
+            )
+        )
+        await block.blockdev_snapshot(src, node=disk.node, overlay=node)
     undo.push(UndoStep(UndoKind.DELETE_FILE, Side.TARGET, {"path": str(files.nbd_socket)}))
     undo.push(UndoStep(UndoKind.STOP_NBD_SERVER, Side.TARGET))
-    await nbd.nbd_server_start(dst, files.nbd_socket)
-    undo.push(UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": _EXPORT}))
-    await nbd.block_export_add(dst, export_id=_EXPORT, node_name=_DISK, name=_DISK, writable=True)
-    await image.copy_to_nbd(lab.source_disk, "raw", files.nbd_socket, _DISK, target_is_zero=True)
-    out.disk_bytes = (await image.info(lab.source_disk)).actual_size
-    undo.push(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": _NBD_NODE}))
-    await block.blockdev_add(
-        src,
-        {
-            "driver": "nbd",
-            "node-name": _NBD_NODE,
-            "server": {"type": "unix", "path": str(files.nbd_socket)},
-            "export": _DISK,
-        },
-    )
-    undo.push(UndoStep(UndoKind.CANCEL_JOB, Side.SOURCE, {"job": _MIRROR}))
-    await block.blockdev_mirror(src, job_id=_MIRROR, device=_OVERLAY, target=_NBD_NODE, sync="top")
-    await _until(
-        lambda: _job_status(src, _MIRROR), {JobStatus.READY}, fail={None, JobStatus.CONCLUDED}
-    )
+    # One client per disk: each base copy ends before the next starts, each mirror stays.
+    await nbd.nbd_server_start(dst, files.nbd_socket, max_connections=len(disks))
+    out.disk_bytes = 0
+    for disk in disks:
+        export = disk.node
+        undo.push(UndoStep(UndoKind.DELETE_EXPORT, Side.TARGET, {"export": _EXPORT + disk.suffix}))
+        await nbd.block_export_add(
+            dst, export_id=_EXPORT + disk.suffix, node_name=disk.node, name=export, writable=True
+        )
+        await image.copy_to_nbd(disk.image, disk.fmt, files.nbd_socket, export, target_is_zero=True)
+        out.disk_bytes += await data_bytes(disk)
+        nbd_node = _NBD_NODE + disk.suffix
+        undo.push(UndoStep(UndoKind.DELETE_NODE, Side.SOURCE, {"node": nbd_node}))
+        await block.blockdev_add(
+            src,
+            {
+                "driver": "nbd",
+                "node-name": nbd_node,
+                "server": {"type": "unix", "path": str(files.nbd_socket)},
+                "export": export,
+            },
+        )
+        mirror = _MIRROR + disk.suffix
+        undo.push(UndoStep(UndoKind.CANCEL_JOB, Side.SOURCE, {"job": mirror}))
+        await block.blockdev_mirror(
+            src, job_id=mirror, device=_OVERLAY + disk.suffix, target=nbd_node, sync="top"
+        )
+    for disk in disks:
+        mirror = _MIRROR + disk.suffix
+        await _until(
+            partial(_job_status, src, mirror), {JobStatus.READY}, fail={None, JobStatus.CONCLUDED}
+        )
 
 
-async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
+async def _switch_over(lab: AnyLab, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
     if lab.storage == "non-shared":
+        mirrors = [_MIRROR + d.suffix for d in copied_disks(lab)]
         mirrored = {j.device: j.offset for j in await jobs.query_block_jobs(src)}
-        out.disk_bytes = (out.disk_bytes or 0) + mirrored.get(_MIRROR, 0)
-        await jobs.block_job_cancel(src, _MIRROR, force=False)
-        await _until(lambda: _job_status(src, _MIRROR), {None})
+        out.disk_bytes = (out.disk_bytes or 0) + sum(mirrored.get(m, 0) for m in mirrors)
+        for mirror in mirrors:
+            await jobs.block_job_cancel(src, mirror, force=False)
+        for mirror in mirrors:
+            await _until(partial(_job_status, src, mirror), {None})
     await migration.migrate_continue(src, MigrationStatus.PRE_SWITCHOVER)
     done, dead_ends = {MigrationStatus.COMPLETED}, {s for s in MigrationStatus if s.dead_end}
     await _until(lambda: _migration_status(src), done, fail=dead_ends)
@@ -228,7 +256,9 @@ async def _switch_over(lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) ->
     await runstate.cont(dst)
 
 
-async def _revert(undo: UndoStack, lab: Lab, src: Monitor, dst: Monitor, out: LxdOutcome) -> None:
+async def _revert(
+    undo: UndoStack, lab: AnyLab, src: Monitor, dst: Monitor, out: LxdOutcome
+) -> None:
     """Run the undo steps the forward path pushed, with livemig's interpreter, shielded, over
     the runner's reconnecting monitors: as in livemig's revert, a target that exited (QEMU quits
     once its incoming migration is cancelled) counts as undone, not as a failed step."""

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import attrs
 
-__all__ = ["VARIANTS", "RunRecord", "Status", "Variant"]
+__all__ = ["VARIANTS", "CopiedDisk", "RunRecord", "Status", "Variant", "VariantFiles"]
 
 Variant = Literal["livemig", "bare-qmp", "lxd-equivalent", "libvirt", "floor"]
 #: The variants that migrate (the floor is computed from livemig's bytes).
@@ -97,20 +97,52 @@ class RunRecord:
 
 
 @attrs.frozen
-class VariantFiles:
-    """The files a hand-driven variant (bare-qmp, lxd-equivalent) creates in its work dir."""
+class CopiedDisk:
+    """One disk a hand-driven variant (bare-qmp, lxd-equivalent) copies with non-shared storage.
 
-    overlay: Path
+    :param node: the format node on both QEMUs (``-blockdev``): the one snapshotted on the
+        source, exported on the target.
+    :param image: the source's image of it, frozen once the overlay is on (a qcow2 one is read
+        through its backing chain: the copy flattens it).
+    :param fmt: its format.
+    """
+
+    node: str
+    image: Path
+    fmt: Literal["raw", "qcow2"] = "raw"
+
+    @property
+    def suffix(self) -> str:
+        """What the names a variant gives this disk's overlay, job and export end with: nothing
+        for ``root`` (the one disk of the test guest, whose names stay as they were)."""
+        return "" if self.node == "root" else f"-{self.node}"
+
+
+@attrs.frozen
+class VariantFiles:
+    """The files a hand-driven variant (bare-qmp, lxd-equivalent) creates in its work dir:
+    one overlay per copied disk (``overlay`` is the first's), the NBD and RAM sockets."""
+
+    overlays: tuple[Path, ...]
     nbd_socket: Path
     ram_socket: Path
 
+    @property
+    def overlay(self) -> Path:
+        return self.overlays[0]
+
     @classmethod
-    def under(cls, work: Path, prefix: str) -> VariantFiles:
+    def under(
+        cls, work: Path, prefix: str, disks: tuple[CopiedDisk, ...] = (CopiedDisk("root", Path()),)
+    ) -> VariantFiles:
         return cls(
-            work / f"{prefix}-overlay.qcow2",
+            tuple(work / f"{prefix}-overlay{d.suffix}.qcow2" for d in disks),
             work / f"{prefix}-nbd.sock",
             work / f"{prefix}-ram.sock",
         )
 
+    def overlay_of(self, disks: tuple[CopiedDisk, ...], disk: CopiedDisk) -> Path:
+        return self.overlays[disks.index(disk)]
+
     def all(self) -> tuple[Path, ...]:
-        return (self.overlay, self.nbd_socket, self.ram_socket)
+        return (*self.overlays, self.nbd_socket, self.ram_socket)

@@ -37,12 +37,29 @@ from bench.libvirt import (
     libvirt_peers,
     run_libvirt,
 )
-from bench.livemig_run import run_livemig
+from bench.livemig_run import LivemigOutcome, launch_ms, livemig_local_argv, run_livemig
 from bench.lxd import run_lxd_equivalent
-from bench.model import RunRecord, Status, Variant
+from bench.model import CopiedDisk, RunRecord, Status, Variant
+from bench.realistic import (
+    AnyLab,
+    DialedConsole,
+    RealisticCache,
+    RealisticLab,
+    Survivor,
+    data_bytes,
+    disks_at,
+    disks_on,
+    ensure_cache,
+    exited_event,
+    kill_qemus_under,
+    pid_exited_event,
+    realistic_lab,
+    verify_survivor,
+)
 from bench.scenarios import DISK_BYTES, Scenario
+from livemig.drivers import image as qemu_img
 from livemig.drivers.process import find_qemu_processes
-from livemig.guest import GuestImage, ensure_built
+from livemig.guest import GuestImage, Heartbeat, ensure_built
 from livemig.guest._lab import Lab, migration_lab
 
 __all__ = ["Config", "Results", "run_bench"]
@@ -124,6 +141,10 @@ async def run_bench(config: Config, results: Results, save: Saver) -> None:
             peers = await _libvirt(config, results, stack, base)
             if "livemig" in config.variants:
                 await _help_times(base, results)
+            cache: RealisticCache | None = None
+            if any(s.realistic for s in config.scenarios):
+                _say("realistic VM: writing its images' data (once) …")
+                cache = await ensure_cache(base / "realistic-cache")
             for rep in range(1, config.runs + 1):
                 for _ in range(_STARTUP_SAMPLES):
                     if (cpu := await _startup_cpu(base)) is not None:
@@ -137,6 +158,7 @@ async def run_bench(config: Config, results: Results, save: Saver) -> None:
                         base=base,
                         rep=rep,
                         scenario=scenario,
+                        cache=cache,
                     )
                 save(results)
         results.finished = True
@@ -192,6 +214,7 @@ async def _repetition(
     base: Path,
     rep: int,
     scenario: Scenario,
+    cache: RealisticCache | None = None,
 ) -> None:
     done: dict[Variant, RunRecord] = {}
     for variant in _rotated(config.variants, rep - 1):
@@ -210,6 +233,18 @@ async def _repetition(
                     rep=rep,
                     deadline=config.deadline_s,
                     serial=len(results.records),
+                    cache=cache,
+                )
+            elif scenario.realistic:
+                assert cache is not None
+                record = await _realistic_run(
+                    variant,
+                    scenario,
+                    image=image,
+                    work=work,
+                    rep=rep,
+                    deadline=config.deadline_s,
+                    cache=cache,
                 )
             else:
                 record = await _lab_run(
@@ -294,15 +329,23 @@ async def _verify(lab: Lab, record: RunRecord, started: float, ended: float) -> 
 
 
 async def _livemig(lab: Lab, record: RunRecord, deadline: float) -> None:
-    # Start-up under this run's load: the guest is running (and dirtying) as it will during
-    # the migration; the refused children touch neither QEMU.
+    await _loaded_startup(record, lab.work_dir.parent)
+    _take_livemig(record, await run_livemig(lab, deadline_s=deadline))
+
+
+async def _loaded_startup(record: RunRecord, where: Path) -> None:
+    """Start-up under this run's load: the guest is running (and dirtying) as it will during
+    the migration; the refused children touch neither QEMU."""
     loaded = [
         cpu
         for _ in range(_STARTUP_SAMPLES)
-        if (cpu := await _startup_cpu(lab.work_dir.parent, name="startup-loaded")) is not None
+        if (cpu := await _startup_cpu(where, name="startup-loaded")) is not None
     ]
     record.startup_cpu_ms = statistics.median(loaded) if loaded else None
-    out = await run_livemig(lab, deadline_s=deadline)
+
+
+def _take_livemig(record: RunRecord, out: LivemigOutcome) -> None:
+    """livemig's figures and outcome into ``record``."""
     record.cpu_ms = out.child.cpu_s * 1000.0
     record.wall_ms = out.child.wall_s * 1000.0
     record.detail.update(
@@ -366,7 +409,229 @@ def livemig_to_cont_ms(result: dict[str, Any]) -> float | None:
     return round(float(sum(phases[s] for s in before)) + float(conts[-1]), 1)
 
 
-async def _bare(lab: Lab, record: RunRecord, deadline: float) -> None:
+async def _realistic_run(
+    variant: Variant,
+    scenario: Scenario,
+    *,
+    image: GuestImage,
+    work: Path,
+    rep: int,
+    deadline: float,
+    cache: RealisticCache,
+) -> RunRecord:
+    """One run on the realistic VM: livemig launches its own target (``--to local``); bare-qmp
+    and lxd-equivalent get one started beforehand from the same spec."""
+    record = RunRecord(rep, scenario.name, variant, "failed", loadavg=os.getloadavg()[0])
+    record.detail["host_dirty_mib"] = _dirty_mib()
+    try:
+        with trio.fail_after(deadline + _RUN_SLACK_S):
+            async with realistic_lab(
+                image, work, scenario, cache, with_target=variant != "livemig"
+            ) as lab:
+                if variant == "livemig":
+                    await _realistic_livemig(lab, record, deadline)
+                else:
+                    started = trio.current_time()
+                    if variant == "bare-qmp":
+                        await _bare(lab, record, deadline)
+                    else:
+                        await _lxd(lab, record, deadline)
+                    ended = trio.current_time()
+                    await _verify_realistic(lab, record, started, ended)
+    except Exception as err:
+        record.status = "failed"
+        message = describe(err)
+        record.error = f"{record.error}; {message}" if record.error else message
+    finally:
+        # The lab stopped its own QEMUs; a target livemig launched is nobody's child.
+        if pids := kill_qemus_under(work):
+            record.problems.append(f"QEMU processes left (killed): {pids}")
+    return record
+
+
+def _dirty_mib() -> float | None:
+    """The host's dirty page cache (``/proc/meminfo``), MiB: writeback the run may wait for."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Dirty:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+async def _verify_realistic(
+    lab: RealisticLab, record: RunRecord, started: float, ended: float
+) -> None:
+    """bare-qmp, lxd-equivalent: the invariants on the target started beforehand (converged)
+    or on the source (reverted)."""
+    assert lab.target is not None
+    assert lab.target_images is not None
+    assert lab.target_console is not None
+    assert lab.target_console.console is not None
+    async with trio.open_nursery() as nursery:
+        source_gone = exited_event(lab.source, nursery)
+        target_gone = exited_event(lab.target, nursery)
+        if record.status == "ok":
+            survivor = Survivor(
+                "target",
+                lab.target_qmp,
+                lab.target_console.console,
+                disks_on(lab.target_images, markers_from=lab.images),
+                lab.target_nodes,
+            )
+            other, mine = source_gone, target_gone
+        else:
+            survivor = Survivor(
+                "source", lab.source_qmp, lab.source_console, lab.images.disk_images(),
+                lab.source_nodes,
+            )  # fmt: skip
+            other, mine = target_gone, source_gone
+        await _check_survivor(
+            lab, record, survivor, other=other, mine=mine, window=(started, ended)
+        )
+        nursery.cancel_scope.cancel()
+
+
+def _beats(lab: RealisticLab, *extra: DialedConsole | None) -> list[Heartbeat]:
+    consoles = [lab.target_console, *extra]
+    beats = list(lab.source_console.heartbeats)
+    for c in consoles:
+        if c is not None:
+            beats += c.heartbeats
+    return beats
+
+
+async def _check_survivor(
+    lab: RealisticLab,
+    record: RunRecord,
+    survivor: Survivor,
+    *,
+    other: trio.Event | None,
+    mine: trio.Event,
+    window: tuple[float, float],
+    extra: tuple[DialedConsole | None, ...] = (),
+) -> None:
+    """The invariants on ``survivor`` (``other``: the other QEMU's exit, ``mine``: its own),
+    and the heartbeat gap over ``window`` (the migration's start and end)."""
+    started, ended = window
+    verdict = await verify_survivor(
+        survivor,
+        boot_id=lab.boot_id,
+        other_exited=other,
+        survivor_exited=mine,
+        heartbeats=_beats(lab, *extra),
+        work_dir=lab.work_dir,
+        scratch_dir=lab.work_dir,
+    )
+    record.problems += list(verdict.problems)
+    end = first_after(survivor.console.heartbeats, ended) or ended
+    gap = gap_around(_beats(lab, *extra), started, end)
+    record.heartbeat_gap_ms = gap.gap_ms
+    record.detail["missing_heartbeats"] = gap.missing
+    if gap.at is not None:
+        record.detail["gap_at_ms"] = round((gap.at - started) * 1000.0, 1)
+    if gap.seqs is not None:
+        record.detail["gap_between"] = _whose(gap.seqs, lab, extra, started)
+    record.detail["records_checked"] = verdict.records_checked
+    record.detail["layer_markers_checked"] = verdict.markers_checked
+    record.detail["survivor"] = survivor.side
+
+
+def _whose(
+    seqs: tuple[int, int],
+    lab: RealisticLab,
+    extra: tuple[DialedConsole | None, ...],
+    started: float,
+) -> list[list[object]]:
+    """The heartbeats around the longest gap, as ``[seq, console, ms since the start, acks]``
+    (for the report: which side went quiet)."""
+    consoles = [("source", list(lab.source_console.heartbeats))]
+    for c in (lab.target_console, *extra):
+        if c is not None:
+            consoles.append((c.name, c.heartbeats))
+    return [
+        [h.seq, name, round((h.at - started) * 1000.0, 1), dict(h.acks)]
+        for name, beats in consoles
+        for h in beats
+        if h.seq in seqs
+    ]
+
+
+#: How long the bench waits for the console of a target livemig launched once it runs the
+#: guest (the bench dials it as soon as its socket appears, long before).
+_CONSOLE_S = 5.0
+
+
+async def _realistic_livemig(lab: RealisticLab, record: RunRecord, deadline: float) -> None:
+    """``livemig migrate --to local`` (no ``--target-qmp``): livemig launches the target in
+    ``target/`` from the source's command line; the bench dials its console there."""
+    target_dir = lab.work_dir / "target"
+    console = DialedConsole("target", target_dir / "serial.sock")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(console.run)
+        await _loaded_startup(record, lab.work_dir.parent)
+        argv = livemig_local_argv(
+            lab, work_dir=lab.work_dir / "livemig", target_dir=target_dir, deadline_s=deadline
+        )
+        started = trio.current_time()
+        out = await run_livemig(lab, deadline_s=deadline, argv=argv)
+        ended = trio.current_time()
+        _take_livemig(record, out)
+        target = (out.result or {}).get("target")
+        if record.status == "ok" and isinstance(target, dict):
+            pid = int(target["pid"])
+            record.detail["launch_ms"] = launch_ms(out.child, pid)
+            record.detail["target"] = target
+            await _correct_disk_bytes(lab, record)
+            copies = {Path(k): Path(v) for k, v in dict(target["disks"]).items()}
+            with trio.move_on_after(_CONSOLE_S):
+                await console.wait_console()
+            if console.console is None:
+                record.problems.append(f"the target's console {console.path} never answered")
+                return
+            survivor = Survivor(
+                "target",
+                Path(str(target["qmp"])),
+                console.console,
+                disks_at(lab.images, copies),
+                lab.source_nodes,
+            )
+            other, mine = exited_event(lab.source, nursery), pid_exited_event(pid, nursery)
+        else:
+            if target_dir.exists():
+                record.problems.append(f"the launched target's dir is left: {target_dir}")
+            survivor = Survivor(
+                "source", lab.source_qmp, lab.source_console, lab.images.disk_images(),
+                lab.source_nodes,
+            )  # fmt: skip
+            other, mine = None, exited_event(lab.source, nursery)
+        await _check_survivor(
+            lab,
+            record,
+            survivor,
+            other=other,
+            mine=mine,
+            window=(started, ended),
+            extra=(console,),
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def _correct_disk_bytes(lab: AnyLab, record: RunRecord) -> None:
+    """livemig counts a disk's base copy as its top image's ``actual-size`` (what QEMU says of
+    the root's qcow2 file alone), while the copy reads and sends the data of its whole backing
+    chain: put the chain's data extents (``qemu-img map``) in its place. livemig's own figure
+    stays in ``detail["livemig_disk_bytes"]``."""
+    if record.disk_bytes is None or not isinstance(lab, RealisticLab):
+        return
+    record.detail["livemig_disk_bytes"] = record.disk_bytes
+    root = CopiedDisk("root", lab.images.root, "qcow2")
+    top = (await qemu_img.info(lab.images.root)).actual_size
+    record.disk_bytes = record.disk_bytes - top + await data_bytes(root)
+
+
+async def _bare(lab: AnyLab, record: RunRecord, deadline: float) -> None:
     out = await run_bare_qmp(lab, deadline_s=deadline)
     record.total_ms = out.total_ms
     record.downtime_ms = _num(out.downtime_ms)
@@ -383,7 +648,7 @@ async def _bare(lab: Lab, record: RunRecord, deadline: float) -> None:
         record.error = out.error
 
 
-async def _lxd(lab: Lab, record: RunRecord, deadline: float) -> None:
+async def _lxd(lab: AnyLab, record: RunRecord, deadline: float) -> None:
     out = await run_lxd_equivalent(lab, deadline_s=deadline)
     record.total_ms = out.total_ms
     record.downtime_ms = _num(out.downtime_ms)
@@ -407,12 +672,21 @@ async def _libvirt_run(
     rep: int,
     deadline: float,
     serial: int,
+    cache: RealisticCache | None = None,
 ) -> RunRecord:
     record = RunRecord(rep, scenario.name, "libvirt", "failed", loadavg=os.getloadavg()[0])
+    if scenario.realistic:
+        record.detail["host_dirty_mib"] = _dirty_mib()
     try:
         with trio.fail_after(deadline + _RUN_SLACK_S):
             out = await run_libvirt(
-                peers, scenario, image, work, run_name=f"lvb{serial}", deadline_s=deadline
+                peers,
+                scenario,
+                image,
+                work,
+                run_name=f"lvb{serial}",
+                deadline_s=deadline,
+                cache=cache,
             )
     except Exception as err:
         record.error = describe(err)
@@ -428,6 +702,12 @@ async def _libvirt_run(
         virsh_wall_ms=out.virsh_wall_ms,
         stats=out.stats,
     )
+    if out.records_checked is not None:
+        record.detail["records_checked"] = out.records_checked
+    if out.gap_at_ms is not None:
+        record.detail["gap_at_ms"] = out.gap_at_ms
+    if out.survivor_disks is not None:
+        record.detail["survivor_disks"] = out.survivor_disks
     if out.converged:
         record.status = "ok"
     else:

@@ -4,12 +4,14 @@ bare-qmp and --help targets, the switchover section. No QEMU."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from bench import bare
-from bench.model import RunRecord
+from bench.model import CopiedDisk, RunRecord, VariantFiles
+from bench.realistic import FILL_BYTES, fill_byte
 from bench.report import check_targets, help_checks, markdown, phase_split, summarize
 from bench.runner import Config, Results, livemig_to_cont_ms
 from bench.scenarios import select
@@ -177,3 +179,81 @@ def test_bare_qmp_sets_what_livemig_sets() -> None:
     assert bare.TARGET_CAPABILITIES == module.TARGET_CAPABILITIES
     assert bare.UNLIMITED_BANDWIDTH == module.UNLIMITED_BANDWIDTH
     assert bare.source_parameters() == {"downtime-limit": 300, "max-bandwidth": 1 << 40}
+
+
+REALISTIC = select(names=["realistic-idle-1G-non-shared"])[0]
+
+
+def test_the_realistic_scenario_runs_only_when_named() -> None:
+    assert REALISTIC.realistic
+    assert REALISTIC.memory_mib == 1024
+    assert REALISTIC.storage == "non-shared"
+    assert all(not s.realistic for s in select())
+    assert all(not s.realistic for s in select(memories=[1024]))
+
+
+def _realistic_records() -> list[RunRecord]:
+    name = REALISTIC.name
+    out = []
+    for rep, (total, launch, lv_total) in enumerate(
+        [(2000.0, 300.0, 4000.0), (2600.0, 350.0, 4200.0), (2500.0, 400.0, 4100.0)], 1
+    ):
+        out.append(
+            RunRecord(
+                rep,
+                name,
+                "livemig",
+                "ok",
+                total_ms=total,
+                downtime_ms=50.0,
+                detail={"launch_ms": launch, "livemig_disk_bytes": 500 << 20},
+            )
+        )
+        out.append(RunRecord(rep, name, "libvirt", "ok", total_ms=lv_total, downtime_ms=300.0))
+    return out
+
+
+def test_realistic_targets_compare_with_0_7_x_libvirt_with_and_without_the_launch() -> None:
+    cells = summarize(_realistic_records())
+    lm = cells[(REALISTIC.name, "livemig")]
+    assert (lm.total_ms, lm.launch_ms, lm.total_with_launch_ms) == (2500.0, 350.0, 2900.0)
+    checks = {c.target: c for c in check_targets(cells, [REALISTIC])}
+    plain = checks["total ≤ 0.7 x libvirt"]
+    assert (plain.verdict, plain.note) == ("PASS", "ratio 0.61")  # 2500 ≤ 0.7 x 4100 = 2870
+    launch = next(c for t, c in checks.items() if t.startswith("total + target launch"))
+    assert (launch.verdict, launch.note) == ("FAIL", "ratio 0.71")  # 2900 > 2870
+    assert checks["downtime ≤ libvirt"].verdict == "PASS"
+    # The default scenarios get no 0.7 x libvirt row.
+    assert "total ≤ 0.7 x libvirt" not in {c.target for c in check_targets(cells, [SCENARIO])}
+
+
+def test_realistic_notes_name_the_launch_and_livemigs_own_disk_figure() -> None:
+    config = Config(
+        runs=3,
+        scenarios=(REALISTIC,),
+        variants=("livemig", "libvirt"),
+        deadline_s=60,
+        install=False,
+    )
+    text = markdown(Results(config, records=_realistic_records()))
+    assert "target launch, median 350 ms; total with it 2900 ms" in text
+    assert "(median 500.0 MiB)" in text
+
+
+def test_the_fill_is_never_zero_and_differs_between_the_disks() -> None:
+    mibs = range(FILL_BYTES >> 20)
+    assert all(0 < fill_byte(d, m) < 256 for d in ("vda", "vdb") for m in mibs)
+    assert all(fill_byte("vda", m) != fill_byte("vdb", m) for m in mibs)
+
+
+def test_variant_files_keep_the_root_names_and_suffix_the_others() -> None:
+    work = Path("/w")
+    assert VariantFiles.under(work, "lxd").all() == (
+        work / "lxd-overlay.qcow2",
+        work / "lxd-nbd.sock",
+        work / "lxd-ram.sock",
+    )
+    disks = (CopiedDisk("root", work / "r.qcow2", "qcow2"), CopiedDisk("data", work / "d.raw"))
+    files = VariantFiles.under(work, "bare", disks)
+    assert files.overlays == (work / "bare-overlay.qcow2", work / "bare-overlay-data.qcow2")
+    assert files.overlay_of(disks, disks[1]) == work / "bare-overlay-data.qcow2"

@@ -12,6 +12,7 @@ effect                 the engine                                              s
 `Call`                 runs one driver operation on one QEMU                   its reply
 `Gather`               runs `Call` s to the two QEMUs at once                  their replies
 `OnHost`               runs one file or ``qemu-img`` operation on this host    ``None``
+`OnHostAll`            runs several of them at once                            ``None``
 `PushUndo`             pushes undo steps and journals the stack, durably       ``None``
 `DropUndo`             drops the undo step of something the script ended
 `ClearUndo`            empties the stack (the source was released)
@@ -61,6 +62,7 @@ __all__ = [
     "MigrationEvent",
     "Observe",
     "OnHost",
+    "OnHostAll",
     "OpenWindow",
     "Operation",
     "PushUndo",
@@ -114,6 +116,14 @@ class OnHost:
     op: Literal["make_dir", "create_image", "copy_to_nbd", "remove"]
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class OnHostAll:
+    """Run every one of ``ops`` at once (the base copies of a VM's disks): each runs to its end;
+    if any failed, the first failed one *in ``ops`` order* is raised."""
+
+    ops: tuple[OnHost, ...]
 
 
 @attrs.frozen
@@ -276,6 +286,7 @@ Effect = (
     Call
     | Gather
     | OnHost
+    | OnHostAll
     | PushUndo
     | DropUndo
     | ClearUndo

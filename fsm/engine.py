@@ -36,6 +36,7 @@ from livemig.fsm.effects import (
     MigrationEvent,
     Observe,
     OnHost,
+    OnHostAll,
     OpenWindow,
     PushUndo,
     Script,
@@ -81,6 +82,8 @@ async def _perform(session: Session, effect: Effect) -> Any:
             return await _gather(session, calls)
         case OnHost(op=op, args=args, kwargs=kwargs):
             return await getattr(session.host, op)(*args, **kwargs)
+        case OnHostAll(ops=ops):
+            await _on_host_all(session, ops)
         case PushUndo(steps=steps):
             await session.push_undo(*steps)
         case DropUndo(kind=kind, side=side):
@@ -163,6 +166,24 @@ async def _gather(session: Session, calls: tuple[Call, ...]) -> tuple[Any, ...]:
         if err is not None:
             raise err
     return tuple(replies)
+
+
+async def _on_host_all(session: Session, ops: tuple[OnHost, ...]) -> None:
+    """Every op at once, each to its end; the first failure in ``ops`` order is raised."""
+    errors: list[Exception | None] = [None] * len(ops)
+
+    async def one(i: int, effect: OnHost) -> None:
+        try:
+            await getattr(session.host, effect.op)(*effect.args, **effect.kwargs)
+        except Exception as err:
+            errors[i] = err
+
+    async with trio.open_nursery() as nursery:
+        for i, effect in enumerate(ops):
+            nursery.start_soon(one, i, effect)
+    for err in errors:
+        if err is not None:
+            raise err
 
 
 async def _listen(session: Session, effect: Listen) -> None:

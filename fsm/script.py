@@ -48,6 +48,7 @@ from livemig.fsm.effects import (
     MigrationEvent,
     Observe,
     OnHost,
+    OnHostAll,
     OpenWindow,
     Operation,
     PushUndo,
@@ -339,8 +340,12 @@ def mirror(ctx: Context) -> Script:
             writable=True,
         )
     ctx.disk_bytes = 0
+    # The bases at once: each copy waits on its own reads and its own NBD writes.
+    copies = [_copy_base(ctx, disk, plan.nbd.path) for disk in disks]
+    yield copies[0] if len(copies) == 1 else OnHostAll(tuple(copies))
     for disk in disks:
-        yield from _copy_base(ctx, disk, plan.nbd.path)
+        ctx.disk_bytes += disk.base_allocated or 0
+        ctx.disk_sent[disk.name] = disk.base_allocated or 0
     yield Listen(SOURCE, Stream.JOBS)
     for disk in disks:
         names = disk.created()
@@ -391,8 +396,8 @@ def report_mirror(ctx: Context) -> Script:
         yield Sleep(PROGRESS_INTERVAL_S)
 
 
-def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> Script:
-    """Copy ``disk``'s frozen base into its export on the target; zeros are not sent.
+def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> OnHost:
+    """The copy of ``disk``'s frozen base into its export on the target; zeros are not sent.
 
     A base with a backing chain (a qcow2 on a base image, of any depth) is flattened: the copy
     reads the guest-visible data through the chain, so the target holds it all in its one
@@ -406,7 +411,7 @@ def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> Script:
     filename, fmt = disk.base_image
     base_format: ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
     # What each QEMU said of its image at connect: no qemu-img process for it.
-    yield OnHost(
+    return OnHost(
         "copy_to_nbd",
         (Path(filename), base_format, nbd_socket, disk.created().export_name),
         # Fully unallocated (raw), or an image livemig itself just made empty (--to local: a
@@ -416,8 +421,6 @@ def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> Script:
             or Path(disk.target_image) in ctx.plan.target_files
         },
     )
-    ctx.disk_bytes = (ctx.disk_bytes or 0) + (disk.base_allocated or 0)
-    ctx.disk_sent[disk.name] = disk.base_allocated or 0
 
 
 def transfer_state(ctx: Context) -> Script:

@@ -592,20 +592,6 @@ def _realistic_notes(results: Results) -> list[str]:
                 f"{sc.name}: livemig's target launch, median {_num(lm.launch_ms)} ms; total "
                 f"with it {_num(lm.total_with_launch_ms)} ms."
             )
-        raw = [
-            r.detail["livemig_disk_bytes"]
-            for r in results.records
-            if r.scenario == sc.name
-            and r.variant == "livemig"
-            and isinstance(r.detail.get("livemig_disk_bytes"), int)
-        ]
-        if raw:
-            out.append(
-                f"{sc.name}: livemig's disk MiB is the bench's count: livemig's own "
-                f"`disk_bytes` (median {_num(_median(raw), _MIB, 1)} MiB) counts the root's "
-                "base copy as the root qcow2 file's `actual-size` alone, not the data of its "
-                "backing chain the copy sends (see bench/README.md)."
-            )
     return out
 
 

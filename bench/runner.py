@@ -39,14 +39,13 @@ from bench.libvirt import (
 )
 from bench.livemig_run import LivemigOutcome, launch_ms, livemig_local_argv, run_livemig
 from bench.lxd import run_lxd_equivalent
-from bench.model import CopiedDisk, RunRecord, Status, Variant
+from bench.model import RunRecord, Status, Variant
 from bench.realistic import (
     AnyLab,
     DialedConsole,
     RealisticCache,
     RealisticLab,
     Survivor,
-    data_bytes,
     disks_at,
     disks_on,
     ensure_cache,
@@ -57,7 +56,6 @@ from bench.realistic import (
     verify_survivor,
 )
 from bench.scenarios import DISK_BYTES, Scenario
-from livemig.drivers import image as qemu_img
 from livemig.drivers.process import find_qemu_processes
 from livemig.guest import GuestImage, Heartbeat, ensure_built
 from livemig.guest._lab import Lab, migration_lab
@@ -583,7 +581,6 @@ async def _realistic_livemig(lab: RealisticLab, record: RunRecord, deadline: flo
             pid = int(target["pid"])
             record.detail["launch_ms"] = launch_ms(out.child, pid)
             record.detail["target"] = target
-            await _correct_disk_bytes(lab, record)
             copies = {Path(k): Path(v) for k, v in dict(target["disks"]).items()}
             with trio.move_on_after(_CONSOLE_S):
                 await console.wait_console()
@@ -616,19 +613,6 @@ async def _realistic_livemig(lab: RealisticLab, record: RunRecord, deadline: flo
             extra=(console,),
         )
         nursery.cancel_scope.cancel()
-
-
-async def _correct_disk_bytes(lab: AnyLab, record: RunRecord) -> None:
-    """livemig counts a disk's base copy as its top image's ``actual-size`` (what QEMU says of
-    the root's qcow2 file alone), while the copy reads and sends the data of its whole backing
-    chain: put the chain's data extents (``qemu-img map``) in its place. livemig's own figure
-    stays in ``detail["livemig_disk_bytes"]``."""
-    if record.disk_bytes is None or not isinstance(lab, RealisticLab):
-        return
-    record.detail["livemig_disk_bytes"] = record.disk_bytes
-    root = CopiedDisk("root", lab.images.root, "qcow2")
-    top = (await qemu_img.info(lab.images.root)).actual_size
-    record.disk_bytes = record.disk_bytes - top + await data_bytes(root)
 
 
 async def _bare(lab: AnyLab, record: RunRecord, deadline: float) -> None:

@@ -239,12 +239,12 @@ def _check_disks(plan: Plan, source: QemuView, target: QemuView, same_file: Same
                 f"the target's {_disk_name(there)} has no medium for the source's disk "
                 f"{label!r} ({disk.filename})"
             )
-        if plan.disks and named is None:
-            # Left out: it must be shared, and then it moves as a shared disk (reported so).
-            _check_left_out(plan, disk, there, same_file)
-        moved.append(
-            _check_disk(plan, label, disk, there, source=source, target=target, same_file=same_file)
+        move = _check_disk(
+            plan, label, disk, there, source=source, target=target, same_file=same_file
         )
+        if plan.disks and named is None and move.copied:
+            raise _left_out(plan, move)
+        moved.append(move)  # a disk --disk left out moves too: shared (and reported so)
     copied = 0
     for i, move in enumerate(moved):
         if move.copied:
@@ -324,19 +324,16 @@ def _chain_allocated(view: QemuView, top: BlockNode) -> int | None:
         node = below
 
 
-def _check_left_out(plan: Plan, disk: BlockDevice, there: BlockDevice, same_file: SameFile) -> None:
+def _left_out(plan: Plan, disk: Disk) -> PrecheckError:
     """A writable disk ``--disk`` leaves out is not copied: it must be shared, or the guest
     would come up on the target with that disk's writes lost."""
-    name = _disk_name(disk)
+    source, target = disk.base_image[0], disk.target_image
     if plan.storage is StorageChoice.NON_SHARED:
-        raise PrecheckError(
-            f"the source has a writable disk {name!r} ({disk.filename}) that --disk leaves out "
+        return PrecheckError(
+            f"the source has a writable disk {disk.name!r} ({source}) that --disk leaves out "
             "and livemig would not copy; name it too, or detach it or make it read-only"
         )
-    assert disk.filename is not None
-    assert there.filename is not None
-    if not same_file(disk.filename, there.filename):
-        raise PrecheckError(
-            f"disk {name!r} is left out by --disk but is not shared: {disk.filename} on the "
-            f"source, {there.filename} on the target"
-        )
+    return PrecheckError(
+        f"disk {disk.name!r} is left out by --disk but is not shared: {source} on the "
+        f"source, {target} on the target"
+    )

@@ -102,9 +102,9 @@ async def migrate_to_local(
     )
     try:
         target = await start_local_target(launch)
+    except UsageError:
+        raise
     except LivemigError as err:
-        if isinstance(err, UsageError):
-            raise
         return _launch_failed(err)
     made = (target.directory,) if target.created_dir else ()
     plan = attrs.evolve(

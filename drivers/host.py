@@ -14,6 +14,7 @@ import trio
 
 from livemig.drivers import image, qcow2
 from livemig.drivers.image import ImageFormat
+from livemig.transports.endpoints import Endpoint, Tls
 
 __all__ = ["Host", "LocalHost"]
 
@@ -26,9 +27,16 @@ class Host(Protocol):
         """Create an image file of ``size`` bytes (virtual)."""
 
     async def copy_to_nbd(
-        self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
+        self,
+        source: Path,
+        fmt: ImageFormat,
+        nbd: Endpoint,
+        export: str,
+        *,
+        target_is_zero: bool,
+        tls: Tls | None = None,
     ) -> None:
-        """Copy a frozen image into an NBD export, sending no zeros."""
+        """Copy a frozen image into an NBD export, sending no zeros (over TLS with ``tls``)."""
 
     async def remove(self, path: Path) -> None:
         """Remove a file, or an empty directory; a missing one is fine (and a directory that
@@ -50,9 +58,16 @@ class LocalHost:
             await image.create(path, fmt, size)
 
     async def copy_to_nbd(
-        self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
+        self,
+        source: Path,
+        fmt: ImageFormat,
+        nbd: Endpoint,
+        export: str,
+        *,
+        target_is_zero: bool,
+        tls: Tls | None = None,
     ) -> None:
-        await image.copy_to_nbd(source, fmt, nbd_socket, export, target_is_zero=target_is_zero)
+        await image.copy_to_nbd(source, fmt, nbd, export, target_is_zero=target_is_zero, tls=tls)
 
     async def remove(self, path: Path) -> None:
         target = trio.Path(path)

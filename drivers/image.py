@@ -9,6 +9,7 @@ No timeouts: wrap calls in :func:`trio.fail_after`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from livemig.transports.endpoints import Endpoint, Tls, UnixEndpoint, as_endpoint
 from livemig.transports.errors import ToolError, UsageError
 
 __all__ = ["ImageFormat", "ImageInfo", "convert", "copy_to_nbd", "create", "info"]
@@ -139,20 +141,32 @@ async def convert(
     )
 
 
-def _nbd_target(nbd_socket: Path, export: str) -> str:
+#: The id of the TLS object a base copy's ``qemu-img`` creates for itself.
+_TLS_ID = "lm-tls"
+
+
+def _nbd_target(nbd: Endpoint, export: str, tls: Tls | None) -> str:
     def esc(value: str) -> str:
         return value.replace(",", ",,")
 
-    return f"driver=nbd,server.type=unix,server.path={esc(str(nbd_socket))},export={esc(export)}"
+    if isinstance(nbd, UnixEndpoint):
+        server = f"server.type=unix,server.path={esc(str(nbd.path))}"
+    else:
+        server = f"server.type=inet,server.host={esc(nbd.host)},server.port={nbd.port}"
+    opts = f"driver=nbd,{server},export={esc(export)}"
+    if tls is not None:
+        opts += f",tls-creds={_TLS_ID},tls-hostname={esc(tls.hostname)}"
+    return opts
 
 
 async def copy_to_nbd(
     source: Path,
     source_fmt: ImageFormat,
-    nbd_socket: Path,
+    nbd: Endpoint | os.PathLike[str] | str,
     export: str,
     *,
     target_is_zero: bool = False,
+    tls: Tls | None = None,
     force_share: bool = False,
     qemu_img: str = DEFAULT_QEMU_IMG,
 ) -> None:
@@ -172,14 +186,22 @@ async def copy_to_nbd(
 
     The export must be at least as large as the source.
 
+    :param tls: do TLS with the NBD server, with the client credentials of ``tls.directory``
+        (a ``tls-creds-x509`` object of ``qemu-img``'s own) and its ``hostname`` checked.
     :param force_share: read the source even while a QEMU may write it (``-U``). Leave it off:
         the copy is only consistent when the source is frozen, and QEMU's lock then lets us read.
     :raise ToolError: when ``qemu-img`` fails (export missing, source locked by a writer, …).
     """
     argv = [qemu_img, "convert", "-q", "-n", "-f", source_fmt]
+    if tls is not None:
+        directory = str(tls.directory).replace(",", ",,")
+        argv += [
+            "--object",
+            f"tls-creds-x509,id={_TLS_ID},dir={directory},endpoint=client,verify-peer=on",
+        ]
     if target_is_zero:
         argv.append("--target-is-zero")
     if force_share:
         argv.append("-U")
-    argv += ["--target-image-opts", str(source), _nbd_target(nbd_socket, export)]
+    argv += ["--target-image-opts", str(source), _nbd_target(as_endpoint(nbd), export, tls)]
     await _run(argv)

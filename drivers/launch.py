@@ -169,6 +169,55 @@ class LaunchPlan:
     images: Mapping[Path, DiskImage]
     files: tuple[Path, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        """As JSON, for a launch on another host (``livemig remote-target launch``)."""
+        return {
+            "argv": list(self.argv),
+            "cwd": _opt(self.cwd),
+            "directory": os.fspath(self.directory),
+            "qmp": os.fspath(self.qmp),
+            "log": os.fspath(self.log),
+            "serial": _opt(self.serial),
+            "disks": {k: os.fspath(v) for k, v in self.disks.items()},
+            "images": {
+                os.fspath(k): {"format": v.format, "virtual_size": v.virtual_size}
+                for k, v in self.images.items()
+            },
+            "files": [os.fspath(f) for f in self.files],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LaunchPlan:
+        """Read :meth:`to_json`'s form.
+
+        :raise UsageError: when it is not that form.
+        """
+        try:
+            return cls(
+                argv=tuple(str(a) for a in data["argv"]),
+                cwd=_path(data["cwd"]),
+                directory=Path(data["directory"]),
+                qmp=Path(data["qmp"]),
+                log=Path(data["log"]),
+                serial=_path(data["serial"]),
+                disks={str(k): Path(v) for k, v in data["disks"].items()},
+                images={
+                    Path(k): DiskImage(format=v["format"], virtual_size=int(v["virtual_size"]))
+                    for k, v in data["images"].items()
+                },
+                files=tuple(Path(f) for f in data["files"]),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise UsageError(f"not a launch plan: {err!r}") from err
+
+
+def _opt(path: Path | None) -> str | None:
+    return os.fspath(path) if path is not None else None
+
+
+def _path(value: object) -> Path | None:
+    return Path(str(value)) if value is not None else None
+
 
 def _absolute(path: str | os.PathLike[str], base: Path | None = None) -> Path:
     """``path`` made absolute against ``base`` (else livemig's working directory), normalized."""
@@ -334,6 +383,39 @@ class LocalTarget:
     created_dir: bool
     files: tuple[Path, ...]
     start_time: int
+
+    def to_json(self) -> dict[str, Any]:
+        """All of it as JSON (a remote target's, journalled for ``livemig recover``)."""
+        return {
+            **self.as_json(),
+            "argv": list(self.argv),
+            "directory": os.fspath(self.directory),
+            "created_dir": self.created_dir,
+            "files": [os.fspath(f) for f in self.files],
+            "start_time": self.start_time,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LocalTarget:
+        """Read :meth:`to_json`'s form.
+
+        :raise UsageError: when it is not that form.
+        """
+        try:
+            return cls(
+                qmp=Path(data["qmp"]),
+                pid=int(data["pid"]),
+                serial=_path(data["serial"]),
+                log=Path(data["log"]),
+                disks={str(k): Path(v) for k, v in data["disks"].items()},
+                argv=tuple(str(a) for a in data["argv"]),
+                directory=Path(data["directory"]),
+                created_dir=bool(data["created_dir"]),
+                files=tuple(Path(f) for f in data["files"]),
+                start_time=int(data["start_time"]),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise UsageError(f"not a launched target: {err!r}") from err
 
     def as_json(self) -> dict[str, Any]:
         """The target for a JSON result line: ``qmp``, ``pid``, ``serial``, ``log``, ``disks``."""

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from livemig.drivers.qapi import Monitor, json_array, member, qmp_arguments, query
+from livemig.transports.endpoints import Endpoint, UnixEndpoint, as_endpoint
 
 __all__ = [
     "BlockExport",
@@ -45,21 +46,34 @@ class BlockExport:
 
 
 async def nbd_server_start(
-    monitor: Monitor, socket_path: os.PathLike[str] | str, *, max_connections: int = 1
+    monitor: Monitor,
+    address: Endpoint | os.PathLike[str] | str,
+    *,
+    max_connections: int = 1,
+    tls_creds: str | None = None,
 ) -> None:
-    """``nbd-server-start`` listening on a unix socket, for ``max_connections`` clients at a
-    time (livemig's base copy, then its mirror: one at a time; nobody else gets in beside them).
+    """``nbd-server-start`` listening on a unix socket or a TCP address, for
+    ``max_connections`` clients at a time (livemig's base copy, then its mirror: one per disk at
+    a time; nobody else gets in beside them).
 
     QEMU takes the legacy address form here, ``{"type": "unix", "data": {"path": …}}`` (the flat
     form that ``blockdev-add`` takes is refused: "Parameter 'addr.data' is missing").
+
+    :param tls_creds: the id of a ``tls-creds-x509`` server object: every client must do TLS
+        with a certificate that object's CA signed.
     """
-    await monitor.execute(
-        "nbd-server-start",
-        {
-            "addr": {"type": "unix", "data": {"path": os.fspath(socket_path)}},
-            "max-connections": max_connections,
-        },
-    )
+    where = as_endpoint(address)
+    data: dict[str, str]
+    if isinstance(where, UnixEndpoint):
+        data = {"path": str(where.path)}
+        addr = {"type": "unix", "data": data}
+    else:
+        data = {"host": where.host, "port": str(where.port)}
+        addr = {"type": "inet", "data": data}
+    arguments: dict[str, Any] = {"addr": addr, "max-connections": max_connections}
+    if tls_creds is not None:
+        arguments["tls-creds"] = tls_creds
+    await monitor.execute("nbd-server-start", arguments)
 
 
 async def nbd_server_stop(monitor: Monitor) -> None:

@@ -55,6 +55,8 @@ class Journal:
     :param postcopy_committed: ``migrate-continue`` into post-copy was sent or about to be: the
         source can no longer take the guest back.
     :param files: files of the run to remove whatever the outcome (overlay, sockets).
+    :param remote: a target on another host: how to reach it and what was launched there
+        (`livemig.fsm.plan.Plan.remote`); ``None``: this host.
     """
 
     run_id: str
@@ -67,6 +69,7 @@ class Journal:
     target_resumed: bool = False
     postcopy_committed: bool = False
     stop_source: bool = True
+    remote: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +84,7 @@ class Journal:
             "target_resumed": self.target_resumed,
             "postcopy_committed": self.postcopy_committed,
             "stop_source": self.stop_source,
+            **({"remote": dict(self.remote)} if self.remote is not None else {}),
         }
 
     @classmethod
@@ -99,6 +103,7 @@ class Journal:
                 target_resumed=bool(data["target_resumed"]),
                 postcopy_committed=bool(data["postcopy_committed"]),
                 stop_source=bool(data.get("stop_source", True)),
+                remote=dict(data["remote"]) if data.get("remote") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"journal is damaged: {err}") from err

@@ -9,15 +9,22 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 from attrs import validators as v
 
 from livemig.fsm.machine import StorageChoice
 from livemig.fsm.policy import ConvergencePolicy, GiB, Ladder, Rung, StallRule
-from livemig.transports.endpoints import Endpoint, TcpEndpoint, UnixEndpoint, parse_endpoint
+from livemig.transports.endpoints import (
+    Endpoint,
+    TcpEndpoint,
+    Tls,
+    UnixEndpoint,
+    parse_endpoint,
+)
 from livemig.transports.errors import UsageError
 
 __all__ = ["SENDS_AT_CAP", "Deadlines", "DiskNames", "Plan", "Policy"]
@@ -213,6 +220,14 @@ class Plan:
     :param target_files: what livemig made for a target it launched (``--to local``: its
         directory first, then its log, sockets and images): removed in the reverse order, once
         the target is quit, when the run reverts — by ``livemig recover`` too, after a crash.
+    :param tls: QEMU's TLS on the RAM stream, the NBD server, the mirror and the base copy
+        (``None``: none).
+    :param migrate_listen: where the target listens for the RAM stream when that is not where
+        the source connects (an SSH tunnel: the target listens on its host's socket, the source
+        connects to the tunnel's end on this one); ``None``: ``migrate_uri``.
+    :param nbd_listen: likewise for the NBD server; ``None``: ``nbd``.
+    :param remote: how to reach the target's host when it is another one (``--to ssh://``),
+        as `livemig.remote` journals it for ``livemig recover``; ``None``: this host.
     """
 
     source_qmp: UnixEndpoint
@@ -231,6 +246,32 @@ class Plan:
     #: Random part of the NBD export's name: only the mirror and the base copy, which are told
     #: it, can find the disk on the target's NBD server.
     export_token: str = attrs.field(factory=lambda: secrets.token_hex(8), eq=False)
+    tls: Tls | None = None
+    migrate_listen: Endpoint | None = None
+    nbd_listen: Endpoint | None = None
+    remote: Mapping[str, Any] | None = None
+    #: Target images livemig created empty for this run (a launched target's): a base copy
+    #: into one skips zeros and leaves it sparse.
+    created_images: tuple[Path, ...] = attrs.field(default=(), converter=tuple[Path, ...])
+
+    def fresh_image(self, path: Path) -> bool:
+        """Whether ``path`` is a target image livemig made empty for this run."""
+        return path in self.created_images or path in self.target_files
+
+    @property
+    def incoming_uri(self) -> Endpoint:
+        """Where the target listens for the RAM stream."""
+        return self.migrate_listen if self.migrate_listen is not None else self.migrate_uri
+
+    @property
+    def nbd_server(self) -> Endpoint:
+        """Where the target's NBD server listens."""
+        return self.nbd_listen if self.nbd_listen is not None else self.nbd
+
+    @property
+    def tls_object(self) -> str:
+        """The id of this run's ``tls-creds-x509`` object, on each QEMU."""
+        return f"lm-{self.run_id}-tls"
 
     @classmethod
     def create(
@@ -247,11 +288,12 @@ class Plan:
         deadlines: Deadlines | None = None,
         run_id: str | None = None,
         insecure: bool = False,
+        tls: Tls | None = None,
     ) -> Plan:
         """Build a plan from caller input, filling in defaults.
 
         :param insecure: allow plain TCP to an address off this host (guest memory and disk
-            in the clear); refused otherwise.
+            in the clear); refused otherwise (with ``tls`` it is not in the clear).
         :raise UsageError: on any bad value; nothing is touched.
         """
         try:
@@ -274,7 +316,7 @@ class Plan:
             else UnixEndpoint(work / f"lm-{rid}-ram.sock")
         )
         disk = parse_endpoint(nbd) if nbd else UnixEndpoint(work / f"lm-{rid}-nbd.sock")
-        if not insecure:
+        if not insecure and tls is None:
             _refuse_off_host(ram, "the RAM stream")
             _refuse_off_host(disk, "the disk copy")
         return cls(
@@ -288,6 +330,7 @@ class Plan:
             disks=_unique(disks),
             policy=policy or Policy(),
             deadlines=deadlines or Deadlines(),
+            tls=tls,
         )
 
     # Names of everything this run creates: unique per run so a leftover from an earlier,
@@ -379,7 +422,7 @@ def _refuse_off_host(endpoint: Endpoint, what: str) -> None:
     if isinstance(endpoint, TcpEndpoint) and not endpoint.loopback:
         raise UsageError(
             f"{what} over {endpoint} would carry the guest in the clear off this host; use a "
-            "unix socket or a loopback address, or allow it with --insecure"
+            "unix socket, a loopback address or TLS (--tls-dir), or allow it with --insecure"
         )
 
 

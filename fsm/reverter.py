@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.drivers import block, jobs, migration, nbd, objects, runstate
 from livemig.drivers.host import Host
 from livemig.drivers.qmp import Monitor
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
@@ -118,6 +118,9 @@ async def _run(
             await _resume(m)
         case UndoKind.RESUME_GUEST:
             await _resume(m)
+        case UndoKind.DELETE_OBJECT:
+            if args["id"] in await objects.object_ids(m):
+                await objects.object_del(m, args["id"])
         case UndoKind.QUIT if step.side is Side.TARGET:
             await _quit_target(m, monitors[Side.SOURCE], state, patience)
         case UndoKind.QUIT:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from livemig.drivers import block, jobs, migration, nbd, runstate
+from livemig.drivers import block, jobs, migration, nbd, objects, runstate
 from livemig.drivers.migration import MigrationStats
 from livemig.drivers.status import MigrationStatus
 from livemig.fsm.effects import (
@@ -88,7 +88,7 @@ from livemig.fsm.policy import (
 from livemig.fsm.prechecks import Disk, QemuView, Verdict, precheck
 from livemig.fsm.settings import choose_settings
 from livemig.fsm.undo import Side, UndoKind, UndoStep
-from livemig.transports.endpoints import UnixEndpoint
+from livemig.transports.endpoints import Endpoint, UnixEndpoint
 from livemig.transports.errors import (
     CommandFailed,
     ConvergenceFailed,
@@ -135,11 +135,23 @@ class Context:
         return StepFailed(message, state=self.state.value)
 
     def run_files(self) -> list[Path]:
-        """Files this run may create: the overlays and the unix sockets of the target."""
+        """Files this run may create on this host: the overlays and the unix sockets of the
+        target (those the source connects to; where a remote target listens, when it is on
+        another host, is that host's: its launch removes them)."""
         plan = self.plan
-        sockets = [e.path for e in (plan.migrate_uri, plan.nbd) if isinstance(e, UnixEndpoint)]
+        ends = [plan.migrate_uri, plan.nbd]
+        if plan.remote is None:
+            ends += [plan.incoming_uri, plan.nbd_server]
+        sockets = list(dict.fromkeys(e.path for e in ends if isinstance(e, UnixEndpoint)))
         overlays = [d.created().overlay_path for d in self.copied()]
         return [*overlays, *sockets]
+
+    def listen_socket_undo(self, where: Endpoint) -> tuple[UndoStep, ...]:
+        """The undo step that removes a unix socket the target listens on, when it is on this
+        host (a remote target's go with its launch)."""
+        if not isinstance(where, UnixEndpoint) or self.plan.remote is not None:
+            return ()
+        return (UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(where.path)}),)
 
     def disks(self) -> tuple[Disk, ...]:
         """Every disk the run moves (copied and shared)."""
@@ -213,6 +225,25 @@ def set_capabilities(ctx: Context) -> Script:
         target_parameters=dst_params,
     )
     ctx.warnings += [f"{what} is not offered; migrating without it" for what in chosen.not_offered]
+    source_parameters = dict(chosen.source_parameters)
+    target_parameters = dict(chosen.target_parameters)
+    restore_parameters = dict(chosen.restore_parameters)
+    tls = ctx.plan.tls
+    if tls is not None:
+        # Each QEMU gets its credentials as an object of this run's; the RAM stream uses them
+        # by id (the source checks the target's certificate names ``tls.hostname``).
+        tls_id = ctx.plan.tls_object
+        source_parameters |= {"tls-creds": tls_id, "tls-hostname": tls.hostname}
+        target_parameters |= {"tls-creds": tls_id}
+        for name in ("tls-creds", "tls-hostname"):
+            restore_parameters[name] = src_params.get(name) or ""
+        yield PushUndo((UndoStep(UndoKind.DELETE_OBJECT, SOURCE, {"id": tls_id}),))
+        yield Gather(
+            (
+                call(TARGET, objects.add_tls_creds, tls, tls_id, endpoint="server"),
+                call(SOURCE, objects.add_tls_creds, tls, tls_id, endpoint="client"),
+            )
+        )
     yield PushUndo(
         (
             UndoStep(
@@ -223,18 +254,18 @@ def set_capabilities(ctx: Context) -> Script:
             UndoStep(
                 UndoKind.RESTORE_PARAMETERS,
                 SOURCE,
-                {"parameters": plain(dict(chosen.restore_parameters))},
+                {"parameters": plain(restore_parameters)},
             ),
         )
     )
     target_calls = [call(TARGET, migration.set_capabilities, chosen.target_capabilities)]
-    if chosen.target_parameters:
-        target_calls.append(call(TARGET, migration.set_parameters, chosen.target_parameters))
+    if target_parameters:
+        target_calls.append(call(TARGET, migration.set_parameters, target_parameters))
     yield Gather(
         (
             *target_calls,
             call(SOURCE, migration.set_capabilities, chosen.source_capabilities),
-            call(SOURCE, migration.set_parameters, chosen.source_parameters),
+            call(SOURCE, migration.set_parameters, source_parameters),
         )
     )
     convergence = policy.convergence()
@@ -311,14 +342,10 @@ def mirror(ctx: Context) -> Script:
     """Copy each frozen base to the target, then mirror each overlay there until every mirror
     is READY. One NBD server on the target serves every disk, each its own export."""
     plan, disks = ctx.plan, ctx.copied()
-    if not isinstance(plan.nbd, UnixEndpoint):
-        raise ctx.fail("the disk copy needs a unix NBD endpoint on this host")
+    tls_id = plan.tls_object if plan.tls is not None else None
     # Every undo step of the copy at once, one journal write (each is safe to run when its
     # thing does not exist yet; the stack unwinds them in the order they must run).
-    steps = [
-        UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.nbd.path)}),
-        UndoStep(UndoKind.STOP_NBD_SERVER, TARGET),
-    ]
+    steps = [*ctx.listen_socket_undo(plan.nbd_server), UndoStep(UndoKind.STOP_NBD_SERVER, TARGET)]
     for disk in disks:
         names = disk.created()
         steps += [
@@ -328,7 +355,13 @@ def mirror(ctx: Context) -> Script:
         ]
     yield PushUndo(tuple(steps))
     # One client per disk at a time (each base copy, then each mirror); nobody else gets in.
-    yield call(TARGET, nbd.nbd_server_start, plan.nbd.path, max_connections=len(disks))
+    yield call(
+        TARGET,
+        nbd.nbd_server_start,
+        plan.nbd_server,
+        max_connections=len(disks),
+        tls_creds=tls_id,
+    )
     for disk in disks:
         names = disk.created()
         yield call(
@@ -341,7 +374,7 @@ def mirror(ctx: Context) -> Script:
         )
     ctx.disk_bytes = 0
     # The bases at once: each copy waits on its own reads and its own NBD writes.
-    copies = [_copy_base(ctx, disk, plan.nbd.path) for disk in disks]
+    copies = [_copy_base(ctx, disk) for disk in disks]
     yield copies[0] if len(copies) == 1 else OnHostAll(tuple(copies))
     for disk in disks:
         ctx.disk_bytes += disk.base_allocated or 0
@@ -349,16 +382,15 @@ def mirror(ctx: Context) -> Script:
     yield Listen(SOURCE, Stream.JOBS)
     for disk in disks:
         names = disk.created()
-        yield call(
-            SOURCE,
-            block.blockdev_add,
-            {
-                "driver": "nbd",
-                "node-name": names.nbd_node,
-                "server": plan.nbd.flat_address(),
-                "export": names.export_name,
-            },
-        )
+        client: dict[str, Any] = {
+            "driver": "nbd",
+            "node-name": names.nbd_node,
+            "server": plan.nbd.flat_address(),
+            "export": names.export_name,
+        }
+        if plan.tls is not None:
+            client |= {"tls-creds": tls_id, "tls-hostname": plan.tls.hostname}
+        yield call(SOURCE, block.blockdev_add, client)
         yield call(
             SOURCE,
             block.blockdev_mirror,
@@ -396,7 +428,7 @@ def report_mirror(ctx: Context) -> Script:
         yield Sleep(PROGRESS_INTERVAL_S)
 
 
-def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> OnHost:
+def _copy_base(ctx: Context, disk: Disk) -> OnHost:
     """The copy of ``disk``'s frozen base into its export on the target; zeros are not sent.
 
     A base with a backing chain (a qcow2 on a base image, of any depth) is flattened: the copy
@@ -413,12 +445,13 @@ def _copy_base(ctx: Context, disk: Disk, nbd_socket: Path) -> OnHost:
     # What each QEMU said of its image at connect: no qemu-img process for it.
     return OnHost(
         "copy_to_nbd",
-        (Path(filename), base_format, nbd_socket, disk.created().export_name),
+        (Path(filename), base_format, ctx.plan.nbd, disk.created().export_name),
         # Fully unallocated (raw), or an image livemig itself just made empty (--to local: a
         # qcow2 always has metadata allocated).
         {
             "target_is_zero": disk.target_allocated == 0
-            or Path(disk.target_image) in ctx.plan.target_files
+            or ctx.plan.fresh_image(Path(disk.target_image)),
+            **({"tls": ctx.plan.tls} if ctx.plan.tls is not None else {}),
         },
     )
 
@@ -428,14 +461,13 @@ def transfer_state(ctx: Context) -> Script:
     plan = ctx.plan
     yield Listen(TARGET, Stream.MIGRATION)
     yield Listen(SOURCE, Stream.MIGRATION)
-    steps = [UndoStep(UndoKind.CANCEL_MIGRATION, SOURCE)]
-    if isinstance(plan.migrate_uri, UnixEndpoint):
-        steps.insert(
-            0, UndoStep(UndoKind.DELETE_FILE, TARGET, {"path": str(plan.migrate_uri.path)})
-        )
+    steps = [
+        *ctx.listen_socket_undo(plan.incoming_uri),
+        UndoStep(UndoKind.CANCEL_MIGRATION, SOURCE),
+    ]
     # Both at once, one journal write: a cancel with no migration running is a no-op.
     yield PushUndo(tuple(steps))
-    yield call(TARGET, migration.migrate_incoming, plan.migrate_uri.uri)
+    yield call(TARGET, migration.migrate_incoming, plan.incoming_uri.uri)
     yield call(SOURCE, migration.migrate, plan.migrate_uri.uri)
     yield Observe(MigrationStatusChanged(MigrationStatus.SETUP))
 

@@ -104,6 +104,7 @@ class Session:
             target_resumed=self.facts.target_resumed,
             postcopy_committed=self.facts.postcopy_committed,
             stop_source=plan.policy.stop_source,
+            remote=plan.remote,
         )
         await self.journal.write(journal, durable=durable)
 

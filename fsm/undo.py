@@ -46,6 +46,8 @@ class UndoKind(enum.StrEnum):
     CANCEL_MIGRATION = "cancel-migration"
     #: Make sure the guest runs (``cont`` only when it is not running).
     RESUME_GUEST = "resume-guest"
+    #: Remove a user-created object livemig added, the TLS credentials (args: ``id``).
+    DELETE_OBJECT = "delete-object"
     #: Quit a QEMU process (the target that never ran the guest).
     QUIT = "quit"
 

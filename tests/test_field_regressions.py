@@ -22,6 +22,7 @@ from livemig.testing.model.block import Job
 from livemig.testing.model.invariants import check_invariants, reads_only
 from livemig.testing.model.runs import FaultRun, migrate_with_faults
 from livemig.testing.model.world import Knobs, Storage, World, fake_world
+from livemig.transports.endpoints import UnixEndpoint
 
 GUARD = 120
 STORAGES: tuple[Storage, ...] = ("non-shared", "shared")
@@ -62,7 +63,7 @@ async def _hand_migrate(world: World, *, cancel_mirror: str) -> MigrationResult:
     await nbd.nbd_server_start(dst, nbd_sock)
     await nbd.block_export_add(dst, export_id="e", node_name="root", name="root", writable=True)
     await world.host.copy_to_nbd(
-        world.work_dir / "source.raw", "raw", nbd_sock, "root", target_is_zero=True
+        world.work_dir / "source.raw", "raw", UnixEndpoint(nbd_sock), "root", target_is_zero=True
     )
     await block.blockdev_add(
         src,

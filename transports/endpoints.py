@@ -8,6 +8,7 @@ raises :class:`~livemig.transports.errors.UsageError`.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import attrs
 
 from livemig.transports.errors import UsageError
 
-__all__ = ["Endpoint", "TcpEndpoint", "UnixEndpoint", "parse_endpoint"]
+__all__ = ["Endpoint", "TcpEndpoint", "Tls", "UnixEndpoint", "as_endpoint", "parse_endpoint"]
 
 
 @attrs.frozen
@@ -70,6 +71,38 @@ class TcpEndpoint:
 
 
 Endpoint = UnixEndpoint | TcpEndpoint
+
+
+@attrs.frozen
+class Tls:
+    """QEMU's own TLS on the data channels (the RAM stream, the NBD server and its clients).
+
+    :param directory: x509 credentials in QEMU's layout (``ca-cert.pem``, ``server-cert.pem``,
+        ``server-key.pem``, ``client-cert.pem``, ``client-key.pem``), at the same path on both
+        hosts: the source uses the client's, the target the server's; each verifies its peer.
+    :param hostname: the name the target's certificate must carry (QEMU's ``tls-hostname``):
+        the name or address the source connects to.
+    """
+
+    directory: Path = attrs.field(converter=Path)
+    hostname: str
+
+    def creds_object(self, object_id: str, endpoint: str) -> dict[str, Any]:
+        """``object-add`` arguments of the ``tls-creds-x509`` object of one side."""
+        return {
+            "qom-type": "tls-creds-x509",
+            "id": object_id,
+            "dir": str(self.directory),
+            "endpoint": endpoint,
+            "verify-peer": True,
+        }
+
+
+def as_endpoint(where: Endpoint | os.PathLike[str] | str) -> Endpoint:
+    """An endpoint as is, or a path as the unix socket it names."""
+    if isinstance(where, UnixEndpoint | TcpEndpoint):
+        return where
+    return UnixEndpoint(Path(where))
 
 
 def parse_endpoint(text: str) -> Endpoint:

@@ -41,6 +41,7 @@ from livemig.fsm.events import Event, StateEntered
 from livemig.fsm.machine import TERMINAL, State
 from livemig.fsm.runner import Connector
 from livemig.fsm.undo import Side
+from livemig.transports.endpoints import Endpoint, Tls
 from livemig.transports.errors import (
     CommandFailed,
     ConnectionLost,
@@ -509,11 +510,18 @@ class FaultyHost:
         await self._inner.create_image(path, fmt, size)
 
     async def copy_to_nbd(
-        self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
+        self,
+        source: Path,
+        fmt: ImageFormat,
+        nbd: Endpoint,
+        export: str,
+        *,
+        target_is_zero: bool,
+        tls: Tls | None = None,
     ) -> None:
         await self._strike("copy-to-nbd", ["qemu-img", "convert", str(source)])
         await self._inner.copy_to_nbd(
-            source, fmt, nbd_socket, export, target_is_zero=target_is_zero
+            source, fmt, nbd, export, target_is_zero=target_is_zero, tls=tls
         )
 
     async def remove(self, path: Path) -> None:

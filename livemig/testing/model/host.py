@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from livemig.drivers.image import ImageFormat
+from livemig.transports.endpoints import Endpoint, Tls, UnixEndpoint
 from livemig.transports.errors import ToolError
 
 __all__ = ["RECORD_BYTES", "FakeHost", "ImageFile", "SocketFile"]
@@ -83,9 +84,20 @@ class FakeHost:
         self.add_image(path, fmt, size)  # like qemu-img create, replaces what was there
 
     async def copy_to_nbd(
-        self, source: Path, fmt: ImageFormat, nbd_socket: Path, export: str, *, target_is_zero: bool
+        self,
+        source: Path,
+        fmt: ImageFormat,
+        nbd: Endpoint,
+        export: str,
+        *,
+        target_is_zero: bool,
+        tls: Tls | None = None,
     ) -> None:
+        del tls  # the model has no TLS: its plans use unix sockets
         argv = ["qemu-img", "convert", "-f", fmt, str(source), f"nbd+unix:///{export}"]
+        if not isinstance(nbd, UnixEndpoint):
+            raise ToolError(argv, 1, "the model serves NBD on unix sockets only")
+        nbd_socket = nbd.path
         image = self.image(source)
         if image is None:
             raise ToolError(argv, 1, f"Could not open '{source}': No such file or directory")

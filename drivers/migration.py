@@ -183,6 +183,25 @@ async def migrate_continue(
     await monitor.execute("migrate-continue", {"state": state})
 
 
+async def migrate_pause(monitor: Monitor) -> None:
+    """``migrate-pause``: break a post-copy's channel on purpose (``postcopy-paused``), as when
+    its link failed, so that it can be resumed; QEMU alone may take the TCP timeout (minutes)
+    to notice a link that went down."""
+    await monitor.execute("migrate-pause")
+
+
+async def migrate_recover(monitor: Monitor, uri: str) -> None:
+    """``migrate-recover`` on a target in ``postcopy-paused``: listen on ``uri`` for the source
+    to resume."""
+    await monitor.execute("migrate-recover", {"uri": uri})
+
+
+async def migrate_resume(monitor: Monitor, uri: str) -> None:
+    """``migrate`` with ``resume``: a source in ``postcopy-paused`` reconnects to ``uri`` and
+    post-copy goes on from where it broke."""
+    await monitor.execute("migrate", {"uri": uri, "resume": True})
+
+
 async def start_postcopy(monitor: Monitor) -> None:
     """``migrate-start-postcopy`` (needs ``postcopy-ram`` on both sides)."""
     await monitor.execute("migrate-start-postcopy")

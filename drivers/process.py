@@ -8,7 +8,9 @@ devices in the same order, so both sides are built from one spec: the target's d
 
 :func:`launch` starts QEMU and returns once its QMP socket accepts connections; the
 :class:`QemuProcess` it returns owns the process until :meth:`QemuProcess.stop` has reaped it.
-:func:`launched` is the ``async with`` form that always stops it, also when cancelled.
+:func:`launched` is the ``async with`` form that always stops it, also when cancelled. Either can
+start QEMU through a ``wrapper`` that execs it, such as ``ip netns exec <name>`` (a QEMU in a
+network namespace: see :mod:`livemig.guest._hosts`).
 
 Nothing here takes a timeout: wrap calls in :func:`trio.fail_after`.
 """
@@ -20,7 +22,7 @@ import ctypes
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -444,6 +446,7 @@ async def launch(
     work_dir: Path,
     qemu_binary: str = DEFAULT_QEMU,
     die_with_parent: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> QemuProcess:
     """Start QEMU and return once its QMP monitor is up.
 
@@ -453,6 +456,10 @@ async def launch(
     client.
 
     :param die_with_parent: have the kernel kill QEMU if this process dies (tests, demo).
+    :param wrapper: a command put in front of QEMU's command line: a program that sets
+        something up and then *execs* its arguments, so that the process started is QEMU itself
+        (its pid, its exit status), e.g. ``("ip", "netns", "exec", "<name>")``. Of a wrapper that
+        forks instead, the wrapper is what would be stopped and waited for.
     :raise ProcessError: when QEMU cannot be started or exits before its QMP socket is ready
         (the message has its exit status and the tail of its stderr).
     :raise UsageError: when the QMP socket path is in use by a live process.
@@ -464,7 +471,7 @@ async def launch(
     options: dict[str, Any] = {"start_new_session": True}
     if die_with_parent:
         options["preexec_fn"] = _die_with_parent_hook()
-    argv = spec.argv(qemu_binary)
+    argv = [*wrapper, *spec.argv(qemu_binary)]
     try:
         # Forked from this thread on purpose: see _Child. fork+exec takes a few milliseconds.
         with stderr_path.open("wb") as stderr:
@@ -504,11 +511,16 @@ async def launched(
     qemu_binary: str = DEFAULT_QEMU,
     die_with_parent: bool = True,
     grace: float = 5.0,
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[QemuProcess]:
     """``async with launched(spec, work_dir=…) as qemu:`` — :func:`launch`, and on the way out
     (normal, error or cancellation) :meth:`QemuProcess.stop`, shielded from cancellation."""
     qemu = await launch(
-        spec, work_dir=work_dir, qemu_binary=qemu_binary, die_with_parent=die_with_parent
+        spec,
+        work_dir=work_dir,
+        qemu_binary=qemu_binary,
+        die_with_parent=die_with_parent,
+        wrapper=wrapper,
     )
     try:
         yield qemu

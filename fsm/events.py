@@ -14,6 +14,7 @@ import attrs
 __all__ = [
     "DiskResult",
     "Event",
+    "LinkEvent",
     "MigrationResult",
     "Outcome",
     "Progress",
@@ -101,7 +102,26 @@ class Steered:
         }
 
 
-Event = StateEntered | Progress | Reverting | Steered
+@attrs.frozen
+class LinkEvent:
+    """Post-copy over a broken link: ``paused`` (it stopped, livemig tries to resume it) or
+    ``resumed`` (it goes on from where it broke)."""
+
+    state: str
+    at_ms: float
+    what: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": f"postcopy-{self.what}",
+            "state": self.state,
+            "at_ms": round(self.at_ms, 1),
+            "detail": self.detail,
+        }
+
+
+Event = StateEntered | Progress | Reverting | Steered | LinkEvent
 
 
 class Outcome(enum.StrEnum):

@@ -157,6 +157,12 @@ class Deadlines:
     close: float = attrs.field(default=5.0, validator=_positive)
     #: ``livemig recover``: each connect, QMP command and undo step.
     recover_step: float = attrs.field(default=60.0, validator=_positive)
+    #: A target on another host (``--to ssh://``): how long its ssh connection may stay down
+    #: (not made again) before a migration not yet past the point of no return reverts.
+    link: float = attrs.field(default=15.0, validator=_positive)
+    #: Post-copy paused by a broken link: how long livemig tries to resume it before it ends
+    #: ``failed`` with both QEMUs kept (neither alone holds the whole guest).
+    postcopy_recover: float = attrs.field(default=300.0, validator=_positive)
 
     def ram_phase(self, ram_bytes: int, bandwidth: int | None = None) -> float:
         """The RAM phase's deadline for a guest of ``ram_bytes`` sent at ``bandwidth`` bytes/s

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio_asyncio
 
-from livemig.drivers import qmp
+from livemig.drivers import migration, qmp
 from livemig.drivers.host import Host, LocalHost
 from livemig.drivers.qmp import EventStream, Monitor
 from livemig.fsm.engine import perform
@@ -44,6 +44,7 @@ from livemig.transports.errors import (
     ConnectionLost,
     DeadlineExceeded,
     Interrupted,
+    LinkLost,
     LivemigError,
     QemuGone,
     StepFailed,
@@ -70,6 +71,7 @@ async def migrate(
     host: Host | None = None,
     interrupt: trio.Event | None = None,
     journal: JournalSink | None = None,
+    give_up: Callable[[], Awaitable[str]] | None = None,
 ) -> MigrationResult:
     """Migrate the guest as ``plan`` says, and report how it ended.
 
@@ -87,10 +89,15 @@ async def migrate(
     :param host: files and ``qemu-img`` on this machine (fault campaigns pass their own).
     :param journal: where the run is journalled for ``livemig recover`` (default: a
         :class:`~livemig.fsm.journal.FileJournal` in the plan's work dir).
+    :param give_up: returns (with the reason) when the migration cannot go on, such as the
+        target's host unreachable for too long (`livemig.remote`): before the point of no
+        return it reverts with :class:`~livemig.transports.errors.LinkLost`; after it, it is
+        ignored (the target runs the guest, or post-copy must finish).
     """
     async with asyncio_loop():
         runner = _Runner(plan, on_event or _ignore, connector, host or LocalHost())
         runner.journal = journal if journal is not None else FileJournal(plan.work_dir)
+        runner.give_up = give_up
         return await runner.run(interrupt)
 
 
@@ -123,6 +130,8 @@ class _Runner:
         self.failed_in: str | None = None
         self.refused = False
         self.journal: JournalSink | None = None
+        self.give_up: Callable[[], Awaitable[str]] | None = None
+        self.gave_up: LinkLost | None = None
 
     def emit(self, event: Event) -> None:
         try:
@@ -169,6 +178,8 @@ class _Runner:
             async with trio.open_nursery() as nursery:
                 if interrupt is not None:
                     nursery.start_soon(_cancel_on, interrupt, nursery.cancel_scope)
+                if self.give_up is not None:
+                    nursery.start_soon(self._give_up_on, session, nursery.cancel_scope)
                 _check_work_dir(self.plan.work_dir)
                 await self._connect(session)
                 while (trigger := self.machine.forward(session.facts)) is not None:
@@ -183,6 +194,8 @@ class _Runner:
             self.failed_in = session.state.value
             await self._back(session, Interrupted("cancelled", state=session.state.value))
             raise
+        if self.gave_up is not None:
+            return self.gave_up
         if (
             interrupt is not None
             and interrupt.is_set()
@@ -190,6 +203,25 @@ class _Runner:
         ):
             return Interrupted("interrupted by the operator", state=session.state.value)
         return None
+
+    async def _give_up_on(self, session: Session, scope: trio.CancelScope) -> None:
+        """Revert when :attr:`give_up` returns before the point of no return; in post-copy,
+        pause it instead (its link is gone: finalize resumes it once the link is back)."""
+        assert self.give_up is not None
+        while True:
+            reason = await self.give_up()
+            if session.state is State.POSTCOPY:
+                log.warning("%s; pausing post-copy to resume it later", reason)
+                with suppress(LivemigError):  # already paused: QEMU saw it first
+                    await migration.migrate_pause(session.source)
+                await trio.sleep(self.plan.deadlines.link)
+                continue
+            if session.state in NO_RETURN or session.state is State.FINALIZED:
+                log.warning("%s; past the point of no return, the migration goes on", reason)
+                return
+            self.gave_up = LinkLost(reason, state=session.state.value)
+            scope.cancel()
+            return
 
     async def _connect(self, session: Session) -> None:
         """Open both monitors at once; each is closed on the way out once it is open."""
@@ -399,7 +431,9 @@ def _action_deadline(trigger: Trigger, d: Deadlines, session: Session) -> float:
         Trigger.MIRROR: d.base_copy + d.mirror_ready,
         Trigger.TRANSFER_STATE: d.command * 2,
         Trigger.SWITCH_OVER: d.completion,
-        Trigger.FINALIZE: d.completion,
+        # From post-copy, with time to resume it after a broken link.
+        Trigger.FINALIZE: d.completion
+        + (d.link + d.postcopy_recover if session.state is State.POSTCOPY else 0.0),
         Trigger.SWITCH_OVER_POSTCOPY: d.completion,
     }[trigger]
 

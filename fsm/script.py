@@ -22,7 +22,8 @@ its :class:`Context`, which the scripts read and fill.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from livemig.fsm.effects import (
     Clock,
     CloseWindow,
     DropUndo,
+    Effect,
     Emit,
     Gather,
     JobGone,
@@ -60,7 +62,7 @@ from livemig.fsm.effects import (
     WriteJournal,
     call,
 )
-from livemig.fsm.events import Progress, Steered
+from livemig.fsm.events import LinkEvent, Progress, Steered
 from livemig.fsm.machine import State, Trigger
 from livemig.fsm.observations import (
     CapabilitiesSet,
@@ -93,6 +95,7 @@ from livemig.transports.errors import (
     CommandFailed,
     ConvergenceFailed,
     LivemigError,
+    MigrationAborted,
     StepFailed,
 )
 
@@ -565,10 +568,7 @@ def finalize(ctx: Context) -> Script:
     pages to reach the target.
     """
     if ctx.state is State.POSTCOPY:
-        # The source serves the pages the target still lacks until both say completed.
-        yield AwaitMigration(TARGET, _COMPLETED)
-        yield AwaitMigration(SOURCE, _COMPLETED)
-        yield Observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
+        yield from _finish_postcopy(ctx)
     yield from _read_statistics(ctx, source_completed=ctx.state is State.POSTCOPY)
     if (yield AskRuns(TARGET)) is False:
         # The target died (or stopped) after it took over: the source, paused with the guest
@@ -578,6 +578,97 @@ def finalize(ctx: Context) -> Script:
             "as it is (paused, holding the guest as of the switchover)"
         )
     yield from _clean_up_source(ctx)
+
+
+#: Seconds between tries to resume a paused post-copy, and between looks at a target that
+#: finishes one.
+POSTCOPY_RETRY_S = 1.0
+_POSTCOPY_END = frozenset({MigrationStatus.COMPLETED, MigrationStatus.POSTCOPY_PAUSED})
+
+
+def _finish_postcopy(ctx: Context) -> Script:
+    """Until both sides say completed: the source serves the pages the target still lacks.
+
+    A link that breaks pauses post-copy (``postcopy-paused``: QEMU saw the channel fail, or
+    livemig paused it when the target's host stayed unreachable); then neither side alone holds
+    the whole guest, so it must be resumed, not reverted: :func:`_resume_postcopy`.
+    """
+    resumed = False
+    while True:
+        event: MigrationEvent = yield AwaitMigration(SOURCE, _POSTCOPY_END)
+        if event.status is MigrationStatus.COMPLETED:
+            break
+        yield from _resume_postcopy(ctx)
+        resumed = True
+    if resumed:
+        # The target's monitor may have reconnected since: its old event stream is gone.
+        yield from _until_target_completed(ctx)
+    else:
+        yield AwaitMigration(TARGET, _COMPLETED)
+    yield Observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
+
+
+def _resume_postcopy(ctx: Context) -> Script:
+    """Resume a paused post-copy, trying every :data:`POSTCOPY_RETRY_S` until the plan's
+    ``postcopy_recover`` deadline: the target listens again (``migrate-recover``), the source
+    reconnects (``migrate … resume``). Past the deadline, fail with where the guest is."""
+    plan = ctx.plan
+    seconds = plan.deadlines.postcopy_recover
+    yield Emit(LinkEvent(ctx.state.value, 0.0, "paused", f"resuming for up to {seconds:g} s"))
+    give_up_at = (yield Clock()) + seconds
+    last, problem = "the target's host could not be reached", ""
+    while (yield Clock()) < give_up_at:
+        # The target is told without being asked: a query waits on its main loop, which may
+        # wait on a page post-copy has not brought yet. These two run out of band.
+        try:
+            with suppress(CommandFailed):  # it had seen the link break: it is paused
+                yield call(TARGET, migration.migrate_pause)  # else, make it
+            yield call(TARGET, migration.migrate_recover, plan.incoming_uri.uri)
+            yield call(SOURCE, migration.migrate_resume, plan.migrate_uri.uri)
+        except LivemigError as err:
+            problem = f"; last refusal: {err}"
+        try:
+            source: MigrationStats = yield call(SOURCE, migration.query_migrate)
+        except LivemigError as err:
+            problem = f"; last refusal: {err}"
+        else:
+            if source.status is not MigrationStatus.POSTCOPY_PAUSED:
+                yield Emit(LinkEvent(ctx.state.value, 0.0, "resumed", source.status.value))
+                return
+            last = f"the source is {source.status.value}"
+        yield Sleep(POSTCOPY_RETRY_S)
+    last += problem
+    left = yield from _ram_left(ctx)
+    raise ctx.fail(
+        f"post-copy paused and not resumed in {seconds:g} s ({last}). Neither QEMU alone holds "
+        f"the whole guest: the target holds its devices and the pages it received and runs it "
+        f"(its vCPUs wait for the rest); the source, paused, holds {left}. Both are kept: do "
+        f"not stop either. When the link is back, resume: on the target `migrate-recover "
+        f"{plan.incoming_uri.uri}`, then on the source `migrate {plan.migrate_uri.uri}` with "
+        f"resume=true."
+    )
+
+
+def _ram_left(ctx: Context) -> Generator[Effect, Any, str]:
+    try:
+        stats: MigrationStats = yield call(SOURCE, migration.query_migrate)
+    except LivemigError:
+        return "the pages not yet sent"
+    remaining = stats.ram.remaining if stats.ram is not None else None
+    if remaining is None:
+        return "the pages not yet sent"
+    return f"the {remaining / 2**20:.1f} MiB not yet sent"
+
+
+def _until_target_completed(ctx: Context) -> Script:
+    """Look at the target until it says completed (bounded by the action's deadline)."""
+    while True:
+        stats: MigrationStats = yield call(TARGET, migration.query_migrate)
+        if stats.status is MigrationStatus.COMPLETED:
+            return
+        if stats.status.dead_end:
+            raise MigrationAborted(f"target migration {stats.status}", state=ctx.state.value)
+        yield Sleep(POSTCOPY_RETRY_S / 10)
 
 
 def switch_over_postcopy(ctx: Context) -> Script:

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
     from livemig._display import HumanDisplay, JsonLines
     from livemig.fsm.plan import Deadlines, Plan, Policy
+    from livemig.remote import RemoteOptions
+
+#: libvirt's and QEMU's place for a host's x509 credentials (``--tls-dir``'s default).
+_DEFAULT_TLS_DIR = "/etc/pki/qemu"
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REVERTED", "EXIT_USAGE", "main"]
 
@@ -57,15 +61,59 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
     mig.add_argument(
         "--to",
-        choices=("local",),
-        help="launch the target on this host from the source's command line (the default "
-        "without --target-qmp)",
+        metavar="local|ssh://[USER@]HOST[:PORT]",
+        help="launch the target from the source's command line on this host (local, the "
+        "default without --target-qmp) or on another one, over ssh",
     )
     mig.add_argument(
         "--target-dir",
         type=Path,
-        help="with --to local: the target's images, sockets and log (default: "
+        help="with --to: the target's images, sockets and log, on its host (default: "
         "WORK_DIR/target-RUN_ID)",
+    )
+    mig.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="QEMU x509 credentials (ca-cert.pem, server-*.pem, client-*.pem), the same path on "
+        "both hosts: TLS on the RAM stream and the disk copy (default with --to ssh://: "
+        f"{_DEFAULT_TLS_DIR} when it exists)",
+    )
+    mig.add_argument(
+        "--tls-hostname",
+        metavar="NAME",
+        help="the name the target's certificate must carry (default: the address dialled)",
+    )
+    mig.add_argument(
+        "--tunnel",
+        choices=("ssh",),
+        help="with --to ssh://: carry the RAM stream and the disk copy through ssh (no port "
+        "opened; slower)",
+    )
+    mig.add_argument("--ssh-config", type=Path, help="an OpenSSH client config (ssh -F)")
+    mig.add_argument(
+        "--link-timeout",
+        type=_positive_int,
+        default=15,
+        metavar="S",
+        help="with --to ssh://: revert when the target's host stays unreachable this long, "
+        "before the point of no return (default 15 s)",
+    )
+    mig.add_argument(
+        "--postcopy-recover-timeout",
+        type=_positive_int,
+        default=300,
+        metavar="S",
+        help="with --postcopy: how long to try resuming a post-copy a broken link paused before "
+        "ending failed, both QEMUs kept (default 300 s)",
+    )
+    mig.add_argument(
+        "--remote-livemig",
+        default="livemig",
+        metavar="COMMAND",
+        help="the livemig command on the target host (default: livemig)",
+    )
+    mig.add_argument(
+        "--nbd", help="with --target-qmp: where the target serves the disk copy (default: unix)"
     )
     mig.add_argument(
         "--target-qmp",
@@ -167,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument(
         "--target-qmp", type=Path, help="the target's QMP socket (default: in the target dir)"
     )
+
+    agent = sub.add_parser(
+        "remote-target",
+        help="(run by livemig over ssh on a target host) check it, launch or remove a target",
+    )
+    agent.add_argument("action", choices=("probe", "launch", "remove", "unrelay"))
 
     diag = sub.add_parser("diagram", help="draw the migration machine")
     diag.add_argument("--format", choices=("svg", "mermaid", "dot"), default="svg")
@@ -302,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from livemig.faults_command import run_faults  # noqa: PLC0415 - campaign code
 
             return run_faults(args)
+        if args.command == "remote-target":
+            from livemig.remote_agent import main as agent_main  # noqa: PLC0415
+
+            return agent_main(args.action)
         if args.command == "target-command":
             from livemig.target_command import run_target_command  # noqa: PLC0415 - trio, QMP
 
@@ -358,21 +416,51 @@ def _read_trace(path: Path) -> tuple[list[str], str | None]:
 
 def _migrate_command(args: argparse.Namespace) -> int:
     local = args.target_qmp is None
+    remote = args.to is not None and args.to != "local"
+    if remote and not args.to.startswith("ssh://"):
+        raise UsageError(f"--to takes local or ssh://[user@]host[:port], not {args.to!r}")
     if args.to is not None and not local:
-        raise UsageError("--to local launches the target: give it or --target-qmp, not both")
+        raise UsageError("--to launches the target: give it or --target-qmp, not both")
     if args.target_dir is not None and not local:
-        raise UsageError("--target-dir is for --to local (a target you started has its own)")
+        raise UsageError("--target-dir is for --to (a target you started has its own)")
+    for flag, value in (("--tunnel", args.tunnel), ("--ssh-config", args.ssh_config)):
+        if value is not None and not remote:
+            raise UsageError(f"{flag} is for --to ssh://")
+    if remote and args.nbd is not None:
+        raise UsageError("--nbd is for --target-qmp (--to ssh:// chooses its own)")
+    if remote and args.migrate_uri is not None:
+        raise UsageError("--migrate-uri is for --target-qmp (--to ssh:// chooses its own)")
+    if args.tls_dir is not None and not args.tls_dir.is_dir():
+        raise UsageError(f"--tls-dir {args.tls_dir} is not a directory")
     sockets = [("source", args.source_qmp)] + ([] if local else [("target", args.target_qmp)])
     for what, path in sockets:
         if not path.is_socket():
             raise UsageError(f"{what} QMP socket {path} does not exist or is not a socket")
     import secrets  # noqa: PLC0415
 
+    from attrs import evolve  # noqa: PLC0415
+
     from livemig.fsm.plan import Plan  # noqa: PLC0415 - not needed for --help
 
     policy, deadlines = policy_from(args)
+    deadlines = evolve(
+        deadlines,
+        link=float(args.link_timeout),
+        postcopy_recover=float(args.postcopy_recover_timeout),
+    )
     run_id = secrets.token_hex(4)
     target_dir = (args.target_dir or args.work_dir / f"target-{run_id}").absolute()
+    tls = None
+    if args.tls_dir is not None and not remote:
+        from livemig.transports.endpoints import Tls, parse_endpoint  # noqa: PLC0415
+
+        dialled = parse_endpoint(args.migrate_uri or "") if args.migrate_uri else None
+        host = args.tls_hostname or getattr(dialled, "host", None)
+        if host is None:
+            raise UsageError(
+                "--tls-dir with --target-qmp needs --tls-hostname or a tcp --migrate-uri"
+            )
+        tls = Tls(args.tls_dir.absolute(), host)
     plan = Plan.create(
         source_qmp=args.source_qmp,
         # With --to local, where the launched target's socket will be (the source's name).
@@ -382,11 +470,30 @@ def _migrate_command(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         disks=args.disk,
         migrate_uri=args.migrate_uri,
+        nbd=args.nbd,
         policy=policy,
         deadlines=deadlines,
-        insecure=args.insecure,
+        insecure=args.insecure or remote,  # --to ssh:// makes its own refusal
+        tls=tls,
     )
-    result = run_with_display(plan, as_json=args.json, target_dir=target_dir if local else None)
+    launch: Path | RemoteOptions | None = target_dir if local else None
+    if remote:
+        from livemig.remote import DEFAULT_TLS_DIR, RemoteOptions  # noqa: PLC0415
+        from livemig.transports.ssh import parse_ssh_url  # noqa: PLC0415
+
+        tls_dir = args.tls_dir
+        if tls_dir is None and args.tunnel is None and DEFAULT_TLS_DIR.is_dir():
+            tls_dir = DEFAULT_TLS_DIR
+        launch = RemoteOptions(
+            ssh=parse_ssh_url(args.to, config=args.ssh_config),
+            target_dir=target_dir,
+            tls_dir=tls_dir.absolute() if tls_dir is not None else None,
+            tls_hostname=args.tls_hostname,
+            tunnel=args.tunnel == "ssh",
+            insecure=args.insecure,
+            livemig=args.remote_livemig,
+        )
+    result = run_with_display(plan, as_json=args.json, launch=launch)
     return exit_code(result)
 
 
@@ -418,17 +525,18 @@ def _recover_command(args: argparse.Namespace) -> int:
 
 
 def run_with_display(
-    plan: Plan, *, as_json: bool, target_dir: Path | None = None
+    plan: Plan, *, as_json: bool, launch: Path | RemoteOptions | None = None
 ) -> MigrationResult:
     """Run one migration under SIGINT/SIGTERM handling, showing it as the caller asked; with
-    ``target_dir``, to a target launched there (``--to local``)."""
+    ``launch``, to a target launched in that directory (``--to local``) or on another host
+    (``--to ssh://``)."""
     import trio  # noqa: PLC0415 - not needed for --help
 
     from livemig._display import HumanDisplay, JsonLines  # noqa: PLC0415 - rich
 
     display: JsonLines | HumanDisplay = JsonLines() if as_json else HumanDisplay()
     with display:
-        result = trio.run(run_interruptible, plan, display, target_dir)
+        result = trio.run(run_interruptible, plan, display, launch)
     show_result(display, result)
     return result
 
@@ -448,24 +556,47 @@ def show_result(display: JsonLines | HumanDisplay, result: MigrationResult) -> N
 
 
 async def run_interruptible(
-    plan: Plan, on_event: Callable[[Event], None], target_dir: Path | None = None
+    plan: Plan, on_event: Callable[[Event], None], launch: Path | RemoteOptions | None = None
 ) -> MigrationResult:
     """Migrate; SIGINT or SIGTERM meanwhile makes it revert cleanly (the result says so)."""
     import trio  # noqa: PLC0415 - not needed for --help
 
+    interrupt = trio.Event()
+    try:
+        return await _interruptible(plan, on_event, launch, interrupt)
+    except BaseExceptionGroup as group:  # the nurseries': one error of ours is the error
+        sole: BaseException = group
+        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+            sole = sole.exceptions[0]
+        if isinstance(sole, LivemigError):
+            raise sole from None
+        raise
+
+
+async def _interruptible(
+    plan: Plan,
+    on_event: Callable[[Event], None],
+    launch: Path | RemoteOptions | None,
+    interrupt: trio.Event,
+) -> MigrationResult:
+    import trio  # noqa: PLC0415 - not needed for --help
+
     from livemig.fsm.runner import migrate  # noqa: PLC0415 - pulls in the drivers
 
-    interrupt = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, interrupt)
-        if target_dir is None:
+        if launch is None:
             result = await migrate(plan, on_event=on_event, interrupt=interrupt)
-        else:
+        elif isinstance(launch, Path):
             from livemig.local import migrate_to_local  # noqa: PLC0415
 
             result = await migrate_to_local(
-                plan, target_dir=target_dir, on_event=on_event, interrupt=interrupt
+                plan, target_dir=launch, on_event=on_event, interrupt=interrupt
             )
+        else:
+            from livemig.remote import migrate_to_ssh  # noqa: PLC0415
+
+            result = await migrate_to_ssh(plan, launch, on_event=on_event, interrupt=interrupt)
         nursery.cancel_scope.cancel()
     return result
 

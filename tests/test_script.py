@@ -57,6 +57,7 @@ from livemig.fsm.plan import Plan
 from livemig.fsm.prechecks import Disk, Verdict
 from livemig.fsm.script import Context
 from livemig.fsm.undo import Side
+from livemig.transports.endpoints import TcpEndpoint
 from livemig.transports.errors import (
     CommandFailed,
     ConnectionLost,
@@ -131,7 +132,8 @@ def answers(replies: Mapping[str, Any] | None = None) -> Answer:
             case Gather(calls=calls):
                 return tuple(answer(c) for c in calls)
             case AwaitMigration(until=until):
-                (status,) = until
+                # A quiet run: the status a migration goes on to (completed, of several).
+                (status,) = until & {MigrationStatus.COMPLETED} or until
                 return MigrationEvent(status, 0.0)
             case AwaitJob(until="gone", jobs=job_ids):
                 return tuple(JobGone(completed=True, offset=4096) for _ in job_ids)
@@ -527,12 +529,115 @@ def test_finalize_from_postcopy_waits_for_both_sides() -> None:
         answers({"query_migrate": MigrationStats(MigrationStatus.COMPLETED)}),
     )
     assert words(effects)[:4] == [
+        "await-migration:source:completed,postcopy-paused",
         "await-migration:target:completed",
-        "await-migration:source:completed",
         "observe:MigrationStatusChanged",
         "source:query_migrate",
     ]
     assert "shielded:source:quit" not in words(effects)
+
+
+def _stats(status: MigrationStatus, remaining: int | None = None) -> MigrationStats:
+    ram = RamStats(transferred=0, remaining=remaining, total=0) if remaining is not None else None
+    return MigrationStats(status, ram=ram)
+
+
+def test_a_paused_postcopy_is_resumed_target_first() -> None:
+    """The link broke in post-copy: the target is told to see it (migrate-pause), to listen
+    again (migrate-recover) and the source to reconnect (migrate resume) — the target is never
+    asked anything (its main loop may wait on a page); once both complete, the run goes on."""
+    ctx = context("shared", State.POSTCOPY, stop_source=False)
+    ctx.plan = attrs.evolve(ctx.plan, migrate_uri=TcpEndpoint("10.0.0.2", 4001))
+    pauses = iter(
+        [
+            ConnectionLost("ssh is down", monitor="target"),  # the link is still down
+            CommandFailed(  # back, and it had seen the break
+                monitor="target",
+                command="migrate-pause",
+                arguments=None,
+                error_class="GenericError",
+                desc="not in postcopy-active",
+            ),
+        ]
+    )
+    source = iter(
+        [
+            _stats(MigrationStatus.POSTCOPY_PAUSED),
+            _stats(MigrationStatus.POSTCOPY_ACTIVE),
+            _stats(MigrationStatus.COMPLETED),  # the statistics, afterwards
+        ]
+    )
+    paused = iter([MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.COMPLETED])
+    quiet = answers()
+
+    def answer(effect: Effect) -> Any:
+        if isinstance(effect, Call) and effect.name == "migrate_pause":
+            raise next(pauses)
+        if isinstance(effect, Call) and effect.name == "query_migrate":
+            if effect.side is Side.TARGET:
+                return _stats(MigrationStatus.COMPLETED)
+            return next(source)
+        if isinstance(effect, AwaitMigration) and effect.side is Side.SOURCE:
+            return MigrationEvent(next(paused), 0.0)
+        return quiet(effect)
+
+    effects = drive(script.finalize(ctx), answer)
+    said = [w for w in words(effects) if w not in ("clock", "sleep")]
+    start = said.index("await-migration:source:completed,postcopy-paused")
+    assert said[start : start + 13] == [
+        "await-migration:source:completed,postcopy-paused",
+        "emit",  # paused
+        "target:migrate_pause",  # ConnectionLost: tried again
+        "source:query_migrate",
+        "target:migrate_pause",  # CommandFailed: it is paused already
+        "target:migrate_recover",
+        "source:migrate_resume",
+        "source:query_migrate",
+        "emit",  # resumed
+        "await-migration:source:completed,postcopy-paused",
+        "target:query_migrate",  # polled: its event stream may be gone
+        "observe:MigrationStatusChanged",
+        "source:query_migrate",
+    ]
+    resume = next(e for e in effects if isinstance(e, Call) and e.name == "migrate_resume")
+    assert resume.args == ("tcp:10.0.0.2:4001",)
+    # Until the source resumed, the target was told, never asked.
+    before = effects[
+        : next(i for i, e in enumerate(effects) if getattr(e, "name", "") == "migrate_resume")
+    ]
+    assert not [
+        e
+        for e in before
+        if isinstance(e, Call) and e.side is Side.TARGET and e.name == "query_migrate"
+    ]
+
+
+def test_a_postcopy_not_resumed_in_time_fails_saying_where_the_guest_is() -> None:
+    ctx = context("shared", State.POSTCOPY, stop_source=False)
+    ctx.plan = attrs.evolve(
+        ctx.plan, deadlines=attrs.evolve(ctx.plan.deadlines, postcopy_recover=5.0)
+    )
+    clock = iter(float(t) for t in range(100))
+    quiet = answers()
+
+    def answer(effect: Effect) -> Any:
+        if isinstance(effect, Clock):
+            return next(clock)
+        if isinstance(effect, Call) and effect.name == "query_migrate":
+            return _stats(MigrationStatus.POSTCOPY_PAUSED, remaining=300 << 20)
+        if isinstance(effect, Call) and effect.side is Side.TARGET:
+            raise ConnectionLost("ssh is down", monitor="target")
+        if isinstance(effect, AwaitMigration) and effect.side is Side.SOURCE:
+            return MigrationEvent(MigrationStatus.POSTCOPY_PAUSED, 0.0)
+        return quiet(effect)
+
+    with pytest.raises(StepFailed) as failed:
+        drive(script.finalize(ctx), answer)
+    message = str(failed.value)
+    assert "not resumed in 5 s" in message
+    assert "300.0 MiB not yet sent" in message
+    assert "Both are kept" in message
+    assert "migrate-recover unix:/w/lm-r1-ram.sock" in message
 
 
 def test_postcopy_journals_before_the_point_of_no_return() -> None:

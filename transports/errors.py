@@ -24,7 +24,8 @@ layer above can raise them without an upward import; ``livemig`` re-exports them
         ├── DeadlineExceeded         a wait ran past the plan's deadline
         ├── ConvergenceFailed        RAM did not converge and the policy gave up
         ├── MigrationAborted         QEMU reported the migration failed or cancelled
-        └── Interrupted              the operator cancelled (signal or cancel scope)
+        ├── Interrupted              the operator cancelled (signal or cancel scope)
+        └── LinkLost                 the target's host was unreachable for too long
 
 An undo step that fails is not raised: the result lists it (``undo_failures``) and the run ends
 ``failed``.
@@ -43,6 +44,7 @@ __all__ = [
     "DeadlineExceeded",
     "GuardFailed",
     "Interrupted",
+    "LinkLost",
     "LivemigError",
     "MigrationAborted",
     "MigrationError",
@@ -188,3 +190,8 @@ class MigrationAborted(MigrationError):
 
 class Interrupted(MigrationError):
     """The operator cancelled the migration."""
+
+
+class LinkLost(MigrationError):
+    """The target's host could not be reached for longer than the plan allows (its control
+    connection stayed down): the migration reverts, before the point of no return."""

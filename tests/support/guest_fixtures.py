@@ -134,10 +134,12 @@ async def booted_realistic_vm(
     depth: int = 1,
     dirty_mib_s: int | Literal["max"] = 0,
     extra_args: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[RunningRealisticVm]:
     """Create a realistic VM's images in ``work_dir`` (file names start with ``name-``), boot
     it and wait for its boot id. ``extra_args`` go last on its command line (e.g. a device
-    QEMU cannot migrate).
+    QEMU cannot migrate); ``wrapper`` goes first (``ip netns exec NAME``: a source on another
+    "host").
 
     As :func:`booted_guest`: the console is read for the whole block, QEMU is stopped on the way
     out. Booting under TCG takes about 4 s.
@@ -152,7 +154,10 @@ async def booted_realistic_vm(
         dirty_mib_s=dirty_mib_s,
         extra_args=extra_args,
     )
-    async with launched(spec, work_dir=work_dir) as qemu, trio.open_nursery() as nursery:
+    async with (
+        launched(spec, work_dir=work_dir, wrapper=wrapper) as qemu,
+        trio.open_nursery() as nursery,
+    ):
         console = SerialConsole.of(qemu)
         nursery.start_soon(console.run)
         boot_id = await console.wait_boot()

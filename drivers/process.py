@@ -18,7 +18,6 @@ Nothing here takes a timeout: wrap calls in :func:`trio.fail_after`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from livemig.transports.children import die_with_parent_hook
 from livemig.transports.errors import ProcessError, UsageError
 
 __all__ = [
@@ -45,7 +45,6 @@ DEFAULT_QEMU = "qemu-system-x86_64"
 _QMP_POLL_INTERVAL = 0.02  # seconds between looks at the QMP socket while QEMU starts
 _STDERR_TAIL_BYTES = 4096
 _GREETING_MAX = 64 * 1024
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _escape(value: str) -> str:
@@ -374,21 +373,6 @@ class QemuProcess:
         await self.stop()
 
 
-def _die_with_parent_hook() -> Callable[[], None]:
-    """A ``preexec_fn`` making the kernel SIGKILL the child when this process dies, so that a
-    crashed test run or demo leaves no QEMU behind. Looked up before the fork: the child only
-    makes one system call."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
 async def _socket_accepts(path: Path) -> bool:
     try:
         stream = await trio.open_unix_socket(str(path))
@@ -470,7 +454,7 @@ async def launch(
     pipe_or_null = subprocess.PIPE if spec.serial_on_stdio else subprocess.DEVNULL
     options: dict[str, Any] = {"start_new_session": True}
     if die_with_parent:
-        options["preexec_fn"] = _die_with_parent_hook()
+        options["preexec_fn"] = die_with_parent_hook()
     argv = [*wrapper, *spec.argv(qemu_binary)]
     try:
         # Forked from this thread on purpose: see _Child. fork+exec takes a few milliseconds.

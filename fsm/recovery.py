@@ -8,7 +8,8 @@ journalled undo stack, exactly as the runner would have.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ __all__ = ["recover"]
 _POLL = 0.05
 
 
+#: How ``livemig recover`` reaches a target on another host (`livemig.remote.remote_target`):
+#: given the journal's ``remote``, an async context in which the journalled target socket
+#: reaches the target again, yielding what to do there once the run's outcome is known (remove
+#: the target that never ran the guest, or hand its monitor back); that returns a warning or
+#: ``None``.
+RemoteTarget = Callable[
+    [Mapping[str, Any]],
+    AbstractAsyncContextManager[Callable[[Outcome], Awaitable[str | None]]],
+]
+
+
 async def recover(
     work_dir: Path,
     *,
@@ -41,6 +53,7 @@ async def recover(
     connector: Connector = connect_monitor,
     host: Host | None = None,
     journal: JournalSink | None = None,
+    remote_target: RemoteTarget | None = None,
 ) -> list[MigrationResult]:
     """Recover every run journalled in ``work_dir``; an empty list when there is none.
 
@@ -53,6 +66,8 @@ async def recover(
     :param journal: where the runs were journalled (default: a
         :class:`~livemig.fsm.journal.FileJournal` in ``work_dir``); a recovered run's journal
         is removed, a failed one's kept.
+    :param remote_target: how to reach a target on another host (a journal with ``remote``);
+        ``None``: such a run is left alone, its journal kept.
     :raise UsageError: when a journal cannot be read.
     """
     deadlines = deadlines or Deadlines()
@@ -60,7 +75,12 @@ async def recover(
     results = []
     async with asyncio_loop():
         for kept in await sink.read():
-            result = await _recover_one(kept, deadlines, connector, host or LocalHost())
+            if kept.remote is not None:
+                result = await _recover_remote(
+                    kept, deadlines, connector, host or LocalHost(), remote_target
+                )
+            else:
+                result = await _recover_one(kept, deadlines, connector, host or LocalHost())
             if result.outcome is not Outcome.FAILED:
                 await sink.remove(kept.run_id)
             results.append(result)
@@ -117,6 +137,40 @@ async def _recover_one(
         error_type="RecoveryProblem" if problems else None,
         failed_in=journal.state,
         undo_failures=tuple(problems) if outcome is Outcome.FAILED else (),
+    )
+
+
+async def _recover_remote(
+    journal: Journal,
+    deadlines: Deadlines,
+    connector: Connector,
+    host: Host,
+    remote_target: RemoteTarget | None,
+) -> MigrationResult:
+    """:func:`_recover_one` with the target on another host reached again first."""
+    assert journal.remote is not None
+    problem = None
+    if remote_target is None:
+        problem = "the target is on another host and no way to reach it was given"
+    else:
+        try:
+            async with remote_target(journal.remote) as finish:
+                result = await _recover_one(journal, deadlines, connector, host)
+                with trio.CancelScope(shield=True):
+                    warning = await finish(result.outcome)
+                if warning is None:
+                    return result
+                return attrs.evolve(result, warnings=(*result.warnings, warning))
+        except LivemigError as err:
+            problem = f"cannot reach the target's host: {err}"
+    return MigrationResult(
+        outcome=Outcome.FAILED,
+        states=(journal.state, Outcome.FAILED.value),
+        total_ms=0.0,
+        error=f"{problem} (the journal is kept)",
+        error_type="RecoveryProblem",
+        failed_in=journal.state,
+        undo_failures=(problem,),
     )
 
 

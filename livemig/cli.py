@@ -514,7 +514,11 @@ def _recover_command(args: argparse.Namespace) -> int:
     from livemig.fsm.recovery import recover  # noqa: PLC0415 - pulls in the drivers
 
     deadlines = Deadlines(recover_step=float(args.step_timeout))
-    results = trio.run(partial(recover, args.work_dir, deadlines=deadlines))
+    from livemig.remote import remote_target  # noqa: PLC0415 - a target on another host
+
+    results = trio.run(
+        partial(recover, args.work_dir, deadlines=deadlines, remote_target=remote_target)
+    )
     display: JsonLines | HumanDisplay = JsonLines() if args.json else HumanDisplay()
     if not results and isinstance(display, HumanDisplay):
         display.console.print(f"nothing to recover in {args.work_dir}")

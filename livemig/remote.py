@@ -35,7 +35,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from livemig.transports.endpoints import TcpEndpoint, Tls, UnixEndpoint
 from livemig.transports.errors import LivemigError, ToolError, UsageError
 from livemig.transports.ssh import SshConnection, SshTarget
 
-__all__ = ["RemoteOptions", "migrate_to_ssh"]
+__all__ = ["RemoteOptions", "migrate_to_ssh", "remote_target"]
 
 #: libvirt's default, and QEMU's: where a host keeps its x509 credentials for migration.
 DEFAULT_TLS_DIR = Path("/etc/pki/qemu")
@@ -225,6 +225,7 @@ class _Run:
             "livemig": self.options.livemig,
             "target": target.to_json(),
             "forward": {os.fspath(local_qmp): os.fspath(self.relay)},
+            "relay_pid": self.relay_pid,
         }
         plan = attrs.evolve(
             plan,
@@ -450,3 +451,39 @@ def _refused(message: str, err: LivemigError) -> MigrationResult:
         error_type=type(err).__name__,
         failed_in="idle",
     )
+
+
+@contextlib.asynccontextmanager
+async def remote_target(
+    remote: Mapping[str, Any],
+) -> AsyncIterator[Callable[[Outcome], Awaitable[str | None]]]:
+    """For ``livemig recover``: reach a journalled remote target again (a new ssh master, the
+    journalled forward of its monitor), and once the outcome is known, remove it (reverted:
+    it never ran the guest) or hand its monitor back (finalized).
+
+    :raise UsageError: when its host cannot be reached.
+    """
+    options = RemoteOptions(
+        ssh=SshTarget.from_json(dict(remote["ssh"])),
+        target_dir=Path("/"),  # unused: the target exists
+        livemig=str(remote["livemig"]),
+    )
+    target = LocalTarget.from_json(remote["target"])
+    ((local, far),) = dict(remote["forward"]).items()
+    control = Path(local).with_name(Path(local).name.replace("-target-qmp.sock", "-ssh.ctl"))
+    ssh = SshConnection(options.ssh, control=control)
+    await ssh.start()
+
+    async def finish(outcome: Outcome) -> str | None:
+        if outcome is Outcome.REVERTED:
+            return await _remove(ssh, options, target)
+        if outcome is Outcome.FINALIZED and remote.get("relay_pid") is not None:
+            return await _unrelay(ssh, options, int(remote["relay_pid"]))
+        return None
+
+    try:
+        await ssh.forward(Path(local), Path(far))
+        yield finish
+    finally:
+        with trio.CancelScope(shield=True):
+            await ssh.close()

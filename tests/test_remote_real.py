@@ -418,3 +418,46 @@ async def test_postcopy_over_a_link_cut_for_good_fails_saying_where_the_guest_is
             async with open_monitor(vm.spec.qmp_socket, name="check") as m:
                 stats = await m.execute("query-migrate")
                 assert stats["status"] == "postcopy-paused"
+
+
+async def test_livemig_killed_mid_migration_is_recovered_on_both_hosts(
+    guest_image: GuestImage, tmp_path: Path, aio_loop: object, hosts: TwoHosts
+) -> None:
+    """livemig is SIGKILLed while the RAM streams (its ssh master goes with it):
+    ``livemig recover`` reaches the target's host again from the journal, reverts, and removes
+    the target it launched there. The guest ran on the source throughout, with every write."""
+    with trio.fail_after(240):
+        async with booted_realistic_vm(guest_image, tmp_path, wrapper=hosts.source.wrapper) as vm:
+            await vm.console.wait_heartbeat(5)
+            argv = migrate_argv(
+                hosts, vm, tmp_path, "--tls-dir", hosts.tls_dir, "--storage", "non-shared",
+                "--max-bandwidth", "1",
+            )  # fmt: skip
+            proc = await trio.lowlevel.open_process(argv, stdout=-1)
+            try:
+                await read_until(proc, lambda e: e.get("state") == "state-transfer")
+                proc.kill()
+                await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert (tmp_path / "remote").exists()  # the target it launched is still there
+            code, result, out = await run_livemig(
+                hosts.source.argv(
+                    [*LIVEMIG, "recover", "--work-dir", str(tmp_path / "work"), "--json"]
+                )
+            )
+            assert (code, result.get("outcome")) == (3, "reverted"), out
+            await source_untouched(vm)
+            assert not (tmp_path / "remote").exists(), "the remote target was left"
+            await vm.console.wait_heartbeat(vm.console.last_acked + 3)
+            await vm.console.send_line("poweroff")
+            await vm.console.wait_poweroff()
+            assert await vm.qemu.wait() == 0
+        report = await verify_disks(
+            vm.images.disk_images(), boot_id=vm.boot_id, acked=vm.console.acked, slack=0,
+            scratch_dir=tmp_path,
+        )  # fmt: skip
+        assert report.ok, report.problems()
+    assert not list((tmp_path / "work").glob("lm-*"))

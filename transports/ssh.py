@@ -27,6 +27,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from livemig.transports.children import die_with_parent_hook
 from livemig.transports.errors import LivemigError, ToolError, UsageError
 
 __all__ = ["SshConnection", "SshTarget", "parse_ssh_url"]
@@ -152,7 +153,12 @@ class SshConnection:
         self.control.unlink(missing_ok=True)
         try:
             master = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                # Gone with livemig, even killed: ``recover`` makes its own.
+                preexec_fn=die_with_parent_hook(),
             )
         except OSError as err:
             raise UsageError(f"cannot run ssh: {err}") from err

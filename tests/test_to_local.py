@@ -17,6 +17,7 @@ import trio
 from support.guest_fixtures import (  # noqa: F401  (guest_image_fixture provides "guest_image")
     booted_realistic_vm,
     guest_image_fixture,
+    power_off_with_every_record,
 )
 from support.launched_targets import LIVEMIG, alive, killed_at_end, wait_heartbeats
 from support.qmp_fixtures import aio_loop_fixture  # noqa: F401  (provides "aio_loop")
@@ -127,15 +128,7 @@ async def test_a_revert_removes_the_launched_target_and_keeps_every_write(
                 assert not [n for n in nodes if n and n.startswith("lm-")]
                 vda = next(d for d in await block.query_block(m) if d.device_id == "vda")
                 assert vda.node_name == "root"  # back on its own image, not its backing file
-            await vm.console.wait_heartbeat(vm.console.last_acked + 5)
-            await vm.console.send_line("poweroff")
-            await vm.console.wait_poweroff()
-            assert await vm.qemu.wait() == 0
-        report = await verify_disks(
-            vm.images.disk_images(), boot_id=vm.boot_id, acked=vm.console.acked, slack=0,
-            scratch_dir=tmp_path,
-        )  # fmt: skip
-        assert report.ok, report.problems()
+            await power_off_with_every_record(vm, tmp_path)
         assert not list((tmp_path / "work").glob("lm-*"))
 
 
@@ -195,13 +188,5 @@ async def test_a_crashed_run_is_recovered_and_the_launched_target_removed(
                 assert (await runstate.query_status(m)).running
                 nodes = {n.node_name for n in await block.query_named_block_nodes(m)}
                 assert not [n for n in nodes if n and n.startswith("lm-")]
-            await vm.console.wait_heartbeat(vm.console.last_acked + 5)
-            await vm.console.send_line("poweroff")
-            await vm.console.wait_poweroff()
-            assert await vm.qemu.wait() == 0
-        report = await verify_disks(
-            vm.images.disk_images(), boot_id=vm.boot_id, acked=vm.console.acked, slack=0,
-            scratch_dir=tmp_path,
-        )  # fmt: skip
-        assert report.ok, report.problems()
+            await power_off_with_every_record(vm, tmp_path)
         assert not list((tmp_path / "work").glob("lm-*"))

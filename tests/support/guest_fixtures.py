@@ -37,6 +37,7 @@ from livemig.guest import (
     guest_vm_spec,
     make_realistic_images,
     realistic_vm_spec,
+    verify_disks,
 )
 
 __all__ = [
@@ -163,3 +164,20 @@ async def booted_realistic_vm(
         boot_id = await console.wait_boot()
         yield RunningRealisticVm(qemu, console, images, spec, boot_id)
         nursery.cancel_scope.cancel()
+
+
+async def power_off_with_every_record(vm: RunningRealisticVm, scratch_dir: Path) -> None:
+    """A realistic VM that stayed on its source (a revert): its heartbeat goes on, it powers
+    off cleanly, and every record it acknowledged on every disk is on its own images."""
+    await vm.console.wait_heartbeat(vm.console.last_acked + 3)
+    await vm.console.send_line("poweroff")
+    await vm.console.wait_poweroff()
+    assert await vm.qemu.wait() == 0
+    report = await verify_disks(
+        vm.images.disk_images(),
+        boot_id=vm.boot_id,
+        acked=vm.console.acked,
+        slack=0,
+        scratch_dir=scratch_dir,
+    )
+    assert report.ok, report.problems()

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import cast, get_args
 
 import trio
 
-from bench import report
-from bench.model import VARIANTS, Variant
-from bench.runner import Config, Results, run_bench
+from bench import cross_host, report
+from bench.model import CROSS_HOST_VARIANTS, VARIANTS, Variant
+from bench.runner import Config, Results, Saver, run_bench
 from bench.scenarios import (
     LOADS,
     MEMORIES,
@@ -72,9 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--variants",
-        type=_list_of(VARIANTS, "variant"),
-        default=list(VARIANTS),
-        help="default: livemig,bare-qmp,lxd-equivalent,libvirt (the floor comes with livemig)",
+        type=_list_of((*VARIANTS, *CROSS_HOST_VARIANTS), "variant"),
+        default=None,
+        help="default: livemig,bare-qmp,lxd-equivalent,libvirt (the floor comes with livemig); "
+        "with --cross-host: livemig-tls,livemig-plain,livemig-tunnel,libvirt-tls",
+    )
+    p.add_argument(
+        "--cross-host",
+        action="store_true",
+        help="the realistic VM moved between the two network-namespace hosts of a test lab "
+        "(veth link, sshd, test CA): livemig --to ssh:// with TLS, plain TCP and --tunnel ssh, "
+        "against libvirt --p2p --tls between a daemon in each namespace",
     )
     p.add_argument(
         "--deadline",
@@ -94,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cross_host:
+        return _cross_host(parser, args)
+    if args.variants is None:
+        args.variants = list(VARIANTS)
+    if bad := [v for v in args.variants if v in CROSS_HOST_VARIANTS]:
+        parser.error(f"{', '.join(bad)}: only with --cross-host")
     try:
         scenarios = select(
             names=args.scenario,
@@ -123,20 +138,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline_s=args.deadline,
         install=not args.no_install,
     )
+    return _run(config, args.out, run_bench)
+
+
+def _cross_host(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    variants = args.variants if args.variants is not None else list(CROSS_HOST_VARIANTS)
+    if bad := [v for v in variants if v not in CROSS_HOST_VARIANTS]:
+        parser.error(f"{', '.join(bad)}: not a cross-host variant")
+    if args.scenario or args.load or args.memory or args.storage or args.list:
+        parser.error("--cross-host runs its own scenario: " + cross_host.SCENARIO.describe)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    config = Config(
+        runs=args.runs,
+        scenarios=(cross_host.SCENARIO,),
+        variants=tuple(v for v in CROSS_HOST_VARIANTS if v in variants),
+        deadline_s=args.deadline,
+        install=not args.no_install,
+    )
+    return _run(config, args.out, cross_host.run_cross_host)
+
+
+def _run(
+    config: Config, out: Path, bench: Callable[[Config, Results, Saver], Awaitable[None]]
+) -> int:
     results = Results(config)
     stem = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
 
     def save(r: Results) -> None:
-        report.write(r, args.out, stem)
+        report.write(r, out, stem)
 
     code = 0
     try:
-        trio.run(run_bench, config, results, save)
+        trio.run(bench, config, results, save)
     except* KeyboardInterrupt:
         # Every QEMU, libvirtd and livemig child has been stopped on the way out.
         results.notes.append("interrupted (Ctrl-C): partial results")
         code = 130
-    md, js = report.write(results, args.out, stem)
+    md, js = report.write(results, out, stem)
     print(report.markdown(results, with_runs=False))
     print(f"written: {md} and {js}", file=sys.stderr)
     return code

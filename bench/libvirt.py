@@ -55,9 +55,11 @@ from livemig.drivers import image
 from livemig.guest import GuestImage, RealisticImages, SerialConsole, kernel_cmdline
 
 __all__ = [
+    "Daemon",
     "LibvirtOutcome",
     "LibvirtPeers",
     "LibvirtUnavailable",
+    "PeerLink",
     "ensure_installed",
     "libvirt_peers",
     "run_libvirt",
@@ -85,11 +87,44 @@ class LibvirtError(Exception):
     """A virsh command failed."""
 
 
+@attrs.frozen
+class Daemon:
+    """Where a daemon runs and what it gets beyond the bench's settings (see the module).
+
+    :param wrapper: a command its ``unshare`` runs under (``ip netns exec NAME``: another "host").
+    :param libvirtd_conf: lines appended to its ``libvirtd.conf`` (a TLS listener, its files).
+    :param qemu_conf: lines appended to its ``qemu.conf`` (the migration's x509 directory).
+    :param listen: start it with ``--listen`` (TCP/TLS, as ``libvirtd_conf`` says).
+    """
+
+    wrapper: tuple[str, ...] = ()
+    libvirtd_conf: str = ""
+    qemu_conf: str = ""
+    listen: bool = False
+
+
+@attrs.frozen
+class PeerLink:
+    """How a migration goes from the source daemon to the target's.
+
+    :param peer_uri: what the source daemon dials (``--p2p``); ``None``: the target's unix
+        socket (both daemons on this host).
+    :param address: where the target QEMU listens and the source dials (``--listen-address``,
+        ``--migrateuri tcp://…``).
+    :param flags: more ``virsh migrate`` flags (``--tls``).
+    """
+
+    peer_uri: str | None = None
+    address: str = "127.0.0.1"
+    flags: tuple[str, ...] = ()
+
+
 @attrs.define
 class Instance:
     name: str
     root: Path
     process: trio.Process | None = None
+    daemon: Daemon = Daemon()
 
     @property
     def uri(self) -> str:
@@ -108,6 +143,14 @@ class LibvirtPeers:
     source: Instance
     target: Instance
     version: str
+    link: PeerLink = PeerLink()
+
+    def migrate_args(self) -> list[str]:
+        """What follows the domain's name in ``virsh migrate``: the target daemon's URI and
+        where the data goes."""
+        uri = self.link.peer_uri or self.target.uri
+        at = self.link.address
+        return [uri, "--migrateuri", f"tcp://{at}", "--listen-address", at, *self.link.flags]
 
 
 # ---- installation and daemons ------------------------------------------------------------------
@@ -162,6 +205,7 @@ def _prepare_instance(inst: Instance) -> None:
             link.unlink()
     with (inst.root / "etc" / "libvirtd.conf").open("a") as conf:
         conf.write(f'\n# livemig bench\nhost_uuid = "{uuid.uuid4()}"\n')
+        conf.write(inst.daemon.libvirtd_conf)
     low, high = _PORTS[inst.name]
     with (inst.root / "etc" / "qemu.conf").open("a") as conf:
         conf.write(
@@ -171,6 +215,7 @@ def _prepare_instance(inst: Instance) -> None:
             "cgroup_controllers = [ ]\n"
             f"migration_port_min = {low}\nmigration_port_max = {high}\n"
         )
+        conf.write(inst.daemon.qemu_conf)
 
 
 def _daemon_script(inst: Instance) -> str:
@@ -179,9 +224,13 @@ def _daemon_script(inst: Instance) -> str:
         for local, mounted in _STATE_DIRS.items()
     )
     pid_file = quote(str(inst.root / "libvirtd.pid"))
+    listen = " --listen" if inst.daemon.listen else ""
     # cgroups are unmounted inside the namespace as a precaution (libvirt is told not to use
     # them, and must not touch the host's).
-    return f"umount -R /sys/fs/cgroup 2>/dev/null; {mounts} && exec libvirtd --pid-file {pid_file}"
+    return (
+        f"umount -R /sys/fs/cgroup 2>/dev/null; {mounts} && "
+        f"exec libvirtd{listen} --pid-file {pid_file}"
+    )
 
 
 def quote(text: str) -> str:
@@ -194,6 +243,7 @@ async def _start_daemon(inst: Instance) -> None:
     try:
         inst.process = await trio.lowlevel.open_process(
             [
+                *inst.daemon.wrapper,
                 "unshare",
                 "--mount",
                 "--propagation",
@@ -274,21 +324,29 @@ def _kill_qemus(inst: Instance) -> None:
 
 
 @contextlib.asynccontextmanager
-async def libvirt_peers(base: Path) -> AsyncIterator[LibvirtPeers]:
+async def libvirt_peers(
+    base: Path,
+    *,
+    source_daemon: Daemon = Daemon(),
+    target_daemon: Daemon = Daemon(),
+    link: PeerLink = PeerLink(),
+) -> AsyncIterator[LibvirtPeers]:
     """Start the two daemons under ``base``; stop them (and any domain left) on the way out.
+    By default both on this host, migrating over loopback.
 
     :raise LibvirtUnavailable: when one cannot be started.
     """
     if missing := _missing_tools():
         raise LibvirtUnavailable(f"not installed: {', '.join(missing)}")
-    source, target = Instance("a", base / "a"), Instance("b", base / "b")
+    source = Instance("a", base / "a", daemon=source_daemon)
+    target = Instance("b", base / "b", daemon=target_daemon)
     try:
         await _start_daemon(source)
         await _start_daemon(target)
         version = (await virsh(source, "version", "--daemon", within=10)).strip()
         daemon = [line for line in version.splitlines() if "daemon" in line.lower()]
         number = daemon[-1].rpartition(":")[2].strip() if daemon else version
-        yield LibvirtPeers(source, target, f"libvirtd {number}")
+        yield LibvirtPeers(source, target, f"libvirtd {number}", link)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(60):
             await _stop_daemon(target)
@@ -583,7 +641,7 @@ async def _migrate(
             await console.wait_heartbeat()
     args = ["migrate", "--live", "--p2p"]
     args += ["--copy-storage-all"] if scenario.storage == "non-shared" else ["--unsafe"]
-    args += [name, dst.uri, "--migrateuri", "tcp://127.0.0.1", "--listen-address", "127.0.0.1"]
+    args += [name, *peers.migrate_args()]
     started = trio.current_time()
     finished = False
     with trio.move_on_after(deadline_s):

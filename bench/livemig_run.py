@@ -1,7 +1,8 @@
 """The ``livemig`` variant: ``livemig migrate --json`` as a child process, default policy.
 
 Against the lab's two QEMUs (``--target-qmp``), or, for the realistic VM, to a target livemig
-launches itself (``--to local``: no ``--target-qmp``, ``--target-dir``)."""
+launches itself (``--to local``: no ``--target-qmp``, ``--target-dir``), or one it launches on
+the other "host" of a two-host lab (``--to ssh://``, the cross-host mode)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,18 @@ from bench.child import ChildResult, run_measured
 from livemig.guest._lab import Lab
 
 if TYPE_CHECKING:
-    from bench.realistic import RealisticLab
+    from collections.abc import Sequence
 
-__all__ = ["LivemigOutcome", "launch_ms", "livemig_local_argv", "run_livemig"]
+    from bench.realistic import RealisticLab
+    from livemig.guest._hosts import TwoHosts
+
+__all__ = [
+    "LivemigOutcome",
+    "launch_ms",
+    "livemig_local_argv",
+    "livemig_remote_argv",
+    "run_livemig",
+]
 
 #: Extra seconds the child gets beyond the switchover deadline before it is interrupted (its
 #: own deadlines normally end it first).
@@ -83,6 +93,47 @@ def livemig_local_argv(
         str(max(1, round(deadline_s))),
         "--json",
     ]
+
+
+def livemig_remote_argv(
+    lab: RealisticLab,
+    hosts: TwoHosts,
+    *,
+    work_dir: Path,
+    target_dir: Path,
+    deadline_s: float,
+    data: Sequence[str],
+) -> list[str]:
+    """``--to ssh://``, run in the source's namespace: livemig launches the target on the lab's
+    target host over its sshd (``python -m livemig`` of this checkout there), copies every disk
+    to it; ``data`` says how the data goes (``--tls-dir D``, ``--insecure``, ``--tunnel ssh``);
+    the rest as :func:`livemig_argv`."""
+    return hosts.source.argv(
+        [
+            sys.executable,
+            "-m",
+            "livemig",
+            "migrate",
+            "--source-qmp",
+            str(lab.source_qmp),
+            "--to",
+            f"ssh://{hosts.target_name}",
+            "--ssh-config",
+            str(hosts.ssh_config),
+            "--remote-livemig",
+            f"{sys.executable} -m livemig",
+            "--target-dir",
+            str(target_dir),
+            "--storage",
+            lab.storage,
+            "--work-dir",
+            str(work_dir),
+            "--switchover-timeout",
+            str(max(1, round(deadline_s))),
+            "--json",
+            *data,
+        ]
+    )
 
 
 async def run_livemig(

@@ -7,11 +7,38 @@ from typing import Any, Literal
 
 import attrs
 
-__all__ = ["VARIANTS", "CopiedDisk", "RunRecord", "Status", "Variant", "VariantFiles"]
+__all__ = [
+    "CROSS_HOST_VARIANTS",
+    "VARIANTS",
+    "CopiedDisk",
+    "RunRecord",
+    "Status",
+    "Variant",
+    "VariantFiles",
+]
 
-Variant = Literal["livemig", "bare-qmp", "lxd-equivalent", "libvirt", "floor"]
+Variant = Literal[
+    "livemig",
+    "bare-qmp",
+    "lxd-equivalent",
+    "libvirt",
+    "floor",
+    "livemig-tls",
+    "livemig-plain",
+    "livemig-tunnel",
+    "libvirt-tls",
+]
 #: The variants that migrate (the floor is computed from livemig's bytes).
 VARIANTS: tuple[Variant, ...] = ("livemig", "bare-qmp", "lxd-equivalent", "libvirt")
+#: The cross-host mode's variants (``bench/cross_host.py``): livemig ``--to ssh://`` with the
+#: data over TLS, plain TCP (``--insecure``) and through ssh (``--tunnel ssh``); libvirt
+#: ``--p2p --tls`` between a daemon on each "host".
+CROSS_HOST_VARIANTS: tuple[Variant, ...] = (
+    "livemig-tls",
+    "livemig-plain",
+    "livemig-tunnel",
+    "libvirt-tls",
+)
 
 #: ``ok``: converged within the deadline; ``not-converged``: the deadline passed and the run was
 #: reverted; ``failed``: it broke (the error says how); ``skipped``: the variant is unavailable.

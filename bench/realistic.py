@@ -306,9 +306,11 @@ async def realistic_lab(
     *,
     with_target: bool,
     warm_up_heartbeats: int = 5,
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[RealisticLab]:
     """Boot the realistic VM in ``work`` (and start its target, ``with_target``). Both QEMUs
-    this starts are stopped on the way out."""
+    this starts are stopped on the way out. ``wrapper`` runs the source QEMU (``ip netns exec
+    NAME``: a source on another "host"; the bench dials its console through the file system)."""
     images = await source_images(cache, root=work / "root.qcow2", data=work / "data.raw")
     spec = realistic_vm_spec(
         guest,
@@ -320,7 +322,10 @@ async def realistic_lab(
         dirty_buf_mib=scenario.dirty_buf_mib,
     )
     spec = attrs.evolve(spec, serial=serial_option(work / _SERIAL), paused=True)
-    async with launched(spec, work_dir=work) as source, trio.open_nursery() as nursery:
+    async with (
+        launched(spec, work_dir=work, wrapper=wrapper) as source,
+        trio.open_nursery() as nursery,
+    ):
         dialed = DialedConsole("source", work / _SERIAL)
         nursery.start_soon(dialed.run)
         console = await dialed.wait_console()

@@ -9,13 +9,29 @@ from pathlib import Path
 
 import attrs
 
-from bench.model import RunRecord
+from bench.model import CROSS_HOST_VARIANTS, RunRecord
 from bench.runner import Results
 from bench.scenarios import Scenario
 
-__all__ = ["Cell", "TargetCheck", "check_targets", "markdown", "summarize", "write"]
+__all__ = [
+    "TLS_PLAIN_FACTOR",
+    "Cell",
+    "TargetCheck",
+    "check_targets",
+    "cross_host_checks",
+    "markdown",
+    "summarize",
+    "write",
+]
 
-_VARIANTS = ("livemig", "bare-qmp", "lxd-equivalent", "libvirt", "floor")
+_VARIANTS = (
+    "livemig",
+    "bare-qmp",
+    "lxd-equivalent",
+    "libvirt",
+    "floor",
+    *CROSS_HOST_VARIANTS,
+)
 #: The peers livemig's total and downtime are shown as ratios to.
 _PEERS = ("bare-qmp", "lxd-equivalent", "libvirt")
 #: The wall-time limit for ``livemig --help`` and ``livemig migrate --help``.
@@ -23,6 +39,8 @@ HELP_LIMIT_MS = 150.0
 #: The realistic VM's goal: livemig's total at most this times libvirt's.
 REALISTIC_LIBVIRT_FACTOR = 0.7
 _MIB = float(1 << 20)
+#: The cross-host goal: livemig with TLS at most this times livemig over plain TCP (total).
+TLS_PLAIN_FACTOR = 1.3
 
 
 def _median(values: Iterable[float | int | None]) -> float | None:
@@ -616,7 +634,135 @@ def _runs_table(records: Sequence[RunRecord]) -> list[str]:
     return lines
 
 
+def _cross_host(results: Results) -> bool:
+    return any(v in CROSS_HOST_VARIANTS for v in results.config.variants)
+
+
+def cross_host_checks(
+    cells: Mapping[tuple[str, str], Cell], scenarios: Sequence[Scenario]
+) -> list[TargetCheck]:
+    """The cross-host goals: TLS ≤ 1.3x plain on total time; livemig with TLS ≤ libvirt with
+    TLS on total time and downtime. A goal with a missing side is n/a, not a pass."""
+    checks: list[TargetCheck] = []
+    for sc in scenarios:
+        tls = cells.get((sc.name, "livemig-tls"))
+        plain = cells.get((sc.name, "livemig-plain"))
+        libvirt = cells.get((sc.name, "libvirt-tls"))
+
+        def check(
+            target: str,
+            *,
+            mine: float | None,
+            theirs: float | None,
+            factor: float,
+            note: str,
+            scenario: str = sc.name,
+        ) -> TargetCheck:
+            if mine is None or theirs is None:
+                verdict = "n/a"
+            else:
+                verdict = "PASS" if mine <= factor * theirs else "FAIL"
+            return TargetCheck(
+                target=target,
+                scenario=scenario,
+                livemig=_num(mine),
+                reference=f"{factor:g} x {_num(theirs)}",
+                verdict=verdict,
+                note=f"{note}; ratio {_ratio(mine, theirs)}",
+            )
+
+        checks += [
+            check(
+                "TLS total ≤ 1.3x plain",
+                mine=None if tls is None else tls.total_ms,
+                theirs=None if plain is None else plain.total_ms,
+                factor=TLS_PLAIN_FACTOR,
+                note="livemig-tls over livemig-plain, ms",
+            ),
+            check(
+                "TLS total ≤ libvirt TLS",
+                mine=None if tls is None else tls.total_ms,
+                theirs=None if libvirt is None else libvirt.total_ms,
+                factor=1.0,
+                note="livemig-tls over libvirt-tls, ms",
+            ),
+            check(
+                "TLS downtime ≤ libvirt TLS",
+                mine=None if tls is None else tls.downtime_ms,
+                theirs=None if libvirt is None else libvirt.downtime_ms,
+                factor=1.0,
+                note="livemig-tls over libvirt-tls, ms",
+            ),
+        ]
+    return checks
+
+
+def cross_host_table(results: Results, cells: Mapping[tuple[str, str], Cell]) -> list[str]:
+    """Each cross-host variant's medians and its ratio to livemig-plain and to libvirt-tls."""
+    lines = [
+        "| variant | converged | total ms | downtime ms | heartbeat gap ms | total / plain "
+        "| total / libvirt-tls | downtime / libvirt-tls |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for sc in results.config.scenarios:
+        plain = cells.get((sc.name, "livemig-plain"))
+        libvirt = cells.get((sc.name, "libvirt-tls"))
+        for variant in CROSS_HOST_VARIANTS:
+            cell = cells.get((sc.name, variant))
+            if cell is None:
+                if variant in results.skipped:
+                    lines.append(f"| {variant} | skipped: {results.skipped[variant]} | | | | | | |")
+                continue
+            lines.append(
+                f"| {variant} | {cell.ok}/{cell.runs} | {_num(cell.total_ms)} "
+                f"| {_num(cell.downtime_ms)} | {_num(cell.gap_ms)} "
+                f"| {_ratio(cell.total_ms, None if plain is None else plain.total_ms)} "
+                f"| {_ratio(cell.total_ms, None if libvirt is None else libvirt.total_ms)} "
+                f"| {_ratio(cell.downtime_ms, None if libvirt is None else libvirt.downtime_ms)} |"
+            )
+    return lines
+
+
+def _cross_host_markdown(results: Results, *, with_runs: bool) -> str:
+    cells = summarize(results.records, startup_ms(results))
+    env = results.environment
+    cfg = results.config
+    parts = [
+        f"# livemig cross-host benchmark — {results.started_utc}",
+        "",
+        f"{cfg.runs} repetitions; in each, every variant in turn (the order rotates per "
+        "repetition), each on a freshly booted realistic VM (TCG) in the source namespace, "
+        f"moved to the target namespace. Medians over the runs that converged within the "
+        f"{cfg.deadline_s:.0f} s deadline.",
+        "",
+        f"Host: {env.get('cpus')} CPUs, kernel {env.get('kernel')}, {env.get('qemu')}, "
+        f"libvirt: {env.get('libvirt', 'not used')}, livemig {env.get('livemig_commit')}; "
+        f"link: {env.get('link')}.",
+    ]
+    if not results.finished:
+        parts += ["", "**Partial results: the run did not finish.**"]
+    parts += [
+        "",
+        "## Across the link",
+        "",
+        *cross_host_table(results, cells),
+        "",
+        "## Goals",
+        "",
+        *targets_table(cross_host_checks(cells, cfg.scenarios)),
+        "",
+        "## Notes",
+        "",
+        *([f"- {n}" for n in results.notes] or ["- none"]),
+    ]
+    if with_runs:
+        parts += ["", "## Every run", "", *_runs_table(results.records)]
+    return "\n".join(parts) + "\n"
+
+
 def markdown(results: Results, *, with_runs: bool = True) -> str:
+    if _cross_host(results):
+        return _cross_host_markdown(results, with_runs=with_runs)
     cells = summarize(results.records, startup_ms(results))
     checks = [
         *check_targets(cells, results.config.scenarios),
@@ -691,10 +837,14 @@ def write(results: Results, directory: Path, stem: str) -> tuple[Path, Path]:
     payload = results.to_json()
     payload["startup_ms"] = startup_ms(results)
     payload["medians"] = [attrs.asdict(c) for c in cells.values()]
-    checks = [
-        *check_targets(cells, results.config.scenarios),
-        *help_checks(results.help_wall_ms),
-    ]
+    checks = (
+        cross_host_checks(cells, results.config.scenarios)
+        if _cross_host(results)
+        else [
+            *check_targets(cells, results.config.scenarios),
+            *help_checks(results.help_wall_ms),
+        ]
+    )
     payload["targets"] = [attrs.asdict(c) for c in checks]
     js.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return md, js

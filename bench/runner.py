@@ -60,7 +60,22 @@ from livemig.drivers.process import find_qemu_processes
 from livemig.guest import GuestImage, Heartbeat, ensure_built
 from livemig.guest._lab import Lab, migration_lab
 
-__all__ = ["Config", "Results", "run_bench"]
+__all__ = [
+    "RUN_SLACK_S",
+    "Config",
+    "LivemigArgv",
+    "Results",
+    "Saver",
+    "describe",
+    "dirty_mib",
+    "environment",
+    "libvirt_run",
+    "realistic_run",
+    "rotated",
+    "run_bench",
+    "run_line",
+    "say",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 #: livemig errors that mean "RAM did not converge in time" (the run reverted cleanly).
@@ -70,7 +85,7 @@ _STARTUP_SAMPLES = 3
 #: Runs of each ``--help`` command line, timed once at the start.
 _HELP_SAMPLES = 10
 #: Time a lab run may take beyond the migration deadline (boot, verify, poweroff, teardown).
-_RUN_SLACK_S = 300.0
+RUN_SLACK_S = 300.0
 
 
 @attrs.frozen
@@ -125,14 +140,14 @@ class Results:
 Saver = Callable[[Results], None]
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
 async def run_bench(config: Config, results: Results, save: Saver) -> None:
     """Run everything, appending to ``results`` and calling ``save`` after each repetition."""
     image = await ensure_built()
-    results.environment.update(await _environment())
+    results.environment.update(await environment())
     base = Path(tempfile.mkdtemp(prefix="livemig-bench-"))
     try:
         async with trio_asyncio.open_loop(), contextlib.AsyncExitStack() as stack:
@@ -141,7 +156,7 @@ async def run_bench(config: Config, results: Results, save: Saver) -> None:
                 await _help_times(base, results)
             cache: RealisticCache | None = None
             if any(s.realistic for s in config.scenarios):
-                _say("realistic VM: writing its images' data (once) …")
+                say("realistic VM: writing its images' data (once) …")
                 cache = await ensure_cache(base / "realistic-cache")
             for rep in range(1, config.runs + 1):
                 for _ in range(_STARTUP_SAMPLES):
@@ -160,7 +175,7 @@ async def run_bench(config: Config, results: Results, save: Saver) -> None:
                     )
                 save(results)
         results.finished = True
-        commit = (await _environment()).get("livemig_commit")
+        commit = (await environment()).get("livemig_commit")
         if commit != results.environment.get("livemig_commit"):
             results.notes.append(
                 f"livemig's working tree changed during the run: {commit} at the end"
@@ -183,7 +198,7 @@ async def _libvirt(
 ) -> LibvirtPeers | None:
     if "libvirt" not in config.variants:
         return None
-    _say("libvirt: checking the installation and starting two daemons …")
+    say("libvirt: checking the installation and starting two daemons …")
     reason = await ensure_installed(install=config.install)
     if reason is None:
         try:
@@ -194,11 +209,11 @@ async def _libvirt(
             results.environment["libvirt"] = peers.version
             return peers
     results.skipped["libvirt"] = reason
-    _say(reason)
+    say(reason)
     return None
 
 
-def _rotated(variants: Sequence[Variant], by: int) -> list[Variant]:
+def rotated(variants: Sequence[Variant], by: int) -> list[Variant]:
     k = by % len(variants) if variants else 0
     return [*variants[k:], *variants[:k]]
 
@@ -215,7 +230,7 @@ async def _repetition(
     cache: RealisticCache | None = None,
 ) -> None:
     done: dict[Variant, RunRecord] = {}
-    for variant in _rotated(config.variants, rep - 1):
+    for variant in rotated(config.variants, rep - 1):
         if variant == "libvirt" and peers is None:
             continue
         work = base / f"r{rep}-{len(results.records)}-{variant}"
@@ -223,7 +238,7 @@ async def _repetition(
         try:
             if variant == "libvirt":
                 assert peers is not None
-                record = await _libvirt_run(
+                record = await libvirt_run(
                     peers,
                     scenario,
                     image=image,
@@ -235,7 +250,7 @@ async def _repetition(
                 )
             elif scenario.realistic:
                 assert cache is not None
-                record = await _realistic_run(
+                record = await realistic_run(
                     variant,
                     scenario,
                     image=image,
@@ -252,14 +267,14 @@ async def _repetition(
             shutil.rmtree(work, ignore_errors=True)
         results.records.append(record)
         done[variant] = record
-        _say(f"[{rep}/{config.runs}] {scenario.name:<26} {variant:<15} {_line(record)}")
+        say(f"[{rep}/{config.runs}] {scenario.name:<26} {variant:<15} {run_line(record)}")
     if "livemig" in done:
         record = await _floor(done["livemig"], scenario, rep)
         results.records.append(record)
-        _say(f"[{rep}/{config.runs}] {scenario.name:<26} {'floor':<15} {_line(record)}")
+        say(f"[{rep}/{config.runs}] {scenario.name:<26} {'floor':<15} {run_line(record)}")
 
 
-def _line(r: RunRecord) -> str:
+def run_line(r: RunRecord) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
 
@@ -287,7 +302,7 @@ async def _lab_run(
 ) -> RunRecord:
     record = RunRecord(rep, scenario.name, variant, "failed", loadavg=os.getloadavg()[0])
     try:
-        with trio.fail_after(deadline + _RUN_SLACK_S):
+        with trio.fail_after(deadline + RUN_SLACK_S):
             async with migration_lab(
                 image,
                 work,
@@ -407,7 +422,11 @@ def livemig_to_cont_ms(result: dict[str, Any]) -> float | None:
     return round(float(sum(phases[s] for s in before)) + float(conts[-1]), 1)
 
 
-async def _realistic_run(
+#: A livemig command line for the realistic VM: ``(lab, livemig's work dir, the target dir)``.
+LivemigArgv = Callable[[RealisticLab, Path, Path], list[str]]
+
+
+async def realistic_run(
     variant: Variant,
     scenario: Scenario,
     *,
@@ -416,18 +435,28 @@ async def _realistic_run(
     rep: int,
     deadline: float,
     cache: RealisticCache,
+    wrapper: Sequence[str] = (),
+    livemig_argv: LivemigArgv | None = None,
 ) -> RunRecord:
-    """One run on the realistic VM: livemig launches its own target (``--to local``); bare-qmp
-    and lxd-equivalent get one started beforehand from the same spec."""
+    """One run on the realistic VM: livemig launches its own target (``--to local``, or
+    ``livemig_argv``'s command line); bare-qmp and lxd-equivalent get one started beforehand
+    from the same spec. ``wrapper`` runs the source QEMU (``ip netns exec NAME``)."""
     record = RunRecord(rep, scenario.name, variant, "failed", loadavg=os.getloadavg()[0])
-    record.detail["host_dirty_mib"] = _dirty_mib()
+    record.detail["host_dirty_mib"] = dirty_mib()
+    prestarted = variant in ("bare-qmp", "lxd-equivalent")
+
+    def local_argv(lab: RealisticLab, work_dir: Path, target_dir: Path) -> list[str]:
+        return livemig_local_argv(
+            lab, work_dir=work_dir, target_dir=target_dir, deadline_s=deadline
+        )
+
     try:
-        with trio.fail_after(deadline + _RUN_SLACK_S):
+        with trio.fail_after(deadline + RUN_SLACK_S):
             async with realistic_lab(
-                image, work, scenario, cache, with_target=variant != "livemig"
+                image, work, scenario, cache, with_target=prestarted, wrapper=wrapper
             ) as lab:
-                if variant == "livemig":
-                    await _realistic_livemig(lab, record, deadline)
+                if not prestarted:
+                    await _realistic_livemig(lab, record, deadline, livemig_argv or local_argv)
                 else:
                     started = trio.current_time()
                     if variant == "bare-qmp":
@@ -447,7 +476,7 @@ async def _realistic_run(
     return record
 
 
-def _dirty_mib() -> float | None:
+def dirty_mib() -> float | None:
     """The host's dirty page cache (``/proc/meminfo``), MiB: writeback the run may wait for."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -561,17 +590,18 @@ def _whose(
 _CONSOLE_S = 5.0
 
 
-async def _realistic_livemig(lab: RealisticLab, record: RunRecord, deadline: float) -> None:
-    """``livemig migrate --to local`` (no ``--target-qmp``): livemig launches the target in
-    ``target/`` from the source's command line; the bench dials its console there."""
+async def _realistic_livemig(
+    lab: RealisticLab, record: RunRecord, deadline: float, argv_for: LivemigArgv
+) -> None:
+    """``livemig migrate`` without ``--target-qmp`` (``--to local``, or ``--to ssh://``):
+    livemig launches the target in ``target/`` from the source's command line; the bench dials
+    its console there (one file system for both "hosts")."""
     target_dir = lab.work_dir / "target"
     console = DialedConsole("target", target_dir / "serial.sock")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(console.run)
         await _loaded_startup(record, lab.work_dir.parent)
-        argv = livemig_local_argv(
-            lab, work_dir=lab.work_dir / "livemig", target_dir=target_dir, deadline_s=deadline
-        )
+        argv = argv_for(lab, lab.work_dir / "livemig", target_dir)
         started = trio.current_time()
         out = await run_livemig(lab, deadline_s=deadline, argv=argv)
         ended = trio.current_time()
@@ -647,7 +677,7 @@ async def _lxd(lab: AnyLab, record: RunRecord, deadline: float) -> None:
         record.error = out.error
 
 
-async def _libvirt_run(
+async def libvirt_run(
     peers: LibvirtPeers,
     scenario: Scenario,
     *,
@@ -657,12 +687,13 @@ async def _libvirt_run(
     deadline: float,
     serial: int,
     cache: RealisticCache | None = None,
+    variant: Variant = "libvirt",
 ) -> RunRecord:
-    record = RunRecord(rep, scenario.name, "libvirt", "failed", loadavg=os.getloadavg()[0])
+    record = RunRecord(rep, scenario.name, variant, "failed", loadavg=os.getloadavg()[0])
     if scenario.realistic:
-        record.detail["host_dirty_mib"] = _dirty_mib()
+        record.detail["host_dirty_mib"] = dirty_mib()
     try:
-        with trio.fail_after(deadline + _RUN_SLACK_S):
+        with trio.fail_after(deadline + RUN_SLACK_S):
             out = await run_libvirt(
                 peers,
                 scenario,
@@ -774,7 +805,7 @@ async def _help_times(base: Path, results: Results) -> None:
                 results.help_wall_ms.setdefault(name, []).append(child.wall_s * 1000.0)
 
 
-async def _environment() -> dict[str, Any]:
+async def environment() -> dict[str, Any]:
     async def first_line(*argv: str) -> str | None:
         try:
             result = await trio.run_process(

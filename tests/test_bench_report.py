@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 
 from bench import bare
-from bench.model import CopiedDisk, RunRecord, VariantFiles
+from bench.cli import main as bench_main
+from bench.cross_host import SCENARIO as CROSS_HOST_SCENARIO
+from bench.model import CROSS_HOST_VARIANTS, CopiedDisk, RunRecord, VariantFiles
 from bench.realistic import FILL_BYTES, fill_byte
-from bench.report import check_targets, help_checks, markdown, phase_split, summarize
+from bench.report import (
+    check_targets,
+    cross_host_checks,
+    help_checks,
+    markdown,
+    phase_split,
+    summarize,
+)
 from bench.runner import Config, Results, livemig_to_cont_ms
 from bench.scenarios import select
 
@@ -256,3 +266,57 @@ def test_variant_files_keep_the_root_names_and_suffix_the_others() -> None:
     files = VariantFiles.under(work, "bare", disks)
     assert files.overlays == (work / "bare-overlay.qcow2", work / "bare-overlay-data.qcow2")
     assert files.overlay_of(disks, disks[1]) == work / "bare-overlay-data.qcow2"
+
+
+def _cross_host_records(libvirt: bool) -> list[RunRecord]:
+    name = CROSS_HOST_SCENARIO.name
+    figures = {
+        "livemig-plain": (10_000.0, 60.0),
+        "livemig-tls": (12_000.0, 70.0),
+        "livemig-tunnel": (30_000.0, 90.0),
+    }
+    if libvirt:
+        figures["libvirt-tls"] = (15_000.0, 65.0)
+    return [
+        RunRecord(1, name, variant, "ok", total_ms=total, downtime_ms=down)  # type: ignore[arg-type]
+        for variant, (total, down) in figures.items()
+    ]
+
+
+def test_cross_host_goals_are_tls_over_plain_and_over_libvirt_tls() -> None:
+    cells = summarize(_cross_host_records(libvirt=True))
+    checks = {c.target: c for c in cross_host_checks(cells, [CROSS_HOST_SCENARIO])}
+    tls = checks["TLS total ≤ 1.3x plain"]
+    assert (tls.verdict, tls.note.rpartition("ratio ")[2]) == ("PASS", "1.20")
+    assert checks["TLS total ≤ libvirt TLS"].verdict == "PASS"  # 12 s ≤ 15 s
+    assert checks["TLS downtime ≤ libvirt TLS"].verdict == "FAIL"  # 70 ms > 65 ms
+    # Without libvirt the comparisons with it are not passes.
+    cells = summarize(_cross_host_records(libvirt=False))
+    checks = {c.target: c for c in cross_host_checks(cells, [CROSS_HOST_SCENARIO])}
+    assert checks["TLS total ≤ libvirt TLS"].verdict == "n/a"
+
+
+def test_cross_host_markdown_has_the_table_and_says_why_libvirt_was_skipped() -> None:
+    config = Config(
+        runs=1,
+        scenarios=(CROSS_HOST_SCENARIO,),
+        variants=CROSS_HOST_VARIANTS,
+        deadline_s=60,
+        install=False,
+    )
+    results = Results(
+        config, records=_cross_host_records(libvirt=False), skipped={"libvirt-tls": "no daemon"}
+    )
+    text = markdown(results)
+    assert "| livemig-tunnel | 1/1 | 30000 | 90 | - | 3.00 | - | - |" in text
+    assert "| libvirt-tls | skipped: no daemon |" in text
+
+
+def test_cross_host_variants_only_with_cross_host(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["--variants", "livemig-tls", "--out", "unused"])
+    assert exit_.value.code == 2
+    assert "only with --cross-host" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--cross-host", "--variants", "livemig", "--out", "unused"])
+    assert "not a cross-host variant" in capsys.readouterr().err

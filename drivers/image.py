@@ -186,13 +186,18 @@ async def copy_to_nbd(
 
     The export must be at least as large as the source.
 
+    Writes go out of order (``-W``): nothing reads the export until the copy has ended, and
+    waiting for each write before the next one is what made the copy slow. *Measured* (QEMU
+    10.0.2, 1 GiB of random data into ``qemu-nbd`` on loopback, noisy shared machine): plain
+    TCP 4.1-4.5 s → 1.4-1.9 s, TLS 5.4-6.0 s → 3.1-3.4 s.
+
     :param tls: do TLS with the NBD server, with the client credentials of ``tls.directory``
         (a ``tls-creds-x509`` object of ``qemu-img``'s own) and its ``hostname`` checked.
     :param force_share: read the source even while a QEMU may write it (``-U``). Leave it off:
         the copy is only consistent when the source is frozen, and QEMU's lock then lets us read.
     :raise ToolError: when ``qemu-img`` fails (export missing, source locked by a writer, …).
     """
-    argv = [qemu_img, "convert", "-q", "-n", "-f", source_fmt]
+    argv = [qemu_img, "convert", "-q", "-n", "-W", "-f", source_fmt]
     if tls is not None:
         directory = str(tls.directory).replace(",", ",,")
         argv += [

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import trio
@@ -20,9 +20,10 @@ import trio
 from livemig.transports.endpoints import Endpoint, Tls, UnixEndpoint, as_endpoint
 from livemig.transports.errors import ToolError, UsageError
 
-__all__ = ["ImageFormat", "ImageInfo", "convert", "copy_to_nbd", "create", "info"]
+__all__ = ["COPIED_FORMATS", "ImageFormat", "ImageInfo", "convert", "copy_to_nbd", "create", "info"]
 
-ImageFormat = Literal["raw", "qcow2"]
+from livemig.drivers.formats import COPIED_FORMATS, ImageFormat
+
 DEFAULT_QEMU_IMG = "qemu-img"
 
 

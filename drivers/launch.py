@@ -64,7 +64,7 @@ from livemig.drivers.cmdline import (
     parse_argv,
     split_suboptions,
 )
-from livemig.drivers.image import ImageFormat
+from livemig.drivers.image import COPIED_FORMATS, ImageFormat
 from livemig.drivers.peer import MONITOR_TIMEOUT, PeerQemu, describe_qemu
 from livemig.drivers.process import qmp_answers
 from livemig.transports.errors import ProcessError, UsageError
@@ -117,8 +117,9 @@ if not sys.stdin.readline():
 
 
 def _image_format(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in {"raw", "qcow2"}:
-        raise UsageError(f"{attribute.name} must be raw or qcow2, not {value!r}")
+    if value not in COPIED_FORMATS:
+        choices = ", ".join(COPIED_FORMATS)
+        raise UsageError(f"{attribute.name} must be one of {choices}, not {value!r}")
 
 
 def _image_size(_: object, attribute: attrs.Attribute[int], value: int) -> None:

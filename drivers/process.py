@@ -28,6 +28,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from livemig.drivers.image import COPIED_FORMATS, ImageFormat
 from livemig.transports.children import die_with_parent_hook
 from livemig.transports.errors import ProcessError, UsageError
 
@@ -89,7 +90,7 @@ class DiskSpec:
 
     path: Path = attrs.field(converter=Path)
     node_name: str = "root"
-    fmt: Literal["raw", "qcow2"] = attrs.field(default="raw", validator=_one_of("raw", "qcow2"))
+    fmt: ImageFormat = attrs.field(default="raw", validator=_one_of(*COPIED_FORMATS))
     device_id: str = "vda"
     read_only: bool = False
     syntax: Literal["blockdev", "drive"] = attrs.field(

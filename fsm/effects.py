@@ -266,10 +266,12 @@ class Mark:
 
 @attrs.frozen
 class OpenWindow:
-    """The guest was paused for the switchover (QEMU emitted it at ``emitted_at``): from now
-    on every millisecond is downtime, and its timeline is recorded."""
+    """The guest was paused for the switchover (QEMU emitted it at ``emitted_at``, host clock;
+    ``None``: unknown): from now on every millisecond is downtime, and its timeline is recorded
+    from ``what``."""
 
-    emitted_at: float
+    emitted_at: float | None
+    what: str = "source pre-switchover event received"
 
 
 @attrs.frozen

@@ -132,8 +132,8 @@ async def _perform(session: Session, effect: Effect) -> Any:
             await trio.sleep(seconds)
         case Mark(what=what):
             session.mark(what)
-        case OpenWindow(emitted_at=emitted_at):
-            session.open_window(emitted_at)
+        case OpenWindow(emitted_at=emitted_at, what=what):
+            session.open_window(emitted_at, what)
         case CloseWindow():
             session.close_window()
         case WriteJournal():

@@ -198,6 +198,12 @@ class MigrationResult:
     disks: tuple[DiskResult, ...] = ()
     #: The target livemig launched (``--to local``): its QMP socket, pid, serial, images.
     target: Mapping[str, Any] | None = None
+    #: How the guest's state moved: ``live`` or ``stateful-stop`` (``None``: decided at connect,
+    #: which the run did not get past).
+    transfer: str | None = None
+    #: Why a stateful stop was done when the plan did not ask for one (live transfer was
+    #: impossible); ``None`` otherwise.
+    fallback: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self, recurse=False)

@@ -19,6 +19,14 @@ Shared storage skips ``snapshotted`` and ``mirroring``: ``capabilities-set -tran
 When the plan allows post-copy and RAM does not converge, the switchover goes
 ``pre-switchover -switch_over_postcopy-> post-copy -finalize-> finalized``.
 
+Stateful stop (asked for, or when live transfer is impossible) leaves the live route after the
+disks are on the target (``mirroring``; shared storage: ``capabilities-set``)::
+
+    -save_state-> state-saved -restore_state-> switched-over -finalize-> finalized
+
+``save_state`` pauses the guest and writes its whole state to a file; ``restore_state`` loads it
+into the target and resumes it there.
+
 The table decides the order: each forward edge has a precondition (``when``) besides its guard,
 and from every non-terminal state exactly one forward edge's precondition holds
 (:func:`forward_trigger`): storage mode picks the branch at ``capabilities-set``, a started
@@ -57,6 +65,8 @@ __all__ = [
     "State",
     "StorageChoice",
     "StorageMode",
+    "Transfer",
+    "TransferChoice",
     "Trigger",
     "allows",
     "forward_trigger",
@@ -79,6 +89,10 @@ class State(enum.StrEnum):
     STATE_TRANSFER = "state-transfer"
     #: RAM converged (or post-copy was asked for); the source guest is paused before switchover.
     PRE_SWITCHOVER = "pre-switchover"
+    #: Stateful stop: the source guest is paused and its whole state (RAM, devices) is in the
+    #: state file; every copied disk's mirror completed, so the target holds each disk as of the
+    #: pause. The source keeps the guest and every write: a revert resumes it there.
+    STATE_SAVED = "state-saved"
     #: The point of no return: the target completed the migration and runs the guest (its
     #: ``cont`` was answered); the source is still there, paused, to be stopped.
     SWITCHED_OVER = "switched-over"
@@ -108,6 +122,8 @@ class Trigger(enum.StrEnum):
     SWITCH_OVER = "switch_over"
     FINALIZE = "finalize"
     SWITCH_OVER_POSTCOPY = "switch_over_postcopy"
+    SAVE_STATE = "save_state"
+    RESTORE_STATE = "restore_state"
     REVERT = "revert"
     FAIL = "fail"
 
@@ -138,6 +154,24 @@ class StorageChoice(enum.StrEnum):
         return None if self is StorageChoice.AUTO else StorageMode(self.value)
 
 
+class Transfer(enum.StrEnum):
+    """How the guest's state moves: whether the guest keeps running meanwhile."""
+
+    #: RAM streams while the guest runs; it pauses only for the switchover.
+    LIVE = "live"
+    #: The guest is paused, its state saved to a file and restored on the target.
+    STATEFUL_STOP = "stateful-stop"
+
+
+class TransferChoice(enum.StrEnum):
+    """What a plan asks for; the prechecks turn it into the route (:class:`Transfer`)."""
+
+    LIVE = "live"
+    STATEFUL_STOP = "stateful-stop"
+    #: Live, and a stateful stop when live transfer is impossible (the result says why).
+    AUTO = "auto"
+
+
 @attrs.define
 class Facts:
     """What the runner has observed so far. Guards read only this.
@@ -147,6 +181,8 @@ class Facts:
 
     #: The route; a plan's ``auto`` is decided at connect (:class:`PrechecksPassed`).
     storage: StorageMode | None
+    #: How the state moves, decided at connect (``None`` before).
+    transfer: Transfer | None = None
     prechecks_passed: bool = False
     capabilities_set: bool = False
     overlay_active: bool = False
@@ -160,6 +196,9 @@ class Facts:
     postcopy: bool = False
     #: ``migrate-continue`` was sent into post-copy: the source can no longer take the guest back.
     postcopy_committed: bool = False
+    #: Stateful stop: the source saved the guest's whole state to the state file (and every
+    #: copied disk's mirror completed while the guest was paused).
+    state_saved: bool = False
     #: Every undo step that was needed ran without error.
     undo_clean: bool = True
     #: After the switchover, the run let go of the source: it was quit (or left paused, as the
@@ -188,6 +227,10 @@ def mirror_ready(facts: Facts) -> bool:
 
 def shared_storage_transfer_started(facts: Facts) -> bool:
     return facts.storage is StorageMode.SHARED and _transfer_started(facts)
+
+
+def state_saved(facts: Facts) -> bool:
+    return facts.state_saved
 
 
 def mirror_ready_transfer_started(facts: Facts) -> bool:
@@ -223,6 +266,22 @@ def non_shared(facts: Facts) -> bool:
 
 def shared(facts: Facts) -> bool:
     return facts.storage is StorageMode.SHARED
+
+
+def live(facts: Facts) -> bool:
+    return facts.transfer is not Transfer.STATEFUL_STOP
+
+
+def stateful(facts: Facts) -> bool:
+    return facts.transfer is Transfer.STATEFUL_STOP
+
+
+def shared_live(facts: Facts) -> bool:
+    return shared(facts) and live(facts)
+
+
+def shared_stateful(facts: Facts) -> bool:
+    return shared(facts) and stateful(facts)
 
 
 def postcopy_started(facts: Facts) -> bool:
@@ -288,14 +347,24 @@ FORWARD: tuple[Edge, ...] = (
         State.CAPABILITIES_SET,
         State.STATE_TRANSFER,
         shared_storage_transfer_started,
-        when=shared,
+        when=shared_live,
     ),
     Edge(
         Trigger.TRANSFER_STATE,
         State.MIRRORING,
         State.STATE_TRANSFER,
         mirror_ready_transfer_started,
+        when=live,
     ),
+    Edge(
+        Trigger.SAVE_STATE,
+        State.CAPABILITIES_SET,
+        State.STATE_SAVED,
+        state_saved,
+        when=shared_stateful,
+    ),
+    Edge(Trigger.SAVE_STATE, State.MIRRORING, State.STATE_SAVED, state_saved, when=stateful),
+    Edge(Trigger.RESTORE_STATE, State.STATE_SAVED, State.SWITCHED_OVER, switched_over),
     Edge(
         Trigger.AWAIT_SWITCHOVER, State.STATE_TRANSFER, State.PRE_SWITCHOVER, status_pre_switchover
     ),

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import attrs
 
 from livemig.drivers.status import MigrationStatus
-from livemig.fsm.machine import TERMINAL, Facts, State, StorageMode
+from livemig.fsm.machine import TERMINAL, Facts, State, StorageMode, Transfer
 from livemig.transports.errors import GuardFailed
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "PostcopyStarted",
     "PrechecksPassed",
     "SourceReleased",
+    "StateSaved",
     "TargetResumed",
     "UndoFinished",
     "legal_states",
@@ -39,9 +40,12 @@ __all__ = [
 @attrs.frozen
 class PrechecksPassed:
     """Both QEMUs answered and every precheck passed; nothing was touched. ``storage`` is the
-    route the disks take (``None``: the one the plan named)."""
+    route the disks take (``None``: the one the plan named); ``transfer`` how the guest's state
+    moves (``None``: live) and, for a stateful stop the plan did not ask for, ``why``."""
 
     storage: StorageMode | None = None
+    transfer: Transfer | None = None
+    why: str | None = None
 
 
 @attrs.frozen
@@ -77,6 +81,12 @@ class MigrationStatusChanged:
 
 
 @attrs.frozen
+class StateSaved:
+    """Stateful stop: the source paused the guest and saved its whole state to the state file;
+    every copied disk's mirror completed meanwhile."""
+
+
+@attrs.frozen
 class PostcopyStarted:
     """``migrate-start-postcopy`` answered: the switchover will go through ``post-copy``."""
 
@@ -109,6 +119,7 @@ Observation = (
     | OverlayActive
     | MirrorReady
     | MigrationStatusChanged
+    | StateSaved
     | PostcopyStarted
     | PostcopyCommitted
     | TargetResumed
@@ -125,10 +136,11 @@ _LEGAL: Mapping[type, frozenset[State]] = {
     CapabilitiesSet: frozenset({State.CONNECTED}),
     OverlayActive: frozenset({State.CAPABILITIES_SET}),
     MirrorReady: frozenset({State.SNAPSHOTTED}),
-    MigrationStatusChanged: _MIGRATING | {State.POSTCOPY},
+    MigrationStatusChanged: _MIGRATING | {State.POSTCOPY, State.STATE_SAVED},
+    StateSaved: frozenset({State.CAPABILITIES_SET, State.MIRRORING}),
     PostcopyStarted: frozenset({State.STATE_TRANSFER}),
     PostcopyCommitted: frozenset({State.PRE_SWITCHOVER}),
-    TargetResumed: frozenset({State.PRE_SWITCHOVER}),
+    TargetResumed: frozenset({State.PRE_SWITCHOVER, State.STATE_SAVED}),
     SourceReleased: frozenset({State.SWITCHED_OVER, State.POSTCOPY}),
     UndoFinished: frozenset(s for s in State if s not in TERMINAL),
 }
@@ -153,11 +165,20 @@ def observe(state: State, facts: Facts, observation: Observation) -> Facts:
     ):
         raise GuardFailed(f"{name} cannot be observed in {state.value}", state=state.value)
     match observation:
-        case PrechecksPassed(storage=storage):
+        case PrechecksPassed(storage=storage, transfer=transfer):
             route = storage if storage is not None else facts.storage
             if route is None:
                 raise GuardFailed("the prechecks decided no storage route", state=state.value)
-            return attrs.evolve(facts, prechecks_passed=True, storage=route)
+            return attrs.evolve(
+                facts,
+                prechecks_passed=True,
+                storage=route,
+                transfer=transfer if transfer is not None else Transfer.LIVE,
+            )
+        case StateSaved():
+            if facts.transfer is not Transfer.STATEFUL_STOP:
+                raise GuardFailed("a live migration saves no state file", state=state.value)
+            return attrs.evolve(facts, state_saved=True)
         case CapabilitiesSet():
             return attrs.evolve(facts, capabilities_set=True)
         case OverlayActive():

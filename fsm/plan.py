@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 from attrs import validators as v
 
-from livemig.fsm.machine import StorageChoice
+from livemig.fsm.machine import StorageChoice, TransferChoice
 from livemig.fsm.policy import ConvergencePolicy, GiB, Ladder, Rung, StallRule
 from livemig.transports.endpoints import (
     Endpoint,
@@ -234,6 +234,10 @@ class Plan:
     :param nbd_listen: likewise for the NBD server; ``None``: ``nbd``.
     :param remote: how to reach the target's host when it is another one (``--to ssh://``),
         as `livemig.remote` journals it for ``livemig recover``; ``None``: this host.
+    :param transfer: how the guest's state moves: ``live`` (RAM streams while the guest runs),
+        ``stateful-stop`` (the guest is paused, its state saved to :attr:`state_file` and
+        restored on the target) or ``auto`` (the default: live, and a stateful stop when live
+        transfer is impossible — the result says why).
     """
 
     source_qmp: UnixEndpoint
@@ -259,6 +263,14 @@ class Plan:
     #: Target images livemig created empty for this run (a launched target's): a base copy
     #: into one skips zeros and leaves it sparse.
     created_images: tuple[Path, ...] = attrs.field(default=(), converter=tuple[Path, ...])
+    transfer: TransferChoice = attrs.field(
+        default=TransferChoice.AUTO, converter=TransferChoice, kw_only=True
+    )
+
+    @property
+    def state_file(self) -> Path:
+        """Where a stateful stop saves the guest's state (both QEMUs read the work dir)."""
+        return self.work_dir / f"lm-{self.run_id}-state"
 
     def fresh_image(self, path: Path) -> bool:
         """Whether ``path`` is a target image livemig made empty for this run."""
@@ -295,6 +307,7 @@ class Plan:
         run_id: str | None = None,
         insecure: bool = False,
         tls: Tls | None = None,
+        transfer: TransferChoice | str = TransferChoice.AUTO,
     ) -> Plan:
         """Build a plan from caller input, filling in defaults.
 
@@ -307,6 +320,11 @@ class Plan:
         except ValueError as err:
             choices = ", ".join(m.value for m in StorageChoice)
             raise UsageError(f"storage must be one of {choices}, not {storage!r}") from err
+        try:
+            how = TransferChoice(transfer)
+        except ValueError as err:
+            choices = ", ".join(m.value for m in TransferChoice)
+            raise UsageError(f"mode must be one of {choices}, not {transfer!r}") from err
         if os.path.realpath(source_qmp) == os.path.realpath(target_qmp):
             raise UsageError(
                 f"the source and target QMP sockets are the same ({source_qmp}): the target "
@@ -337,6 +355,7 @@ class Plan:
             policy=policy or Policy(),
             deadlines=deadlines or Deadlines(),
             tls=tls,
+            transfer=how,
         )
 
     # Names of everything this run creates: unique per run so a leftover from an earlier,

@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 import attrs
 
 from livemig.drivers.block import BlockDevice, BlockNode
+from livemig.drivers.formats import COPIED_FORMATS
 from livemig.drivers.jobs import JobInfo
 from livemig.drivers.migration import MigrationStats
 from livemig.drivers.runstate import GuestDevice, QemuVersion, RunStatus
 from livemig.drivers.status import RunState
-from livemig.fsm.machine import StorageChoice, StorageMode
+from livemig.fsm.machine import StorageChoice, StorageMode, Transfer, TransferChoice
 from livemig.fsm.plan import DiskNames, Plan
 from livemig.transports.errors import PrecheckError
 
@@ -36,6 +37,10 @@ REQUIRED_CAPABILITIES = {
 }
 
 SameFile = Callable[[str, str], bool]
+
+#: Image formats QEMU re-reads when a QEMU takes an image over from another: only these can be
+#: shared (others are blockers of live migration, and a stateful stop refuses them shared).
+SHARED_FORMATS = ("raw", "qcow2")
 
 
 def same_path(a: str, b: str) -> bool:
@@ -58,6 +63,8 @@ class QemuView:
     capabilities: Mapping[str, bool]
     #: Its machine's devices (``qom-list``); empty when not asked.
     devices: tuple[GuestDevice, ...] = ()
+    #: Its migration parameters (``query-migrate-parameters``); empty when not asked.
+    parameters: Mapping[str, object] = attrs.field(factory=dict)
 
     def node(self, name: str) -> BlockNode | None:
         return next((n for n in self.nodes if n.node_name == name), None)
@@ -98,6 +105,16 @@ class Verdict:
     route they make."""
 
     disks: tuple[Disk, ...]
+    #: How the guest's state moves.
+    transfer: Transfer = Transfer.LIVE
+    #: Why a stateful stop was chosen when the plan did not ask for one (``None``: it did, or
+    #: the migration is live).
+    fallback: str | None = None
+    #: A stateful stop past migration blockers: the state is saved in mode ``cpr-reboot``,
+    #: which QEMU's blockers of live migration do not stop.
+    cpr_reboot: bool = False
+    #: What the operator should know (not a reason to refuse).
+    notes: tuple[str, ...] = ()
 
     @property
     def copied(self) -> tuple[Disk, ...]:
@@ -129,14 +146,74 @@ def precheck(
 ) -> Verdict:
     """Decide whether ``plan`` may start on these two QEMUs, and which disks it moves how.
 
+    The transfer: live when it can be; a stateful stop when the plan asks for one or (plan
+    ``auto``) when live transfer is impossible: the source has migration blockers, or lacks a
+    capability only the live route needs.
+
     :raise PrecheckError: naming what is wrong.
     """
     _check_guests(source, target)
-    verdict = _check_disks(plan, source, target, same_file)
+    live_problem = _live_problem(source)
+    transfer, fallback = Transfer.LIVE, None
+    if plan.transfer is TransferChoice.STATEFUL_STOP:
+        transfer = Transfer.STATEFUL_STOP
+    elif live_problem is not None:
+        if plan.transfer is TransferChoice.LIVE:
+            raise PrecheckError(f"{live_problem} (--mode stateful-stop pauses it instead)")
+        transfer, fallback = Transfer.STATEFUL_STOP, live_problem
+    try:
+        verdict = _check_disks(plan, source, target, same_file, transfer)
+        cpr_reboot = False
+        if transfer is Transfer.STATEFUL_STOP:
+            cpr_reboot = _check_stateful(source, target)
+        else:
+            _check_capabilities("target", target, REQUIRED_CAPABILITIES["target"])
+    except PrecheckError as err:
+        if fallback is None:
+            raise
+        raise PrecheckError(f"{fallback}; nor can a stateful stop be done: {err}") from err
+    notes: tuple[str, ...] = ()
+    if blocked := target.migration.blocked_reasons:
+        notes = (f"the target QEMU will not migrate this guest live again: {'; '.join(blocked)}",)
+    return attrs.evolve(
+        verdict, transfer=transfer, fallback=fallback, cpr_reboot=cpr_reboot, notes=notes
+    )
+
+
+#: What a stateful stop needs of each side: ``events`` (the saves and loads end in events).
+STATEFUL_CAPABILITIES = ("events",)
+
+
+def _live_problem(source: QemuView) -> str | None:
+    """Why the source cannot migrate the guest live (``None``: it can)."""
+    if blocked := source.migration.blocked_reasons:
+        return f"the source QEMU cannot migrate this guest: {'; '.join(blocked)}"
+    if missing := [c for c in REQUIRED_CAPABILITIES["source"] if c not in source.capabilities]:
+        return f"the source QEMU lacks migration capabilities {missing}"
+    return None
+
+
+def _check_capabilities(side: str, view: QemuView, wanted: tuple[str, ...]) -> None:
+    if missing := [c for c in wanted if c not in view.capabilities]:
+        raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
+
+
+def _check_stateful(source: QemuView, target: QemuView) -> bool:
+    """What a stateful stop needs; whether it must save in mode ``cpr-reboot`` (the source has
+    blockers of live migration, which that mode is not stopped by)."""
     for side, view in (("source", source), ("target", target)):
-        if missing := [c for c in REQUIRED_CAPABILITIES[side] if c not in view.capabilities]:
-            raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
-    return verdict
+        _check_capabilities(side, view, STATEFUL_CAPABILITIES)
+    if not source.migration.blocked_reasons:
+        return False
+    lacking = [
+        side for side, v in (("source", source), ("target", target)) if "mode" not in v.parameters
+    ]
+    if lacking:
+        raise PrecheckError(
+            f"saving the state past the blockers needs migration mode cpr-reboot (QEMU 8.2 or "
+            f"later), which the {' and the '.join(lacking)} QEMU lacks"
+        )
+    return True
 
 
 def _check_guests(source: QemuView, target: QemuView) -> None:
@@ -161,9 +238,6 @@ def _check_guests(source: QemuView, target: QemuView) -> None:
         )
     if source.migration.status.in_progress:
         raise PrecheckError("the source already has a migration in progress")
-    for side, view in (("source", source), ("target", target)):
-        if blocked := view.migration.blocked_reasons:
-            raise PrecheckError(f"the {side} QEMU cannot migrate this guest: {'; '.join(blocked)}")
     if source.jobs:
         raise PrecheckError("the source has block jobs running; wait for them to end")
     _check_devices(source, target)
@@ -204,7 +278,9 @@ def _counterpart(disk: BlockDevice, target: QemuView, named: str | None) -> Bloc
     )
 
 
-def _check_disks(plan: Plan, source: QemuView, target: QemuView, same_file: SameFile) -> Verdict:
+def _check_disks(
+    plan: Plan, source: QemuView, target: QemuView, same_file: SameFile, transfer: Transfer
+) -> Verdict:
     """Every disk of the source, in device order: read-only media must be on the target too
     (never copied), empty drives are skipped, writable disks are moved — copied or shared as
     ``plan.storage`` says — and a writable disk ``plan.disks`` leaves out must be shared."""
@@ -240,7 +316,14 @@ def _check_disks(plan: Plan, source: QemuView, target: QemuView, same_file: Same
                 f"{label!r} ({disk.filename})"
             )
         move = _check_disk(
-            plan, label, disk, there, source=source, target=target, same_file=same_file
+            plan,
+            label,
+            disk,
+            there,
+            source=source,
+            target=target,
+            same_file=same_file,
+            transfer=transfer,
         )
         if plan.disks and named is None and move.copied:
             raise _left_out(plan, move)
@@ -268,6 +351,7 @@ def _check_disk(
     source: QemuView,
     target: QemuView,
     same_file: SameFile,
+    transfer: Transfer,
 ) -> Disk:
     assert disk.node_name is not None
     assert there.node_name is not None
@@ -289,8 +373,17 @@ def _check_disk(
             f"storage is non-shared but both QEMUs open {src.filename}; use --storage shared "
             "or auto"
         )
-    if not one_file and src.driver not in ("raw", "qcow2"):
-        raise PrecheckError(f"disk {name!r} is {src.driver}; livemig copies raw and qcow2 images")
+    if not one_file and src.driver not in COPIED_FORMATS:
+        raise PrecheckError(
+            f"disk {name!r} is {src.driver}; livemig copies {', '.join(COPIED_FORMATS)} images"
+        )
+    if one_file and transfer is Transfer.STATEFUL_STOP and src.driver not in SHARED_FORMATS:
+        # The target opened the image at its start: a format QEMU cannot re-read on taking it
+        # over (live migration's blockers name them) would serve it stale metadata.
+        raise PrecheckError(
+            f"disk {name!r} is a {src.driver} image both QEMUs open: the target would not see "
+            f"the source's last writes to its metadata; copy it (--storage non-shared)"
+        )
     return Disk(
         name=name,
         source_node=disk.node_name,

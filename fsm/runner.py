@@ -362,13 +362,17 @@ class _Runner:
             interrupted=isinstance(error, Interrupted),
             switchover=session.switchover,
             disks=_disk_results(session.ctx),
+            transfer=verdict.transfer.value if (verdict := session.ctx.verdict) else None,
+            fallback=verdict.fallback if verdict else None,
         )
 
 
 #: States entered without a journal write: the terminal ones (the runner keeps or removes the
-#: journal as it was), and ``pre-switchover``, where the guest is paused and every millisecond is
-#: downtime.
-_UNJOURNALLED = frozenset({State.PRE_SWITCHOVER, State.FINALIZED, State.REVERTED, State.FAILED})
+#: journal as it was), and ``pre-switchover`` and ``state-saved``, where the guest is paused and
+#: every millisecond is downtime (what a revert needs is on the journalled undo stack).
+_UNJOURNALLED = frozenset(
+    {State.PRE_SWITCHOVER, State.STATE_SAVED, State.FINALIZED, State.REVERTED, State.FAILED}
+)
 
 
 def _disk_results(ctx: Context) -> tuple[DiskResult, ...]:
@@ -435,6 +439,9 @@ def _action_deadline(trigger: Trigger, d: Deadlines, session: Session) -> float:
         Trigger.FINALIZE: d.completion
         + (d.link + d.postcopy_recover if session.state is State.POSTCOPY else 0.0),
         Trigger.SWITCH_OVER_POSTCOPY: d.completion,
+        # The whole RAM is written to a file, then read back: the RAM phase's budget each.
+        Trigger.SAVE_STATE: d.completion + d.ram_phase(session.ctx.guest_ram or 0),
+        Trigger.RESTORE_STATE: d.completion + d.ram_phase(session.ctx.guest_ram or 0),
     }[trigger]
 
 

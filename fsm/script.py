@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -63,7 +63,7 @@ from livemig.fsm.effects import (
     call,
 )
 from livemig.fsm.events import LinkEvent, Progress, Steered
-from livemig.fsm.machine import State, Trigger
+from livemig.fsm.machine import State, Transfer, Trigger
 from livemig.fsm.observations import (
     CapabilitiesSet,
     MigrationStatusChanged,
@@ -73,6 +73,7 @@ from livemig.fsm.observations import (
     PostcopyStarted,
     PrechecksPassed,
     SourceReleased,
+    StateSaved,
     TargetResumed,
 )
 from livemig.fsm.plan import Plan
@@ -133,6 +134,11 @@ class Context:
     disk_bytes: int | None = None
     #: What the base copy and the mirror sent, per copied disk (by :attr:`Disk.name`).
     disk_sent: dict[str, int] = attrs.field(factory=dict)
+    #: The migration parameters the source offers (at set-capabilities): the convergence
+    #: ladder sets only these.
+    source_parameters: frozenset[str] = frozenset()
+    #: Stateful stop: when the source's ``stop`` was answered (trio clock).
+    paused_at: float | None = None
 
     def fail(self, message: str) -> StepFailed:
         return StepFailed(message, state=self.state.value)
@@ -147,7 +153,13 @@ class Context:
             ends += [plan.incoming_uri, plan.nbd_server]
         sockets = list(dict.fromkeys(e.path for e in ends if isinstance(e, UnixEndpoint)))
         overlays = [d.created().overlay_path for d in self.copied()]
-        return [*overlays, *sockets]
+        state = [plan.state_file] if self.stateful else []
+        return [*overlays, *state, *sockets]
+
+    @property
+    def stateful(self) -> bool:
+        """Whether this run is a stateful stop (known from connect on)."""
+        return self.verdict is not None and self.verdict.transfer is Transfer.STATEFUL_STOP
 
     def listen_socket_undo(self, where: Endpoint) -> tuple[UndoStep, ...]:
         """The undo step that removes a unix socket the target listens on, when it is on this
@@ -175,7 +187,11 @@ def connect(ctx: Context) -> Script:
     ctx.verdict = precheck(ctx.plan, source, target)
     ctx.guest_ram = source.ram_bytes
     ctx.offered = {SOURCE: source.capabilities, TARGET: target.capabilities}
-    yield Observe(PrechecksPassed(ctx.verdict.storage))
+    verdict = ctx.verdict
+    if verdict.fallback is not None:
+        ctx.warnings.append(f"live transfer is impossible, so a stateful stop: {verdict.fallback}")
+    ctx.warnings += verdict.notes
+    yield Observe(PrechecksPassed(verdict.storage, verdict.transfer, verdict.fallback))
     # From here a revert's last resorts: the target is quit (it never ran the guest), then the
     # source guest is made to run. Pushed first, so they run last. Before this point nothing
     # was touched, and a failed precheck leaves both QEMUs exactly as they were.
@@ -200,6 +216,7 @@ _VIEW: tuple[tuple[str, Operation], ...] = (
     ("disks", block.query_block),
     ("capabilities", migration.query_capabilities),
     ("devices", runstate.query_devices),
+    ("parameters", migration.query_parameters),
 )
 
 
@@ -226,7 +243,10 @@ def set_capabilities(ctx: Context) -> Script:
         target_capabilities=ctx.offered[TARGET],
         source_parameters=src_params,
         target_parameters=dst_params,
+        transfer=Transfer.STATEFUL_STOP if ctx.stateful else Transfer.LIVE,
+        cpr_reboot=ctx.verdict is not None and ctx.verdict.cpr_reboot,
     )
+    ctx.source_parameters = frozenset(src_params)
     ctx.warnings += [f"{what} is not offered; migrating without it" for what in chosen.not_offered]
     source_parameters = dict(chosen.source_parameters)
     target_parameters = dict(chosen.target_parameters)
@@ -444,7 +464,7 @@ def _copy_base(ctx: Context, disk: Disk) -> OnHost:
     so no old data survives where the source is zero.
     """
     filename, fmt = disk.base_image
-    base_format: ImageFormat = "qcow2" if fmt == "qcow2" else "raw"
+    base_format = cast("ImageFormat", fmt)  # one of COPIED_FORMATS: the prechecks saw to it
     # What each QEMU said of its image at connect: no qemu-img process for it.
     return OnHost(
         "copy_to_nbd",
@@ -511,7 +531,12 @@ def _carry_out(ctx: Context, decision: Decision) -> Script:
     yield Emit(Steered(ctx.state.value, 0.0, type(action).__name__, decision.reason))
     match action:
         case SetDowntime() | Throttle():
-            yield call(SOURCE, migration.set_parameters, action.parameters())
+            wanted = action.parameters()
+            offered = {k: v for k, v in wanted.items() if k in ctx.source_parameters}
+            if offered:
+                yield call(SOURCE, migration.set_parameters, offered)
+            if missing := sorted(wanted.keys() - offered.keys()):
+                ctx.warnings.append(f"the source QEMU lacks migration parameters {missing}")
         case StartPostcopy():
             yield call(SOURCE, migration.start_postcopy)
             yield Observe(PostcopyStarted())
@@ -569,7 +594,7 @@ def finalize(ctx: Context) -> Script:
     """
     if ctx.state is State.POSTCOPY:
         yield from _finish_postcopy(ctx)
-    yield from _read_statistics(ctx, source_completed=ctx.state is State.POSTCOPY)
+    yield from _read_statistics(ctx, source_completed=ctx.state is State.POSTCOPY or ctx.stateful)
     if (yield AskRuns(TARGET)) is False:
         # The target died (or stopped) after it took over: the source, paused with the guest
         # as it was at the switchover, is the only copy left. Keep it for the operator.
@@ -704,7 +729,8 @@ def _read_statistics(ctx: Context, *, source_completed: bool) -> Script:
     except LivemigError as err:
         ctx.warnings.append(f"could not read the migration's statistics: {err}")
         return
-    ctx.downtime_ms = stats.downtime_ms
+    if ctx.downtime_ms is None:  # a stateful stop measured its own, from pause to resume
+        ctx.downtime_ms = stats.downtime_ms
     ctx.ram_bytes = stats.ram.transferred if stats.ram else None
 
 
@@ -798,6 +824,51 @@ def _clean_up_source(ctx: Context) -> Script:
     yield Observe(SourceReleased())
 
 
+def save_state(ctx: Context) -> Script:
+    """Stateful stop: pause the guest, complete every mirror (the target then holds each copied
+    disk as of the pause) and save the guest's whole state to :attr:`Plan.state_file`.
+
+    From the ``stop`` on, every millisecond is downtime (the window opens). A fault before the
+    target's ``cont`` resumes the guest on the source: the saved state is only a copy.
+    """
+    plan = ctx.plan
+    yield Listen(SOURCE, Stream.MIGRATION)
+    # Both at once, one journal write, and on top of the stack: a revert first stops a save
+    # still running and resumes the guest (a ``cont`` after a completed save reactivates its
+    # disks), then the rest unwinds with the guest running, as after a live migration's
+    # cancel. The file goes too.
+    yield PushUndo(
+        (
+            UndoStep(UndoKind.DELETE_FILE, SOURCE, {"path": str(plan.state_file)}),
+            UndoStep(UndoKind.CANCEL_MIGRATION, SOURCE),
+        )
+    )
+    yield call(SOURCE, runstate.stop)
+    ctx.paused_at = yield Clock()
+    yield OpenWindow(None, "source stop answered")
+    yield from _complete_mirror(ctx)
+    yield call(SOURCE, migration.migrate, f"file:{plan.state_file}")
+    yield AwaitMigration(SOURCE, _COMPLETED)
+    yield Mark("source saved the state")
+    yield Observe(StateSaved())
+
+
+def restore_state(ctx: Context) -> Script:
+    """Stateful stop: the target loads the saved state and runs the guest. Its ``cont``
+    answered is the point of no return, as on the live route."""
+    plan = ctx.plan
+    yield Listen(TARGET, Stream.MIGRATION)
+    yield call(TARGET, migration.migrate_incoming, f"file:{plan.state_file}")
+    yield AwaitMigration(TARGET, _COMPLETED)
+    yield Mark("target loaded the state")
+    yield Observe(MigrationStatusChanged(MigrationStatus.COMPLETED))
+    yield from _resume_target()
+    resumed_at = yield Clock()
+    if ctx.paused_at is not None:
+        ctx.downtime_ms = round((resumed_at - ctx.paused_at) * 1000)
+    yield CloseWindow()
+
+
 def plain(value: Any) -> Any:
     """JSON-friendly copy of a QMP value (for undo step arguments)."""
     if isinstance(value, dict):
@@ -823,4 +894,6 @@ SCRIPTS: Mapping[Trigger, ScriptOf] = {
     Trigger.SWITCH_OVER: switch_over,
     Trigger.FINALIZE: finalize,
     Trigger.SWITCH_OVER_POSTCOPY: switch_over_postcopy,
+    Trigger.SAVE_STATE: save_state,
+    Trigger.RESTORE_STATE: restore_state,
 }

@@ -108,11 +108,15 @@ class Session:
         )
         await self.journal.write(journal, durable=durable)
 
-    def open_window(self, emitted_at: float) -> None:
+    def open_window(
+        self, emitted_at: float | None, what: str = "source pre-switchover event received"
+    ) -> None:
         """The source paused the guest (QEMU emitted its ``pre-switchover`` at ``emitted_at``,
-        host clock): from now on every millisecond is downtime; record what happens until
-        :meth:`close_window`."""
-        self.window = [(self.now_ms(), "source pre-switchover event received")]
+        host clock; ``None``: unknown; ``what`` names the moment livemig learnt it): from now on
+        every millisecond is downtime; record what happens until :meth:`close_window`."""
+        self.window = [(self.now_ms(), what)]
+        if emitted_at is None:
+            return
         lag_ms = (time.time() - emitted_at) * 1000.0  # QEMU stamps events on the host clock
         if 0.0 <= lag_ms < 10_000.0:
             self.window.insert(0, (self.now_ms() - lag_ms, "source emitted pre-switchover"))
@@ -126,7 +130,7 @@ class Session:
         if self.window is None:
             return
         self.mark("window closed")
-        origin = next(ms for ms, what in self.window if what.endswith("received"))
+        origin = next(ms for ms, what in self.window if not what.startswith("source emitted"))
         self.switchover = tuple((ms - origin, what) for ms, what in self.window)
         self.window = None
 

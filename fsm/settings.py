@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from livemig.fsm.machine import Transfer
 from livemig.fsm.plan import Policy
 
 __all__ = [
@@ -30,6 +31,9 @@ SOURCE_CAPABILITIES = ("events", "pause-before-switchover")
 TARGET_CAPABILITIES = ("events", "late-block-activate")
 #: ``max-bandwidth`` meaning "no cap": QEMU takes bytes/s as int64; this is 1 TiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
+#: Source capabilities of a stateful stop: no pause before switchover (the guest is paused
+#: already), nothing that converges a running guest.
+STATEFUL_SOURCE_CAPABILITIES = ("events",)
 #: Parameters the convergence ladder may change later: the undo puts them back too.
 _LADDER_PARAMETERS = ("cpu-throttle-initial", "cpu-throttle-increment")
 
@@ -54,8 +58,20 @@ def choose_settings(
     target_capabilities: Mapping[str, bool],
     source_parameters: Mapping[str, Any],
     target_parameters: Mapping[str, Any],
+    transfer: Transfer = Transfer.LIVE,
+    cpr_reboot: bool = False,
 ) -> MigrationSettings:
-    """What to set, given what each side offers (its answers' keys) and has (their values)."""
+    """What to set, given what each side offers (its answers' keys) and has (their values).
+
+    Nothing is set that a side does not offer, capability or parameter: each side is probed on
+    its own (an older or newer QEMU lacks some), and what both must agree on (``multifd``,
+    ``postcopy-ram``, ``mapped-ram``, ``mode``) is set only when both offer it.
+
+    A stateful stop (``transfer``) saves to a file: ``mapped-ram`` (each page at its own
+    offset: a fixed-size file written in one pass, read back in parallel) and with it
+    ``multifd`` when both sides offer them; ``cpr_reboot`` saves in mode ``cpr-reboot``, which
+    QEMU's blockers of live migration do not stop.
+    """
     missing: list[str] = []
 
     def offered(name: str, where: Mapping[str, Any], what: str) -> bool:
@@ -63,20 +79,32 @@ def choose_settings(
             missing.append(f"{what} {name}")
         return name in where
 
-    wanted_src = list(SOURCE_CAPABILITIES) + (["auto-converge"] if policy.auto_converge else [])
+    stateful = transfer is Transfer.STATEFUL_STOP
+    if stateful:
+        wanted_src = list(STATEFUL_SOURCE_CAPABILITIES)
+    else:
+        wanted_src = list(SOURCE_CAPABILITIES) + (["auto-converge"] if policy.auto_converge else [])
     src_caps = {c: True for c in wanted_src if offered(c, source_capabilities, "source capability")}
     dst_caps = {
         c: True for c in TARGET_CAPABILITIES if offered(c, target_capabilities, "target capability")
     }
     both = source_capabilities.keys() & target_capabilities.keys()
-    if policy.postcopy and "postcopy-ram" in both:
+    params_both = source_parameters.keys() & target_parameters.keys()
+    if policy.postcopy and not stateful and "postcopy-ram" in both:
         # Both sides must agree on it before the stream starts; it costs nothing unused.
         src_caps["postcopy-ram"] = dst_caps["postcopy-ram"] = True
     src_params: dict[str, Any] = {}
     dst_params: dict[str, Any] = {}
-    if policy.multifd_channels is not None and "multifd" in both:
+    mapped_ram = stateful and "mapped-ram" in both
+    if mapped_ram:
+        src_caps["mapped-ram"] = dst_caps["mapped-ram"] = True
+    if (policy.multifd_channels is not None or mapped_ram) and "multifd" in both:
         src_caps["multifd"] = dst_caps["multifd"] = True
-        src_params["multifd-channels"] = dst_params["multifd-channels"] = policy.multifd_channels
+        if policy.multifd_channels is not None and "multifd-channels" in params_both:
+            channels = policy.multifd_channels
+            src_params["multifd-channels"] = dst_params["multifd-channels"] = channels
+    if cpr_reboot and "mode" in params_both:
+        src_params["mode"] = dst_params["mode"] = "cpr-reboot"
     convergence = policy.convergence()
     for name, value in (
         ("downtime-limit", convergence.initial_downtime_ms),

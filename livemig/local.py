@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from livemig.drivers.block import BlockDevice, BlockNode
-from livemig.drivers.image import ImageFormat
+from livemig.drivers.image import COPIED_FORMATS, ImageFormat
 from livemig.drivers.launch import (
     DiskImage,
     LocalTarget,
@@ -71,11 +71,12 @@ def copied_disks(
         node = by_node.get(device.node_name)
         if node is None:
             raise UsageError(f"the source describes no block node for {device.filename}")
-        if node.driver not in ("raw", "qcow2"):
+        if node.driver not in COPIED_FORMATS:
             raise UsageError(
-                f"disk {device.filename} is {node.driver}; livemig copies raw and qcow2 images"
+                f"disk {device.filename} is {node.driver}; livemig copies "
+                f"{', '.join(COPIED_FORMATS)} images"
             )
-        fmt: ImageFormat = "qcow2" if node.driver == "qcow2" else "raw"
+        fmt: ImageFormat = node.driver  # one of COPIED_FORMATS
         chosen[device.filename] = DiskImage(format=fmt, virtual_size=node.virtual_size)
     return chosen
 

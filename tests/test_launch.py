@@ -209,9 +209,9 @@ def test_the_plan_refuses_what_would_not_work() -> None:
         plan_for(peer(), {}, target_dir=Path("/run/src"))
 
 
-def test_a_disk_image_is_raw_or_qcow2_of_a_positive_size() -> None:
-    with pytest.raises(UsageError, match="format must be raw or qcow2"):
-        DiskImage("vmdk", MIB)  # type: ignore[arg-type]
+def test_a_disk_image_is_of_a_copied_format_and_a_positive_size() -> None:
+    with pytest.raises(UsageError, match=r"format must be one of raw, qcow2, .*, vpc, not 'vvfat'"):
+        DiskImage("vvfat", MIB)  # type: ignore[arg-type]
     for size in (0, -1, True):
         with pytest.raises(UsageError, match="virtual_size must be between 1 and"):
             DiskImage("raw", size)

@@ -20,6 +20,7 @@ from livemig.fsm.machine import (
     MigrationMachine,
     State,
     StorageMode,
+    Transfer,
     Trigger,
     allows,
     forward_trigger,
@@ -42,6 +43,8 @@ EFFECTS: dict[Trigger, dict[str, object]] = {
         "migration_status": MigrationStatus.POSTCOPY_ACTIVE,
         "target_resumed": True,
     },
+    Trigger.SAVE_STATE: {"state_saved": True},
+    Trigger.RESTORE_STATE: {"migration_status": MigrationStatus.COMPLETED, "target_resumed": True},
 }
 
 NON_SHARED_PATH = [
@@ -67,12 +70,20 @@ SHARED_PATH = [
 NON_TERMINAL = [s for s in State if s not in TERMINAL]
 REVERTIBLE = [s for s in NON_TERMINAL if s not in NO_RETURN]
 
-# A route is a storage mode and whether post-copy was started while RAM streamed.
-Route = tuple[StorageMode, bool]
+LIVE, STATEFUL = Transfer.LIVE, Transfer.STATEFUL_STOP
+# A route is a storage mode, whether post-copy was started while RAM streamed, and how the
+# guest's state moves.
+Route = tuple[StorageMode, bool, Transfer]
 
 
 def postcopy_path(path: list[State]) -> list[State]:
     return [*path[:-2], State.POSTCOPY, State.FINALIZED]
+
+
+def stateful_path(path: list[State]) -> list[State]:
+    """The live path with the RAM stream replaced by a saved state."""
+    i = path.index(State.STATE_TRANSFER)
+    return [*path[:i], State.STATE_SAVED, State.SWITCHED_OVER, State.FINALIZED]
 
 
 def act(facts: Facts, trigger: Trigger) -> None:
@@ -81,9 +92,9 @@ def act(facts: Facts, trigger: Trigger) -> None:
         setattr(facts, name, value)
 
 
-def walk(storage: StorageMode, postcopy: bool = False) -> list[State]:
+def walk(storage: StorageMode, postcopy: bool = False, transfer: Transfer = LIVE) -> list[State]:
     """Fire the table's forward trigger from ``idle`` until it has none, acting before each."""
-    machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy)
+    machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy, transfer=transfer)
     states = [machine.current]
     for _ in State:  # at most one step per state: a loop in the table cannot hang the test
         trigger = machine.forward(facts)
@@ -95,15 +106,20 @@ def walk(storage: StorageMode, postcopy: bool = False) -> list[State]:
 
 
 def machine_at(
-    state: State, storage: StorageMode = StorageMode.NON_SHARED, postcopy: bool | None = None
+    state: State,
+    storage: StorageMode = StorageMode.NON_SHARED,
+    postcopy: bool | None = None,
+    transfer: Transfer | None = None,
 ) -> tuple[MigrationMachine, Facts]:
     """A machine driven to ``state`` the way the runner would, and the facts it left.
 
     The non-shared path (the default) passes through every forward state; ``post-copy`` is
-    reached on the post-copy route (the default for it).
+    reached on the post-copy route, ``state-saved`` on the stateful one (the defaults for them).
     """
     postcopy = state is State.POSTCOPY if postcopy is None else postcopy
-    machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy)
+    if transfer is None:
+        transfer = STATEFUL if state is State.STATE_SAVED else LIVE
+    machine, facts = MigrationMachine(), Facts(storage, postcopy=postcopy, transfer=transfer)
     if state in (State.REVERTED, State.FAILED):
         machine.fire(Trigger.REVERT if state is State.REVERTED else Trigger.FAIL, facts)
     for _ in State:  # bounded, like walk()
@@ -117,10 +133,12 @@ def machine_at(
 
 
 PATHS: dict[Route, list[State]] = {
-    (StorageMode.NON_SHARED, False): NON_SHARED_PATH,
-    (StorageMode.SHARED, False): SHARED_PATH,
-    (StorageMode.NON_SHARED, True): postcopy_path(NON_SHARED_PATH),
-    (StorageMode.SHARED, True): postcopy_path(SHARED_PATH),
+    (StorageMode.NON_SHARED, False, LIVE): NON_SHARED_PATH,
+    (StorageMode.SHARED, False, LIVE): SHARED_PATH,
+    (StorageMode.NON_SHARED, True, LIVE): postcopy_path(NON_SHARED_PATH),
+    (StorageMode.SHARED, True, LIVE): postcopy_path(SHARED_PATH),
+    (StorageMode.NON_SHARED, False, STATEFUL): stateful_path(NON_SHARED_PATH),
+    (StorageMode.SHARED, False, STATEFUL): stateful_path(SHARED_PATH),
 }
 # Each forward edge with each route whose path takes it.
 FORWARD_CASES = [
@@ -128,7 +146,8 @@ FORWARD_CASES = [
     for edge in FORWARD
     for route, path in PATHS.items()
     if edge.source in path
-    and forward_trigger(edge.source, Facts(route[0], postcopy=route[1])) is edge.trigger
+    and forward_trigger(edge.source, Facts(route[0], postcopy=route[1], transfer=route[2]))
+    is edge.trigger
     and path[path.index(edge.source) + 1] is edge.dest
 ]
 
@@ -267,9 +286,9 @@ def test_revert_edges_from_every_state_before_post_copy_fail_edges_from_all() ->
 def test_terminal_states_have_no_outgoing_edges() -> None:
     assert [e for e in TRANSITIONS if e.source in TERMINAL] == []
     for state in TERMINAL:
-        for storage in StorageMode:
-            assert forward_trigger(state, Facts(storage)) is None
-            assert forward_trigger(state, Facts(storage, postcopy=True)) is None
+        for storage, postcopy, transfer in PATHS:
+            facts = Facts(storage, postcopy=postcopy, transfer=transfer)
+            assert forward_trigger(state, facts) is None
 
 
 @pytest.mark.parametrize(
@@ -306,6 +325,7 @@ FLAGS = [
     "target_resumed",
     "postcopy",
     "postcopy_committed",
+    "state_saved",
     "undo_clean",
     "source_released",
 ]
@@ -330,15 +350,17 @@ STEPS = st.lists(
 )
 
 
-def forbidden(state: State, storage: StorageMode) -> list[Trigger]:
+def forbidden(state: State, storage: StorageMode, transfer: Transfer) -> list[Trigger]:
     """What the trivial model says cannot move the machine out of ``state``.
 
     In a terminal state, every trigger; elsewhere, all but fail, revert (not from post-copy) and
-    the next trigger of the storage mode's path on either route.
+    the next trigger of the storage mode's path on either of the transfer's routes.
     """
     if state in TERMINAL:
         return list(Trigger)
-    moves = {forward_trigger(state, Facts(storage, postcopy=p)) for p in (False, True)}
+    moves = {
+        forward_trigger(state, Facts(storage, postcopy=p, transfer=transfer)) for p in (False, True)
+    }
     moves.add(Trigger.FAIL)
     if state not in NO_RETURN:
         moves.add(Trigger.REVERT)
@@ -375,14 +397,14 @@ def take(machine: MigrationMachine, facts: Facts, step: Step) -> None:
 def test_random_runs_keep_the_order_of_the_table(
     start: tuple[Route, State], facts: dict[str, Any], steps: list[Step]
 ) -> None:
-    (storage, postcopy), state = start
-    machine, _ = machine_at(state, storage, postcopy)
-    observed = Facts(storage, **facts)
-    paths = [PATHS[storage, False], PATHS[storage, True]]
-    path = PATHS[storage, postcopy]
+    (storage, postcopy, transfer), state = start
+    machine, _ = machine_at(state, storage, postcopy, transfer)
+    observed = Facts(storage, transfer=transfer, **facts)
+    paths = [p for (s, _, t), p in PATHS.items() if (s, t) == (storage, transfer)]
+    path = PATHS[storage, postcopy, transfer]
     history = path[: path.index(state) + 1] if state in path else [State.IDLE, state]
     for step in [*steps, None]:
-        for trigger in forbidden(machine.current, storage):
+        for trigger in forbidden(machine.current, storage, transfer):
             with pytest.raises(GuardFailed):
                 machine.fire(trigger, observed)
         if step is None:
@@ -394,7 +416,8 @@ def test_random_runs_keep_the_order_of_the_table(
     if State.FINALIZED in history:
         assert history[-2] in (State.SWITCHED_OVER, State.POSTCOPY)
     if State.SWITCHED_OVER in history:
-        assert history[history.index(State.SWITCHED_OVER) - 1] is State.PRE_SWITCHOVER
+        before = history[history.index(State.SWITCHED_OVER) - 1]
+        assert before is (State.STATE_SAVED if transfer is STATEFUL else State.PRE_SWITCHOVER)
     if State.POSTCOPY in history:
         assert history[history.index(State.POSTCOPY) - 1] is State.PRE_SWITCHOVER
     # The trivial model: forward moves only ever follow the storage mode's path on one of its

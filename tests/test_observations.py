@@ -16,6 +16,7 @@ from livemig.fsm.machine import (
     MigrationMachine,
     State,
     StorageMode,
+    Transfer,
     Trigger,
 )
 from livemig.fsm.observations import (
@@ -28,6 +29,7 @@ from livemig.fsm.observations import (
     PostcopyStarted,
     PrechecksPassed,
     SourceReleased,
+    StateSaved,
     TargetResumed,
     UndoFinished,
     legal_states,
@@ -61,7 +63,16 @@ SEEN_POSTCOPY = {
     Trigger.FINALIZE: (MigrationStatusChanged(MigrationStatus.COMPLETED), SourceReleased()),
 }
 
-PATHS = {
+#: The same, on a stateful stop: the state is saved to a file and restored on the target.
+SEEN_STATEFUL = {
+    **SEEN,
+    Trigger.CONNECT: (PrechecksPassed(transfer=Transfer.STATEFUL_STOP, why="blocked"),),
+    Trigger.SAVE_STATE: (StateSaved(),),
+    Trigger.RESTORE_STATE: (MigrationStatusChanged(MigrationStatus.COMPLETED), TargetResumed()),
+}
+SEEN_BY_ROUTE = {False: SEEN, True: SEEN_POSTCOPY, "stateful": SEEN_STATEFUL}
+
+PATHS: dict[tuple[StorageMode, bool | str], list[str]] = {
     (StorageMode.NON_SHARED, False): [
         "idle", "connected", "capabilities-set", "snapshotted", "mirroring", "state-transfer",
         "pre-switchover", "switched-over", "finalized",
@@ -78,12 +89,19 @@ PATHS = {
         "idle", "connected", "capabilities-set", "state-transfer", "pre-switchover",
         "post-copy", "finalized",
     ],
+    (StorageMode.NON_SHARED, "stateful"): [
+        "idle", "connected", "capabilities-set", "snapshotted", "mirroring", "state-saved",
+        "switched-over", "finalized",
+    ],
+    (StorageMode.SHARED, "stateful"): [
+        "idle", "connected", "capabilities-set", "state-saved", "switched-over", "finalized",
+    ],
 }  # fmt: skip
 
 
-def drive(storage: StorageMode, postcopy: bool) -> list[str]:
+def drive(storage: StorageMode, route: bool | str) -> list[str]:
     """The engine's loop without the engine: the table picks, observations fold, fire."""
-    seen = SEEN_POSTCOPY if postcopy else SEEN
+    seen = SEEN_BY_ROUTE[route]
     machine, facts = MigrationMachine(), Facts(storage)
     states = [machine.current.value]
     while (trigger := machine.forward(facts)) is not None:
@@ -95,7 +113,7 @@ def drive(storage: StorageMode, postcopy: bool) -> list[str]:
 
 @pytest.mark.parametrize(("route", "path"), list(PATHS.items()), ids=str)
 def test_observations_drive_the_table_along_each_route(
-    route: tuple[StorageMode, bool], path: list[str]
+    route: tuple[StorageMode, bool | str], path: list[str]
 ) -> None:
     assert drive(*route) == path
 
@@ -111,7 +129,7 @@ def test_each_edge_needs_its_observation() -> None:
     """No forward edge fires on the facts alone of the states before it: the action's own
     observation is what lets it move (a fact is not a flag the action sets on its way out)."""
     for (storage, postcopy), path in PATHS.items():
-        seen = SEEN_POSTCOPY if postcopy else SEEN
+        seen = SEEN_BY_ROUTE[postcopy]
         machine, facts = MigrationMachine(), Facts(storage)
         while (trigger := machine.forward(facts)) is not None:
             assert not machine.allows(trigger, facts), (storage, postcopy, trigger)
@@ -145,6 +163,9 @@ def test_each_edge_needs_its_observation() -> None:
         # Post-copy starts while RAM streams, is committed at the pause.
         (State.PRE_SWITCHOVER, StorageMode.SHARED, PostcopyStarted()),
         (State.STATE_TRANSFER, StorageMode.SHARED, PostcopyCommitted()),
+        # A state is saved once the disks are on the target, never while RAM streams.
+        (State.SNAPSHOTTED, StorageMode.NON_SHARED, StateSaved()),
+        (State.STATE_TRANSFER, StorageMode.SHARED, StateSaved()),
     ],
     ids=str,
 )
@@ -167,6 +188,7 @@ ANY_OBSERVATION = st.sampled_from(
         PostcopyCommitted(),
         TargetResumed(),
         SourceReleased(),
+        StateSaved(),
         UndoFinished(clean=True),
         UndoFinished(clean=False),
     ]
@@ -185,13 +207,20 @@ def test_an_observation_is_taken_exactly_where_the_table_can_have_it(
     legal = state in legal_states(observation) and not (
         isinstance(observation, OverlayActive | MirrorReady) and storage is StorageMode.SHARED
     )
-    facts = Facts(storage)
+    facts = Facts(storage, transfer=Transfer.STATEFUL_STOP)
     if legal:
         observe(state, facts, observation)
     else:
         with pytest.raises(GuardFailed):
             observe(state, facts, observation)
     assert state not in TERMINAL or not legal, "nothing is observed in a terminal state"
+
+
+def test_a_live_migration_saves_no_state() -> None:
+    with pytest.raises(GuardFailed, match="saves no state"):
+        observe(
+            State.MIRRORING, Facts(StorageMode.NON_SHARED, transfer=Transfer.LIVE), StateSaved()
+        )
 
 
 def test_past_the_point_of_no_return_only_fail_is_left() -> None:

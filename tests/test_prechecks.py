@@ -17,13 +17,13 @@ from livemig.drivers.jobs import JobInfo
 from livemig.drivers.migration import MigrationStats
 from livemig.drivers.runstate import GuestDevice, QemuVersion, RunStatus
 from livemig.drivers.status import JobStatus, MigrationStatus, RunState
-from livemig.fsm.machine import StorageMode
+from livemig.fsm.machine import StorageMode, Transfer
 from livemig.fsm.plan import Plan
 from livemig.fsm.prechecks import Disk, QemuView, precheck
 from livemig.transports.errors import PrecheckError
 
 
-def plan(storage: str = "non-shared", disks: tuple[str, ...] = ()) -> Plan:
+def plan(storage: str = "non-shared", disks: tuple[str, ...] = (), transfer: str = "auto") -> Plan:
     return Plan.create(
         source_qmp="/s.qmp",
         target_qmp="/t.qmp",
@@ -31,6 +31,7 @@ def plan(storage: str = "non-shared", disks: tuple[str, ...] = ()) -> Plan:
         work_dir=Path("/w"),
         run_id="r1",
         disks=disks,
+        transfer=transfer,
     )
 
 
@@ -87,9 +88,12 @@ def dst(**changes: Any) -> Change:
             "already has a migration in progress",
         ),
         (
-            dst(migration=MigrationStats(MigrationStatus.NONE, blocked_reasons=("no vvfat",))),
+            # A blocker of live migration, and no mode cpr-reboot to save past it.
+            src(migration=MigrationStats(MigrationStatus.NONE, blocked_reasons=("no vvfat",))),
             "non-shared",
-            "the target QEMU cannot migrate this guest: no vvfat",
+            "the source QEMU cannot migrate this guest: no vvfat; nor can a stateful stop be "
+            "done: saving the state past the blockers needs migration mode cpr-reboot (QEMU 8.2 "
+            "or later), which the source and the target QEMU lacks",
         ),
         (
             src(jobs=(JobInfo("j", "mirror", JobStatus.RUNNING, 0, 1, None),)),
@@ -109,16 +113,18 @@ def dst(**changes: Any) -> Change:
             "non-shared",
             "already has a node named 'lm-r1-d0-overlay'",
         ),
-        (src(nodes=(node("root", "/src.vmdk", driver="vmdk"),)), "non-shared", "is vmdk"),
+        (src(nodes=(node("root", "/src.fat", driver="vvfat"),)), "non-shared", "is vvfat"),
         (
             src(disks=(disk("root", "/src.raw"), disk("data", "/data.raw", qdev="vdb"))),
             "non-shared",
             "the target has no disk for vdb (the source's vdb, /data.raw)",
         ),
         (
-            src(capabilities={"events": False}),
+            src(capabilities={}),
             "non-shared",
-            "the source QEMU lacks migration capabilities ['pause-before-switchover']",
+            "the source QEMU lacks migration capabilities ['events', 'pause-before-switchover']; "
+            "nor can a stateful stop be done: the source QEMU lacks migration capabilities "
+            "['events']",
         ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
@@ -287,3 +293,64 @@ def test_a_disk_on_a_backing_chain_counts_the_whole_chain_as_its_base() -> None:
     target = attrs.evolve(DST, nodes=(node("root", "/dst.qcow2", driver="qcow2"),))
     (root,) = precheck(plan(), source, target, same_file=same_name).disks
     assert root.base_allocated == 11 * MiB
+
+
+BLOCKED = MigrationStats(MigrationStatus.NONE, blocked_reasons=("The vdi format does not",))
+WITH_MODE = {"mode": "normal"}
+
+
+def test_live_is_chosen_when_it_can_be_and_a_blocker_falls_back_to_a_stateful_stop() -> None:
+    verdict = precheck(plan(), SRC, DST, same_file=same_name)
+    assert (verdict.transfer, verdict.fallback, verdict.cpr_reboot) == (Transfer.LIVE, None, False)
+    blocked = attrs.evolve(SRC, migration=BLOCKED, parameters=WITH_MODE)
+    verdict = precheck(
+        plan(), blocked, attrs.evolve(DST, parameters=WITH_MODE), same_file=same_name
+    )
+    assert verdict.transfer is Transfer.STATEFUL_STOP
+    assert verdict.fallback == "the source QEMU cannot migrate this guest: The vdi format does not"
+    assert verdict.cpr_reboot
+
+
+def test_a_plan_for_live_refuses_what_only_a_stateful_stop_can_do() -> None:
+    blocked = attrs.evolve(SRC, migration=BLOCKED, parameters=WITH_MODE)
+    with pytest.raises(PrecheckError, match=r"cannot migrate this guest: .*--mode stateful-stop"):
+        precheck(plan(transfer="live"), blocked, DST, same_file=same_name)
+    no_pause = attrs.evolve(SRC, capabilities={"events": False})
+    with pytest.raises(PrecheckError, match=r"lacks migration capabilities \['pause-before"):
+        precheck(plan(transfer="live"), no_pause, DST, same_file=same_name)
+    verdict = precheck(plan(), no_pause, DST, same_file=same_name)
+    assert verdict.transfer is Transfer.STATEFUL_STOP
+    assert verdict.fallback is not None
+    assert "pause-before-switchover" in verdict.fallback
+    assert not verdict.cpr_reboot
+
+
+def test_a_forced_stateful_stop_needs_no_blocker_and_no_cpr_reboot() -> None:
+    verdict = precheck(plan(transfer="stateful-stop"), SRC, DST, same_file=same_name)
+    assert (verdict.transfer, verdict.fallback, verdict.cpr_reboot) == (
+        Transfer.STATEFUL_STOP,
+        None,
+        False,
+    )
+
+
+def test_a_shared_image_of_a_format_that_blocks_live_migration_is_refused_for_a_stateful_stop() -> (
+    None
+):
+    vdi = (node("root", "/src.vdi", driver="vdi"),)
+    source = attrs.evolve(SRC, nodes=vdi, disks=(disk("root", "/src.vdi"),))
+    target = attrs.evolve(DST, nodes=vdi, disks=(disk("root", "/src.vdi"),))
+    with pytest.raises(PrecheckError, match="is a vdi image both QEMUs open"):
+        precheck(plan("shared", transfer="stateful-stop"), source, target, same_file=same_name)
+
+
+def test_a_copied_vdi_disk_is_copied_and_a_target_blocker_is_only_noted() -> None:
+    source = attrs.evolve(
+        SRC, nodes=(node("root", "/src.vdi", driver="vdi"),), disks=(disk("root", "/src.vdi"),)
+    )
+    target = attrs.evolve(DST, migration=BLOCKED)
+    verdict = precheck(plan(transfer="stateful-stop"), source, target, same_file=same_name)
+    assert verdict.disks[0].base_image == ("/src.vdi", "vdi")
+    assert verdict.notes == (
+        "the target QEMU will not migrate this guest live again: The vdi format does not",
+    )

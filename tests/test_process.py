@@ -166,7 +166,7 @@ def test_spec_rejects_bad_values(tmp_path: Path, changes: dict[str, object]) -> 
 
 def test_disk_rejects_unknown_format() -> None:
     with pytest.raises(UsageError):
-        DiskSpec(path=Path("a"), fmt="vmdk")  # type: ignore[arg-type]
+        DiskSpec(path=Path("a"), fmt="vvfat")  # type: ignore[arg-type]
 
 
 # --- real processes ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from livemig.testing.model.world import Storage, fake_world
 @pytest.mark.parametrize("storage", ["non-shared", "shared"])
 @pytest.mark.parametrize(
     ("side", "capability"),
-    [("source", "pause-before-switchover"), ("source", "events"), ("target", "events")],
+    [("source", "events"), ("target", "events")],
 )
 async def test_a_missing_capability_is_refused_and_touches_nothing(
     tmp_path: Path,
@@ -52,22 +52,39 @@ async def test_a_missing_capability_is_refused_and_touches_nothing(
         assert journal.journals == {}
 
 
-@pytest.mark.parametrize("side", ["source", "target"])
-async def test_a_migration_blocker_is_refused_in_qemus_words(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, side: str
+async def test_a_migration_blocker_is_refused_in_qemus_words_when_the_plan_asks_for_live(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     journal = MemoryJournal()
     reason = "The vvfat (rw) format used by node 'vv0' does not support live migration"
     async with fake_world(tmp_path) as world:
-        qemu = world.source if side == "source" else world.target
-        qemu.blocked_reasons.append(reason)
+        world.source.blocked_reasons.append(reason)
         result = await migrate(
-            plan_for(world), connector=world.connect, host=world.host, journal=journal
+            plan_for(world, transfer="live"),
+            connector=world.connect,
+            host=world.host,
+            journal=journal,
         )
         assert result.outcome is Outcome.REFUSED
         assert result.error is not None
-        assert f"the {side} QEMU cannot migrate this guest: {reason}" in result.error
+        assert f"the source QEMU cannot migrate this guest: {reason}" in result.error
+        assert "--mode stateful-stop" in result.error
         assert world.target.exit_reason is None
         assert world.target.runstate == "inmigrate"
         assert not world.source.capabilities["events"]
         assert journal.journals == {}
+
+
+async def test_without_pause_before_switchover_live_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fake_world(tmp_path) as world:
+        del world.source.capabilities["pause-before-switchover"]  # an older QEMU
+        result = await migrate(
+            plan_for(world, transfer="live"), connector=world.connect, host=world.host
+        )
+        assert result.outcome is Outcome.REFUSED
+        assert exit_code(result) == 2
+        assert result.error is not None
+        assert "lacks migration capabilities ['pause-before-switchover']" in result.error
+        assert world.target.runstate == "inmigrate"

@@ -242,6 +242,7 @@ def test_connect_reads_both_qemus_at_once_and_pushes_only_once_the_prechecks_pas
         "query_block",
         "query_capabilities",
         "query_devices",
+        "query_parameters",
     ]
     gather = ",".join([f"source:{q}" for q in queries] + [f"target:{q}" for q in queries])
     assert words(effects) == [

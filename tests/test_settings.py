@@ -28,7 +28,7 @@ def choose(policy: Policy | None = None, **changes: dict[str, Any]) -> Any:
         "source_parameters": PARAMS,
         "target_parameters": PARAMS,
     }
-    return choose_settings(policy or Policy(), **(answers | changes))
+    return choose_settings(policy or Policy(), **(answers | changes))  # type: ignore[arg-type]
 
 
 def test_everything_offered_is_set_and_the_old_values_are_kept_for_undo() -> None:

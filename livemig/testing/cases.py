@@ -61,7 +61,7 @@ COMMANDS = (
     "nbd-server-start", "block-export-add", "blockdev-mirror", "migrate-incoming", "migrate",
     "query-block-jobs", "block-job-cancel", "migrate-continue", "nbd-server-stop", "cont",
     "quit", "migrate_cancel", "blockdev-del", "block-commit", "job-complete",
-    "query-block-exports", "block-export-del", "job-dismiss",
+    "query-block-exports", "block-export-del", "job-dismiss", "stop",
 )  # fmt: skip
 #: Every operation a fault can strike at: the QMP commands and the host operations.
 OPERATIONS = COMMANDS + HOST_OPERATIONS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -19,7 +20,7 @@ from livemig.drivers.image import ImageFormat
 from livemig.transports.endpoints import Endpoint, Tls, UnixEndpoint
 from livemig.transports.errors import ToolError
 
-__all__ = ["RECORD_BYTES", "FakeHost", "ImageFile", "SocketFile"]
+__all__ = ["RECORD_BYTES", "FakeHost", "ImageFile", "SocketFile", "StateFile"]
 
 #: Bytes one guest record takes on disk (a node's ``actual-size``).
 RECORD_BYTES = 4096
@@ -43,7 +44,15 @@ class SocketFile:
     owner: str
 
 
-File = ImageFile | SocketFile
+@attrs.define(eq=False)
+class StateFile:
+    """A saved guest state (``migrate file:``); ``guest`` is what a load restores."""
+
+    path: str
+    guest: Any
+
+
+File = ImageFile | SocketFile | StateFile
 
 #: Finds the image behind an NBD export: ``(socket path, export name) -> image``, or ``None``
 #: when nothing serves it (or the NBD link is cut).

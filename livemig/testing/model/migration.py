@@ -6,6 +6,10 @@ guest stops, run state ``finish-migrate``) → ``pre-switchover`` (with that cap
 ``setup`` (``migrate-incoming``) → ``active`` → ``completed``; it then holds the guest's state and
 is ``paused`` (started with ``-S``), or runs if ``cont`` was sent while it was still incoming.
 
+A ``file:`` URI saves the guest's state to a file (``setup`` → ``active`` → ``completed``, run
+state ``postmigrate``) and ``migrate-incoming file:`` loads it back; QEMU's migration blockers
+stop a save only in mode ``normal`` (they are blockers of live migration).
+
 ``migrate_cancel`` goes ``cancelling`` → ``cancelled`` and resumes a source that the migration
 paused; a target whose incoming stream breaks (cancel, a dead peer) fails and exits, as QEMU does
 with ``exit-on-error`` (its default). A source whose peer dies fails the same way and resumes.
@@ -21,7 +25,7 @@ import attrs
 
 from livemig.drivers.status import MigrationStatus, RunState
 from livemig.testing.model.block import QemuError
-from livemig.testing.model.host import SocketFile
+from livemig.testing.model.host import SocketFile, StateFile
 
 if TYPE_CHECKING:
     from livemig.testing.model.qemu import FakeQemu
@@ -43,7 +47,10 @@ PARAMETERS: Mapping[str, Any] = {
     "cpu-throttle-initial": 20,
     "cpu-throttle-increment": 10,
     "multifd-channels": 2,
+    "mode": "normal",
 }
+#: How long saving or loading the guest's state to a file takes.
+SAVE_SECONDS = 0.0203
 RAM_BYTES = 512 * 1024 * 1024
 #: How fast RAM is sent, and dirtied again, by a busy guest.
 SEND_BYTES_PER_S = 1024 * 1024 * 1024
@@ -112,8 +119,10 @@ def _migrate_incoming(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]
     if qemu.runstate is not RunState.INMIGRATE or qemu.migration.status is not MigrationStatus.NONE:
         raise QemuError("'-incoming' was not specified on the command line")
     uri = str(args["uri"])
+    if uri.startswith("file:"):
+        return _load_state(qemu, uri)
     if not uri.startswith("unix:"):
-        raise QemuError("the fake models unix: migration URIs only")
+        raise QemuError("the fake models unix: and file: migration URIs only")
     qemu.migration = Migration(uri=uri)
     path = uri.removeprefix("unix:")
     qemu.world.host.files[path] = SocketFile(path, qemu.name)
@@ -127,6 +136,10 @@ def _migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     if qemu.runstate is RunState.INMIGRATE:
         raise QemuError("Guest is waiting for an incoming migration")
     uri = str(args["uri"])
+    if qemu.blocked_reasons and qemu.parameters.get("mode") == "normal":
+        raise QemuError(qemu.blocked_reasons[0])
+    if uri.startswith("file:"):
+        return _save_state(qemu, uri)
     peer = qemu.world.incoming_on(uri)
     qemu.migration = Migration(
         uri=uri, peer=peer, was_running=qemu.runstate.running, started_at=qemu.world.now()
@@ -139,6 +152,56 @@ def _migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     peer.migration.peer = qemu
     _later(qemu, 0.0107, MigrationStatus.SETUP, lambda: _activate(qemu, peer))
+    return {}
+
+
+def _save_state(qemu: FakeQemu, uri: str) -> dict[str, Any]:
+    qemu.migration = Migration(
+        uri=uri, was_running=qemu.runstate.running, started_at=qemu.world.now()
+    )
+    _set_status(qemu, MigrationStatus.SETUP)
+
+    def active() -> None:
+        _set_status(qemu, MigrationStatus.ACTIVE)
+        _later(qemu, SAVE_SECONDS, MigrationStatus.ACTIVE, saved)
+
+    def saved() -> None:
+        if qemu.runstate.running:
+            qemu.stop_guest(RunState.FINISH_MIGRATE)
+        path = uri.removeprefix("file:")
+        guest = None if qemu.guest is None else attrs.evolve(qemu.guest)
+        qemu.world.host.files[path] = StateFile(path, guest)
+        _set_status(qemu, MigrationStatus.COMPLETED)
+        qemu.runstate = RunState.POSTMIGRATE
+        for node in qemu.nodes.values():
+            node.active = False
+
+    _later(qemu, 0.0021, MigrationStatus.SETUP, active)
+    return {}
+
+
+def _load_state(qemu: FakeQemu, uri: str) -> dict[str, Any]:
+    qemu.migration = Migration(uri=uri)
+    _set_status(qemu, MigrationStatus.SETUP)
+    path = uri.removeprefix("file:")
+
+    def active() -> None:
+        _set_status(qemu, MigrationStatus.ACTIVE)
+        _later(qemu, SAVE_SECONDS, MigrationStatus.ACTIVE, loaded)
+
+    def loaded() -> None:
+        saved = qemu.world.host.files.get(path)
+        if not isinstance(saved, StateFile):
+            _incoming_failed(qemu)
+            return
+        qemu.guest = None if saved.guest is None else attrs.evolve(saved.guest)
+        _set_status(qemu, MigrationStatus.COMPLETED)
+        if qemu.autostart:
+            qemu.start_guest()
+        else:
+            qemu.runstate = RunState.PAUSED
+
+    _later(qemu, 0.0019, MigrationStatus.SETUP, active)
     return {}
 
 
@@ -244,7 +307,8 @@ def _query_migrate(qemu: FakeQemu, args: Mapping[str, Any]) -> dict[str, Any]:
     del args
     migration = qemu.migration
     if migration.status is MigrationStatus.NONE:
-        return {"blocked-reasons": list(qemu.blocked_reasons)} if qemu.blocked_reasons else {}
+        blocked = qemu.blocked_reasons and qemu.parameters.get("mode") == "normal"
+        return {"blocked-reasons": list(qemu.blocked_reasons)} if blocked else {}
     out: dict[str, Any] = {"status": migration.status}
     if qemu.runstate is RunState.INMIGRATE or migration.peer is None:
         return out

@@ -19,6 +19,7 @@ import trio
 
 from livemig.fsm.events import Event, MigrationResult, Outcome, StateEntered
 from livemig.fsm.journal import Journal, MemoryJournal
+from livemig.fsm.machine import TransferChoice
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.fsm.recovery import recover
 from livemig.fsm.runner import migrate
@@ -80,7 +81,13 @@ class FaultRun:
         )
 
 
-def plan_for(world: World, *, run_id: str = "run1", deadlines: Deadlines = FAST_DEADLINES) -> Plan:
+def plan_for(
+    world: World,
+    *,
+    run_id: str = "run1",
+    deadlines: Deadlines = FAST_DEADLINES,
+    transfer: TransferChoice | str = TransferChoice.AUTO,
+) -> Plan:
     return Plan.create(
         source_qmp=world.source.qmp,
         target_qmp=world.target.qmp,
@@ -89,6 +96,7 @@ def plan_for(world: World, *, run_id: str = "run1", deadlines: Deadlines = FAST_
         run_id=run_id,
         deadlines=deadlines,
         policy=Policy(progress_interval=0.1),
+        transfer=transfer,
     )
 
 
@@ -122,6 +130,7 @@ async def migrate_with_faults(
     run_id: str = "run1",
     deadlines: Deadlines = FAST_DEADLINES,
     recovery_faults: tuple[Fault, ...] = (),
+    transfer: TransferChoice | str = TransferChoice.AUTO,
 ) -> FaultRun:
     """Migrate on ``world`` with ``faults`` injected; let the world settle; check invariants.
 
@@ -129,7 +138,7 @@ async def migrate_with_faults(
         recovery announces no states).
     """
     plan_of_faults = faults if isinstance(faults, FaultPlan) else FaultPlan(faults)
-    plan = plan_for(world, run_id=run_id, deadlines=deadlines)
+    plan = plan_for(world, run_id=run_id, deadlines=deadlines, transfer=transfer)
     journal = _Journal(MemoryJournal())
     transit = {Side.SOURCE: world.knobs.source_transit, Side.TARGET: world.knobs.target_transit}
     injector = FaultInjector(

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import trio
 
+from livemig.drivers import migration
 from livemig.drivers.qapi import EventStream
 from livemig.drivers.status import MigrationStatus
 from livemig.fsm.effects import (
@@ -49,7 +50,7 @@ from livemig.fsm.effects import (
 from livemig.fsm.reverter import Liveness, guest_runs
 from livemig.fsm.session import JOB_EVENTS, Session, wait_jobs, wait_migration_event
 from livemig.fsm.undo import Side
-from livemig.transports.errors import StepFailed
+from livemig.transports.errors import LivemigError, MigrationAborted, StepFailed
 
 __all__ = ["perform"]
 
@@ -104,12 +105,15 @@ async def _perform(session: Session, effect: Effect) -> Any:
                 look_first=look_first,
             )
         case AwaitMigration(side=side, until=until):
-            event = await wait_migration_event(
-                _stream(session, side, Stream.MIGRATION),
-                until,
-                state=session.state,
-                side=side.value,
-            )
+            try:
+                event = await wait_migration_event(
+                    _stream(session, side, Stream.MIGRATION),
+                    until,
+                    state=session.state,
+                    side=side.value,
+                )
+            except MigrationAborted as err:
+                raise await _with_qemus_reason(session, side, err) from err
             return MigrationEvent(MigrationStatus.parse(str(event.data["status"])), event.timestamp)
         case AskRuns(side=side):
             with trio.CancelScope(shield=True):
@@ -195,6 +199,25 @@ async def _listen(session: Session, effect: Listen) -> None:
     monitor = session.monitor(effect.side)
     stream = await exits.enter_async_context(monitor.listen(*_STREAM_EVENTS[effect.stream]))
     session.streams[key] = (stream, exits)
+
+
+async def _with_qemus_reason(
+    session: Session, side: Side, err: MigrationAborted
+) -> MigrationAborted:
+    """``err`` with QEMU's own reason (``error-desc``), when it still tells in a moment."""
+    with trio.move_on_after(_REASON_PATIENCE):
+        try:
+            stats = await migration.query_migrate(session.monitor(side))
+        except LivemigError:
+            return err
+        if stats.error_desc:
+            said = str(err).removeprefix(f"in state {err.state}: ")
+            return MigrationAborted(f"{said}: {stats.error_desc}", state=err.state)
+    return err
+
+
+#: Seconds to ask a QEMU why its migration failed.
+_REASON_PATIENCE = 2.0
 
 
 def _stream(session: Session, side: Side, stream: Stream) -> EventStream:

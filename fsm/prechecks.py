@@ -165,7 +165,7 @@ def precheck(
         verdict = _check_disks(plan, source, target, same_file, transfer)
         cpr_reboot = False
         if transfer is Transfer.STATEFUL_STOP:
-            cpr_reboot = _check_stateful(source, target)
+            cpr_reboot = _check_stateful(plan, source, target)
         else:
             _check_capabilities("target", target, REQUIRED_CAPABILITIES["target"])
     except PrecheckError as err:
@@ -198,9 +198,14 @@ def _check_capabilities(side: str, view: QemuView, wanted: tuple[str, ...]) -> N
         raise PrecheckError(f"the {side} QEMU lacks migration capabilities {missing}")
 
 
-def _check_stateful(source: QemuView, target: QemuView) -> bool:
+def _check_stateful(plan: Plan, source: QemuView, target: QemuView) -> bool:
     """What a stateful stop needs; whether it must save in mode ``cpr-reboot`` (the source has
     blockers of live migration, which that mode is not stopped by)."""
+    if plan.remote is not None:
+        raise PrecheckError(
+            "a stateful stop to another host is not supported yet: the target reads the saved "
+            "state from this host's work dir"
+        )
     for side, view in (("source", source), ("target", target)):
         _check_capabilities(side, view, STATEFUL_CAPABILITIES)
     if not source.migration.blocked_reasons:

@@ -846,7 +846,13 @@ def save_state(ctx: Context) -> Script:
     yield call(SOURCE, runstate.stop)
     ctx.paused_at = yield Clock()
     yield OpenWindow(None, "source stop answered")
-    yield from _complete_mirror(ctx)
+    yield from _complete_mirror(ctx, stop_nbd=False)
+    # The source's NBD clients go before the save: it ends by flushing and letting go of every
+    # block node, and one whose server is gone fails it ("Input/output error": measured).
+    # Then the target stops exporting its disks.
+    for disk in ctx.copied():
+        yield call(SOURCE, block.blockdev_del, disk.created().nbd_node)
+    yield from _stop_nbd_server(ctx)
     yield call(SOURCE, migration.migrate, f"file:{plan.state_file}")
     yield AwaitMigration(SOURCE, _COMPLETED)
     yield Mark("source saved the state")

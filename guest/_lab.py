@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from livemig.drivers import block, image, jobs, nbd, runstate
+from livemig.drivers.image import ImageFormat
 from livemig.drivers.process import QemuProcess, VmSpec, find_qemu_processes, launched
 from livemig.drivers.qmp import open_monitor
 from livemig.guest._build import GuestImage
@@ -52,6 +53,8 @@ class Lab:
     #: empty: the one raw disk ``source_disk``/``target_disk``.
     source_disks: tuple[DiskImage, ...] = ()
     target_disks: tuple[DiskImage, ...] = ()
+    #: The format of :attr:`source_disk` and :attr:`target_disk`.
+    disk_format: ImageFormat = "raw"
 
     @property
     def copied_disks(self) -> int:
@@ -110,7 +113,7 @@ class Lab:
             records = report.reports[0][1]
         else:
             records = await verify_records(
-                disk, boot_id=self.boot_id, last_acked=last_acked, slack=0
+                disk, boot_id=self.boot_id, last_acked=last_acked, slack=0, fmt=self.disk_format
             )
             if not records.ok:
                 problems.append(
@@ -187,20 +190,24 @@ async def migration_lab(
     accel: Literal["tcg", "kvm"] = "tcg",
     disk_bytes: int = 64 << 20,
     warm_up_heartbeats: int = 5,
+    disk_format: ImageFormat = "raw",
 ) -> AsyncIterator[Lab]:
     """Boot the guest on a source QEMU and start a target QEMU for it (``-S -incoming defer``).
 
-    The target has its own empty disk of the same size (non-shared) or opens the source's disk
-    (shared). Needs a trio-asyncio loop (for QMP). Both QEMUs are stopped on the way out.
+    The target has its own empty disk of the same size and format (non-shared) or opens the
+    source's disk (shared). ``disk_format`` ``vdi`` (or ``vhdx``) gives the source a blocker of
+    live migration, in QEMU's words. Needs a trio-asyncio loop (for QMP). Both QEMUs are
+    stopped on the way out.
     """
-    source_disk = work_dir / "source.raw"
-    target_disk = source_disk if storage == "shared" else work_dir / "target.raw"
-    await image.create(source_disk, "raw", disk_bytes)
+    source_disk = work_dir / f"source.{disk_format}"
+    target_disk = source_disk if storage == "shared" else work_dir / f"target.{disk_format}"
+    await image.create(source_disk, disk_format, disk_bytes)
     if target_disk != source_disk:
-        await image.create(target_disk, "raw", disk_bytes)
+        await image.create(target_disk, disk_format, disk_bytes)
     spec = guest_vm_spec(
         guest_image,
         disk=source_disk,
+        disk_fmt=disk_format,
         qmp_socket=work_dir / "source.qmp",
         name="source",
         memory_mib=memory_mib,
@@ -216,6 +223,7 @@ async def migration_lab(
             **pair,
             source_disk=source_disk,
             target_disk=target_disk,
+            disk_format=disk_format,
         )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livemig.fsm.events import Event, MigrationResult, Outcome
-from livemig.fsm.machine import StorageChoice, StorageMode
+from livemig.fsm.machine import StorageChoice, StorageMode, TransferChoice
 from livemig.transports.errors import LivemigError, UsageError
 
 if TYPE_CHECKING:
@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=StorageChoice.AUTO.value,
         help="shared: the target opens the same images; non-shared: copy every disk; auto "
         "(default): per disk, copy those the target does not open as the same file",
+    )
+    mig.add_argument(
+        "--mode",
+        choices=[m.value for m in TransferChoice],
+        default=TransferChoice.AUTO.value,
+        help="live: RAM streams while the guest runs; stateful-stop: pause the guest, save its "
+        "state to a file in the work dir and restore it on the target; auto (default): live, "
+        "and a stateful stop when live transfer is impossible (a migration blocker on the "
+        "source: the result's 'fallback' says which)",
     )
     mig.add_argument(
         "--disk",
@@ -475,6 +484,7 @@ def _migrate_command(args: argparse.Namespace) -> int:
         deadlines=deadlines,
         insecure=args.insecure or remote,  # --to ssh:// makes its own refusal
         tls=tls,
+        transfer=args.mode,
     )
     launch: Path | RemoteOptions | None = target_dir if local else None
     if remote:

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import trio
@@ -21,7 +22,7 @@ from livemig.fsm.events import Event, MigrationResult, Outcome, StateEntered
 from livemig.fsm.plan import Plan
 from livemig.fsm.runner import migrate
 from livemig.guest import GuestImage
-from livemig.guest._lab import Lab, Storage, migration_lab
+from livemig.guest._lab import Lab, Storage, migration_lab, realistic_migration_lab
 
 pytestmark = pytest.mark.qemu
 
@@ -179,3 +180,22 @@ async def test_an_interrupt_with_the_state_saved_resumes_the_source(
             assert result.states[-2:] == ("state-saved", "reverted"), result
             assert result.error_type == "Interrupted"
             await _reverts(lab, tmp_path, result)
+
+
+@pytest.mark.parametrize("syntax", ["blockdev", "drive"])
+async def test_a_stateful_stop_of_the_realistic_vm_keeps_every_disk(
+    guest_image: GuestImage, aio_loop: object, tmp_path: Path, syntax: Literal["blockdev", "drive"]
+) -> None:
+    """q35, 2 vCPUs, 1 GiB, a qcow2 root on a backing file, a raw data disk, a CD-ROM, a NIC:
+    both writable disks copied, the guest restored from the saved state with every record."""
+    with trio.fail_after(240):
+        async with realistic_migration_lab(
+            guest_image, tmp_path, storage="non-shared", syntax=syntax, dirty_mib_s=20
+        ) as lab:
+            result = await migrate(plan_for(lab, tmp_path / "work", "stateful-stop"))
+            assert result.outcome is Outcome.FINALIZED, result.error
+            assert result.states == NON_SHARED_PATH
+            assert [d.copied for d in result.disks] == [True, True]
+            verdict = await lab.verify(expect="target")
+    assert verdict.ok, verdict.problems
+    assert verdict.records.checked > 0

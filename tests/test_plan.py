@@ -5,7 +5,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from livemig.fsm.machine import StorageChoice
+from livemig.fsm.machine import StorageChoice, TransferChoice
 from livemig.fsm.plan import Deadlines, Plan, Policy
 from livemig.transports.endpoints import TcpEndpoint, UnixEndpoint, parse_endpoint
 from livemig.transports.errors import UsageError
@@ -113,3 +113,13 @@ def test_endpoint_spellings() -> None:
 def test_bad_endpoints(text: str) -> None:
     with pytest.raises(UsageError):
         parse_endpoint(text)
+
+
+def test_the_transfer_defaults_to_auto_and_a_bad_one_is_refused() -> None:
+    plan = Plan.create(source_qmp="/s.qmp", target_qmp="/t.qmp", storage="shared", work_dir="/w")
+    assert plan.transfer is TransferChoice.AUTO
+    assert plan.state_file == Path(f"/w/lm-{plan.run_id}-state")
+    with pytest.raises(UsageError, match="mode must be one of live, stateful-stop, auto, not 'x'"):
+        Plan.create(
+            source_qmp="/s.qmp", target_qmp="/t.qmp", storage="shared", work_dir="/w", transfer="x"
+        )

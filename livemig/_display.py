@@ -112,8 +112,14 @@ def summary_lines(result: MigrationResult) -> list[str]:
     """A short human summary of a result."""
     lines = [f"outcome: {result.outcome.value}", "states: " + " -> ".join(result.states)]
     lines.append(f"total: {result.total_ms / 1000:.2f} s")
+    stateful = result.transfer == "stateful-stop"
+    if stateful:
+        lines.append(
+            "transfer: stateful stop" + (" (live was impossible)" if result.fallback else "")
+        )
     if result.downtime_ms is not None:
-        lines.append(f"downtime (QEMU): {result.downtime_ms} ms")
+        measured = "stop to cont" if stateful else "QEMU"
+        lines.append(f"downtime ({measured}): {result.downtime_ms} ms")
     if result.ram_bytes is not None:
         lines.append(f"RAM sent: {result.ram_bytes / 2**20:.1f} MiB")
     if result.disk_bytes is not None:

@@ -12,6 +12,7 @@ import trio.testing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from livemig._display import summary_lines
 from livemig.fsm.events import Outcome
 from livemig.fsm.machine import State, StorageMode
 from livemig.fsm.undo import Side
@@ -162,3 +163,13 @@ def test_no_fault_plan_loses_a_stateful_stop(
         event(f"fired: {storage} {fired.fault.kind.value} in {fired.state.value}")
     event(f"outcome: {done.result.outcome.value}")
     assert done.verdict.ok, done.explain()
+
+
+async def test_the_summary_says_a_stateful_stop_and_what_its_downtime_measures(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    done = await run(tmp_path, StorageMode.SHARED, transfer="auto", blocked=True)
+    lines = summary_lines(done.result)
+    assert "transfer: stateful stop (live was impossible)" in lines
+    assert f"downtime (stop to cont): {done.result.downtime_ms} ms" in lines
+    assert any(line.startswith("warning: live transfer is impossible") for line in lines)

@@ -162,6 +162,7 @@ def precheck(
             raise PrecheckError(f"{live_problem} (--mode stateful-stop pauses it instead)")
         transfer, fallback = Transfer.STATEFUL_STOP, live_problem
     try:
+        _check_devices(source, target)
         verdict = _check_disks(plan, source, target, same_file, transfer)
         cpr_reboot = False
         if transfer is Transfer.STATEFUL_STOP:
@@ -245,7 +246,6 @@ def _check_guests(source: QemuView, target: QemuView) -> None:
         raise PrecheckError("the source already has a migration in progress")
     if source.jobs:
         raise PrecheckError("the source has block jobs running; wait for them to end")
-    _check_devices(source, target)
 
 
 def _check_devices(source: QemuView, target: QemuView) -> None:

@@ -12,7 +12,7 @@ from typing import cast, get_args
 import trio
 
 from bench import cross_host, report
-from bench.model import CROSS_HOST_VARIANTS, VARIANTS, Variant
+from bench.model import CROSS_HOST_VARIANTS, OPT_IN_VARIANTS, VARIANTS, Variant
 from bench.runner import Config, Results, Saver, run_bench
 from bench.scenarios import (
     LOADS,
@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--variants",
-        type=_list_of((*VARIANTS, *CROSS_HOST_VARIANTS), "variant"),
+        type=_list_of((*VARIANTS, *OPT_IN_VARIANTS, *CROSS_HOST_VARIANTS), "variant"),
         default=None,
         help="default: livemig,bare-qmp,lxd-equivalent,libvirt (the floor comes with livemig); "
+        "livemig-stateful (--mode stateful-stop on the same lab) when named; "
         "with --cross-host: livemig-tls,livemig-plain,livemig-tunnel,libvirt-tls",
     )
     p.add_argument(

@@ -49,9 +49,9 @@ class LivemigOutcome:
         return None if self.result is None else str(self.result.get("outcome"))
 
 
-def livemig_argv(lab: Lab, *, deadline_s: float) -> list[str]:
+def livemig_argv(lab: Lab, *, deadline_s: float, mode: str = "auto") -> list[str]:
     """The command line: the lab's two QEMUs, the default policy, the bench's deadline for RAM
-    to converge (``--switchover-timeout``; a deadline, not a policy knob)."""
+    to converge (``--switchover-timeout``; a deadline, not a policy knob), the ``--mode``."""
     return [
         sys.executable,
         "-m",
@@ -67,6 +67,8 @@ def livemig_argv(lab: Lab, *, deadline_s: float) -> list[str]:
         str(lab.work_dir),
         "--switchover-timeout",
         str(max(1, round(deadline_s))),
+        "--mode",
+        mode,
         "--json",
     ]
 
@@ -137,11 +139,15 @@ def livemig_remote_argv(
 
 
 async def run_livemig(
-    lab: Lab | RealisticLab, *, deadline_s: float, argv: list[str] | None = None
+    lab: Lab | RealisticLab,
+    *,
+    deadline_s: float,
+    argv: list[str] | None = None,
+    mode: str = "auto",
 ) -> LivemigOutcome:
     if argv is None:
         assert isinstance(lab, Lab), "a realistic lab gives its own command line"
-        argv = livemig_argv(lab, deadline_s=deadline_s)
+        argv = livemig_argv(lab, deadline_s=deadline_s, mode=mode)
     stderr_path = lab.work_dir / "bench-livemig.stderr"
     child = await run_measured(
         argv,

@@ -9,6 +9,7 @@ import attrs
 
 __all__ = [
     "CROSS_HOST_VARIANTS",
+    "OPT_IN_VARIANTS",
     "VARIANTS",
     "CopiedDisk",
     "RunRecord",
@@ -19,6 +20,7 @@ __all__ = [
 
 Variant = Literal[
     "livemig",
+    "livemig-stateful",
     "bare-qmp",
     "lxd-equivalent",
     "libvirt",
@@ -30,6 +32,9 @@ Variant = Literal[
 ]
 #: The variants that migrate (the floor is computed from livemig's bytes).
 VARIANTS: tuple[Variant, ...] = ("livemig", "bare-qmp", "lxd-equivalent", "libvirt")
+#: Variants run only when named (``--variants``): livemig ``--mode stateful-stop`` on the same
+#: lab, to weigh a stateful stop's downtime against the live route's.
+OPT_IN_VARIANTS: tuple[Variant, ...] = ("livemig-stateful",)
 #: The cross-host mode's variants (``bench/cross_host.py``): livemig ``--to ssh://`` with the
 #: data over TLS, plain TCP (``--insecure``) and through ssh (``--tunnel ssh``); libvirt
 #: ``--p2p --tls`` between a daemon on each "host".

@@ -26,6 +26,7 @@ __all__ = [
 
 _VARIANTS = (
     "livemig",
+    "livemig-stateful",
     "bare-qmp",
     "lxd-equivalent",
     "libvirt",
@@ -392,6 +393,32 @@ def medians_table(results: Results, cells: dict[tuple[str, str], Cell]) -> list[
                 f"| {_num(cell.ram_bytes, _MIB, 1)} | {_num(cell.disk_bytes, _MIB, 1)} | {cpu} |"
             )
     return lines
+
+
+def stateful_table(results: Results, cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """A stateful stop against the live route on the same scenario (when it was run): the
+    guest's downtime (``stop`` to ``cont``) and heartbeat gap, and the total, as ratios."""
+    rows = []
+    for sc in results.config.scenarios:
+        live, stop = cells.get((sc.name, "livemig")), cells.get((sc.name, "livemig-stateful"))
+        if live is None or stop is None:
+            continue
+        rows.append(
+            f"| {sc.name} | {_num(stop.downtime_ms)} / {_num(live.downtime_ms)} "
+            f"({_ratio(stop.downtime_ms, live.downtime_ms)}) | {_num(stop.gap_ms)} / "
+            f"{_num(live.gap_ms)} ({_ratio(stop.gap_ms, live.gap_ms)}) | {_num(stop.total_ms)} / "
+            f"{_num(live.total_ms)} ({_ratio(stop.total_ms, live.total_ms)}) |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Stateful stop against live (medians: stateful / live, ratio)",
+        "",
+        "| scenario | downtime ms | heartbeat gap ms | total ms |",
+        "|---|--:|--:|--:|",
+        *rows,
+        "",
+    ]
 
 
 def _ratio(mine: float | None, theirs: float | None) -> str:
@@ -798,6 +825,7 @@ def markdown(results: Results, *, with_runs: bool = True) -> str:
         "",
         *ratios_table(results, cells),
         "",
+        *stateful_table(results, cells),
         "## Where the time goes: livemig and bare-qmp (medians)",
         "",
         "livemig's first column includes connecting its monitors and the prechecks; bare-qmp's "

@@ -315,6 +315,8 @@ async def _lab_run(
                 started = trio.current_time()
                 if variant == "livemig":
                     await _livemig(lab, record, deadline)
+                elif variant == "livemig-stateful":
+                    await _livemig(lab, record, deadline, mode="stateful-stop")
                 elif variant == "bare-qmp":
                     await _bare(lab, record, deadline)
                 else:
@@ -341,9 +343,9 @@ async def _verify(lab: Lab, record: RunRecord, started: float, ended: float) -> 
     record.detail["survivor"] = expect
 
 
-async def _livemig(lab: Lab, record: RunRecord, deadline: float) -> None:
+async def _livemig(lab: Lab, record: RunRecord, deadline: float, *, mode: str = "auto") -> None:
     await _loaded_startup(record, lab.work_dir.parent)
-    _take_livemig(record, await run_livemig(lab, deadline_s=deadline))
+    _take_livemig(record, await run_livemig(lab, deadline_s=deadline, mode=mode))
 
 
 async def _loaded_startup(record: RunRecord, where: Path) -> None:
@@ -401,7 +403,8 @@ def livemig_to_cont_ms(result: dict[str, Any]) -> float | None:
     """From livemig's start to the target's ``cont`` answered, from its result: the time it
     entered ``pre-switchover`` (the sum of the durations of the states before, ``phases_ms``)
     plus the ``← target cont`` entry of its switchover window (whose 0 is the pre-switchover
-    event received, just before that state is entered: a fraction of a millisecond)."""
+    event received, just before that state is entered: a fraction of a millisecond). After a
+    stateful stop: the time it entered ``switched-over`` (right after that ``cont``)."""
     states, phases, window = (
         result.get("states"),
         result.get("phases_ms"),
@@ -410,7 +413,15 @@ def livemig_to_cont_ms(result: dict[str, Any]) -> float | None:
     if not (isinstance(states, list) and isinstance(phases, dict) and isinstance(window, list)):
         return None
     if "pre-switchover" not in states:
-        return None
+        # A stateful stop: the target's cont answered is what moves it to switched-over.
+        if "state-saved" not in states or "switched-over" not in states:
+            return None
+        before = states[: states.index("switched-over")]
+        if len(set(before)) != len(before) or not all(
+            isinstance(phases.get(s), int | float) for s in before
+        ):
+            return None
+        return round(float(sum(phases[s] for s in before)), 1)
     before = states[: states.index("pre-switchover")]
     if len(set(before)) != len(before) or not all(
         isinstance(phases.get(s), int | float) for s in before

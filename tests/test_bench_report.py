@@ -320,3 +320,30 @@ def test_cross_host_variants_only_with_cross_host(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         bench_main(["--cross-host", "--variants", "livemig", "--out", "unused"])
     assert "not a cross-host variant" in capsys.readouterr().err
+
+
+def test_to_cont_after_a_stateful_stop_is_the_switched_over_entry() -> None:
+    result = {
+        "states": ["idle", "connected", "state-saved", "switched-over", "finalized"],
+        "phases_ms": {"idle": 10.0, "connected": 5.0, "state-saved": 80.0, "switched-over": 2.0},
+        "switchover": [[0.0, "source stop answered"], [200.0, "← target cont"]],
+    }
+    assert livemig_to_cont_ms(result) == 95.0
+
+
+def test_the_stateful_table_weighs_a_stateful_stop_against_live() -> None:
+    live = [r for r in _records() if r.variant == "livemig"]
+    stateful = [
+        attrs.evolve(r, variant="livemig-stateful", downtime_ms=(r.downtime_ms or 0) * 4)
+        for r in live
+    ]
+    config = Config(
+        runs=3,
+        scenarios=(SCENARIO,),
+        variants=("livemig", "livemig-stateful"),
+        deadline_s=60,
+        install=False,
+    )
+    text = markdown(Results(config, records=[*live, *stateful]))
+    assert "## Stateful stop against live" in text
+    assert "| idle-512M-non-shared | 180 / 45 (4.00) |" in text
